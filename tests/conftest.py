@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random Llama configs covering every supported variant, and the real
+default model (SmolLM2-135M-Instruct), loaded once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hooks import HookedLlama
+
+# name -> LlamaConfig overrides on top of TINY
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+            vocab_size=128, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+VARIANTS = {
+    "mha": {},
+    "gqa": {"num_key_value_heads": 2},
+    "mqa": {"num_key_value_heads": 1},
+    "tied": {"tie_word_embeddings": True, "num_key_value_heads": 2},
+    "bias": {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 2},
+    "head_dim": {"head_dim": 24, "num_key_value_heads": 2},
+    "rope_linear": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+    "rope_dynamic": {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+                     "max_position_embeddings": 8},
+    "rope_llama3": {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                        "rope_theta": 500000.0}},
+    "rope_yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                      "rope_theta": 10000.0}},
+}
+
+
+def tiny_config(variant: str = "gqa", **overrides) -> LlamaConfig:
+    return LlamaConfig(**{**TINY, **VARIANTS[variant], **overrides})
+
+
+def tiny_hf(variant: str = "gqa", seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random HF Llama whose biases and norm weights are non-trivial (so they are really tested)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(variant, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny() -> HookedLlama:
+    """A tiny GQA HookedLlama with random weights (no tokenizer)."""
+    return HookedLlama.from_hf(tiny_hf("gqa"))
+
+
+@pytest.fixture(scope="session")
+def smol() -> HookedLlama:
+    """The real default model, SmolLM2-135M-Instruct, fp32 on CPU."""
+    return HookedLlama.default()
+
+
+@pytest.fixture(scope="session")
+def smol_hf():
+    """HF's own LlamaForCausalLM loaded from the same GGUF (the independent reference)."""
+    from hooks.loading import default_gguf_path
+    from transformers import AutoModelForCausalLM
+
+    path = default_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+IOI_CLEAN = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
