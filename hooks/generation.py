@@ -45,7 +45,7 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def generate(model, input, max_new_tokens: int, *, do_sample: bool, temperature: float, top_k, top_p,
+def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sample: bool, temperature: float, top_k, top_p,
              stop_at_eos: bool, return_type: str, seed: int | None, verbose: bool):
     if return_type not in ("input", "str", "tokens"):
         raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
@@ -57,7 +57,9 @@ def generate(model, input, max_new_tokens: int, *, do_sample: bool, temperature:
         tokens, mask = model.tokenize(input)
     else:
         tokens = input[None] if input.dim() == 1 else input
-        mask = torch.ones_like(tokens)
+        mask = torch.ones_like(tokens) if attention_mask is None else torch.as_tensor(attention_mask)
+        if mask.shape != tokens.shape:
+            raise InputError(f"attention_mask has shape {tuple(mask.shape)}, the tokens {tuple(tokens.shape)}")
     device = model.device
     tokens, mask = tokens.to(device), mask.to(device)
     generator = None

@@ -152,7 +152,9 @@ class HookPoint:
         if self.ctx.check_finite and x.is_floating_point() and not torch.isfinite(x).all():
             from .errors import NonFiniteError
 
-            raise NonFiniteError(f"non-finite value (NaN or inf) at {self.name}; check the input or the hook feeding it")
+            after = " (after its hooks ran)" if self.fwd_hooks else ""
+            raise NonFiniteError(f"non-finite value (NaN or inf) at {self.name}{after}; check the input, the weights "
+                                 "or the hook that produced it")
         return x
 
     def _run(self, handle: HookHandle, x: torch.Tensor) -> torch.Tensor:

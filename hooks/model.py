@@ -523,16 +523,17 @@ class HookedLlama(TokenizerMixin, nn.Module):
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, input, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
+    def generate(self, input, max_new_tokens: int = 20, *, attention_mask=None, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, stop_at_eos: bool = True,
                  return_type: str = "input", seed: int | None = None, verbose: bool = False):
         """Continue a prompt with a KV cache; active hooks run at every step and see only new positions.
 
         Returns strings when ``input`` was text (or ``return_type="str"``), else tokens [B, P + new].
+        Token batches may be left-padded with an ``attention_mask``; text batches are padded for you.
         """
         from .generation import generate
 
-        return generate(self, input, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        return generate(self, input, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample, temperature=temperature, top_k=top_k,
                         top_p=top_p, stop_at_eos=stop_at_eos, return_type=return_type, seed=seed, verbose=verbose)
 
     # ----------------------------------------------------------------- numerics guard

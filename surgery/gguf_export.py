@@ -1,8 +1,9 @@
 """Write a Llama model (Hugging Face state dict + config + tokenizer) as a GGUF file.
 
-The file follows the layout llama.cpp's own converter produces for the ``llama`` architecture, so
-it loads in llama.cpp and round-trips through transformers' GGUF loader
-(``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)``).
+The file follows the layout llama.cpp's own converter produces for the ``llama`` architecture
+(metadata keys, tensor names, the Q/K row permutation, token types), and round-trips through
+transformers' GGUF loader (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)``). It is
+tested against that loader, not against llama.cpp itself.
 
 Only what both readers can read back is written. Anything else -- bias tensors, rope scaling,
 non-SiLU activations, tensors of unknown name -- raises ``ValueError`` instead of being dropped.

@@ -1,0 +1,81 @@
+"""Generation with a KV cache: token-identical to HF greedy decoding, hooks active at every step."""
+
+import pytest
+import torch
+
+from hooks import HookedLlama, KVCache
+from tests.conftest import tiny_hf
+
+
+@pytest.mark.parametrize("variant", ["gqa", "mqa", "bias", "rope_llama3"])
+def test_greedy_matches_hf_generate(variant):
+    hf = tiny_hf(variant)
+    model = HookedLlama.from_hf(hf)
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    ours = model.generate(prompt, max_new_tokens=12, stop_at_eos=False)
+    ref = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours.tolist() == ref.tolist()
+
+
+def test_kv_cache_logits_equal_full_forward(tiny):
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    full = tiny(ids)
+    cache = KVCache(tiny.n_layers)
+    first = tiny(ids[:, :5], kv_cache=cache)
+    cache.commit(5)
+    steps = [first]
+    for p in range(5, 9):
+        steps.append(tiny(ids[:, p:p + 1], kv_cache=cache))
+        cache.commit(1)
+    assert (torch.cat(steps, 1) - full).abs().max() <= 1e-5
+
+
+def test_hooks_see_only_new_positions_with_absolute_positions(tiny):
+    seen = []
+
+    def spy(t, hook):
+        seen.append((t.shape[1], hook.positions[0].tolist()))
+
+    prompt = torch.randint(3, 128, (1, 4))
+    with tiny.hooks(fwd_hooks=[("blocks.0.attn.hook_z", spy)]):
+        tiny.generate(prompt, max_new_tokens=3, stop_at_eos=False)
+    assert seen == [(4, [0, 1, 2, 3]), (1, [4]), (1, [5])]
+
+
+def test_hook_changes_generation_and_is_removed_after(tiny):
+    prompt = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(5))
+    base = tiny.generate(prompt, max_new_tokens=8, stop_at_eos=False)
+    with tiny.hooks(fwd_hooks=[("blocks.1.hook_resid_post", lambda t, h: t + 5 * tiny.lm_head.weight[7])]):
+        steered = tiny.generate(prompt, max_new_tokens=8, stop_at_eos=False)
+    assert steered[0, 4:].tolist().count(7) > base[0, 4:].tolist().count(7)
+    assert tiny.generate(prompt, max_new_tokens=8, stop_at_eos=False).tolist() == base.tolist()
+
+
+def test_left_padded_batch_generates_like_single_prompts(tiny):
+    a = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(6))
+    b = torch.randint(3, 128, (1, 3), generator=torch.Generator().manual_seed(7))
+    singles = [tiny.generate(x, max_new_tokens=5, stop_at_eos=False)[0, -5:].tolist() for x in (a, b)]
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    out = tiny.generate(batch, max_new_tokens=5, attention_mask=mask, stop_at_eos=False)
+    assert out[:, -5:].tolist() == singles
+
+
+def test_sampling_is_seeded_and_respects_top_k(tiny):
+    prompt = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(8))
+    a = tiny.generate(prompt, max_new_tokens=6, do_sample=True, top_k=3, seed=11, stop_at_eos=False)
+    b = tiny.generate(prompt, max_new_tokens=6, do_sample=True, top_k=3, seed=11, stop_at_eos=False)
+    assert a.tolist() == b.tolist()
+    # every sampled token is among the top 3 of its step
+    logits = tiny(a)
+    for p in range(4, 10):
+        assert a[0, p].item() in logits[0, p - 1].topk(3).indices.tolist()
+
+
+def test_top_p_keeps_the_smallest_prefix():
+    from hooks.generation import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {sample_next(logits, True, 1.0, None, 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
+    assert draws == {0, 1}
