@@ -1,0 +1,29 @@
+"""Errors raised by ``surgery``: one line each, all subclasses of ``hooks.ScalpelError``."""
+
+from __future__ import annotations
+
+from hooks.errors import ScalpelError
+
+
+class EditError(ScalpelError, ValueError):
+    """An edit does not fit the model (layer/head/neuron out of range, wrong size, NaN …)."""
+
+
+class PlanError(EditError):
+    """An edit plan file cannot be read (bad JSON/YAML, unknown edit kind, missing field)."""
+
+
+class AdapterError(EditError):
+    """A LoRA adapter cannot be merged into this model (another base, rank or shape mismatch)."""
+
+
+class ExportError(ScalpelError, RuntimeError):
+    """An export was refused or failed; nothing was left at the target."""
+
+
+class IntegrityError(ExportError):
+    """A file of an exported checkpoint does not match the sha256 its manifest records."""
+
+
+class ParityError(ExportError):
+    """A reloaded checkpoint does not give the logits of the in-memory model."""
