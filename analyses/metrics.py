@@ -1,0 +1,191 @@
+"""Patching metrics: logit difference, target probability, KL to a reference, and the normalised score.
+
+A ``Metric`` reads the logits at one position (``pos``, default -1: the last token; batches are
+left-padded, so -1 is every prompt's last real token). Two ways to call it:
+
+- ``metric(logits)`` with logits [B, P, V] gives a 0-d tensor, the mean over prompts, so a metric is
+  a drop-in TransformerLens patching metric (and differentiable, for attribution patching);
+- ``metric.score(logits_at)`` with logits at ``pos`` [..., B, V] gives per-prompt values [..., B]; the
+  batched patching engine uses this to score many patched runs at once.
+
+Example::
+
+    m = logit_diff(model, " Mary", " John")
+    m(model("When Mary and John went to the store, John gave a drink to"))   # tensor(6.1...)
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from hooks import InputError
+
+
+def token_ids(model, tokens) -> torch.Tensor:
+    """Token ids from an id, a single-token string, or a list of them (one per prompt): [] or [B]."""
+    if isinstance(tokens, torch.Tensor):
+        return tokens.long()
+    if isinstance(tokens, str):
+        return torch.tensor(model.to_single_token(tokens))
+    if isinstance(tokens, int):
+        return torch.tensor(tokens)
+    if isinstance(tokens, Sequence) and len(tokens) > 0:
+        return torch.stack([token_ids(model, t) for t in tokens])
+    raise InputError(f"cannot read answer tokens from {tokens!r}; pass ids, single-token strings or a list of them")
+
+
+def _gather(logits_at: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logits_at [..., B, V], ids [] or [B] -> [..., B]."""
+    ids = ids.to(logits_at.device)
+    idx = ids.expand(logits_at.shape[:-1])[..., None]
+    return logits_at.gather(-1, idx)[..., 0]
+
+
+class Metric:
+    """Base class: a scalar read from the logits at position ``pos`` (see the module docstring)."""
+
+    name = "metric"
+
+    def __init__(self, pos: int = -1) -> None:
+        self.pos = int(pos)
+
+    def score(self, logits_at: torch.Tensor) -> torch.Tensor:
+        """Per-prompt values [..., B] from the logits at ``pos`` [..., B, V]."""
+        raise NotImplementedError
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean over prompts of ``score`` at ``pos``: logits [B, P, V] -> 0-d tensor."""
+        if logits.dim() != 3:
+            raise InputError(f"a metric takes logits [batch, pos, vocab], got shape {tuple(logits.shape)}")
+        return self.score(logits[:, self.pos]).float().mean()
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "pos": self.pos}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.to_dict()})"
+
+
+class LogitDiff(Metric):
+    """``logit[correct] - logit[incorrect]`` at ``pos``; ids are scalars or one per prompt [B].
+
+    Example: ``LogitDiff(5099, 2322)(logits)`` (" Mary" minus " John" in SmolLM2).
+    """
+
+    name = "logit_diff"
+
+    def __init__(self, correct, incorrect, pos: int = -1) -> None:
+        super().__init__(pos)
+        self.correct, self.incorrect = torch.as_tensor(correct).long(), torch.as_tensor(incorrect).long()
+
+    def score(self, logits_at: torch.Tensor) -> torch.Tensor:
+        logits_at = logits_at.float()
+        return _gather(logits_at, self.correct) - _gather(logits_at, self.incorrect)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "correct": self.correct.tolist(), "incorrect": self.incorrect.tolist()}
+
+
+class TargetProb(Metric):
+    """Probability of ``target`` at ``pos`` (softmax over the vocabulary).
+
+    Example: ``TargetProb(5099)(logits)``.
+    """
+
+    name = "target_prob"
+
+    def __init__(self, target, pos: int = -1) -> None:
+        super().__init__(pos)
+        self.target = torch.as_tensor(target).long()
+
+    def score(self, logits_at: torch.Tensor) -> torch.Tensor:
+        return _gather(logits_at.float().softmax(-1), self.target)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "target": self.target.tolist()}
+
+
+class KLDivergence(Metric):
+    """``KL(reference || patched)`` of the next-token distributions at ``pos``, per prompt.
+
+    ``reference``: the reference run's logits, [B, P, V] (read at ``pos``) or already at ``pos`` [B, V].
+    Lower is closer to the reference: the clean run scores 0.
+
+    Example: ``KLDivergence(clean_logits)(patched_logits)``.
+    """
+
+    name = "kl"
+
+    def __init__(self, reference: torch.Tensor, pos: int = -1) -> None:
+        super().__init__(pos)
+        ref = reference[:, pos] if reference.dim() == 3 else reference
+        self.ref_logprobs = ref.detach().float().log_softmax(-1)  # [B, V]
+
+    def score(self, logits_at: torch.Tensor) -> torch.Tensor:
+        ref = self.ref_logprobs.to(logits_at.device)
+        logp = logits_at.float().log_softmax(-1)
+        return (ref.exp() * (ref - logp)).sum(-1)
+
+
+def logit_diff(model, correct, incorrect, pos: int = -1) -> LogitDiff:
+    """A ``LogitDiff`` from single-token strings or ids (one pair, or one per prompt).
+
+    Example: ``logit_diff(model, " Mary", " John")``.
+    """
+    return LogitDiff(token_ids(model, correct), token_ids(model, incorrect), pos)
+
+
+def target_prob(model, target, pos: int = -1) -> TargetProb:
+    """A ``TargetProb`` from a single-token string or id. Example: ``target_prob(model, " Paris")``."""
+    return TargetProb(token_ids(model, target), pos)
+
+
+def kl_divergence(reference_logits: torch.Tensor, pos: int = -1) -> KLDivergence:
+    """A ``KLDivergence`` to ``reference_logits`` [B, P, V]. Example: ``kl_divergence(model(clean))``."""
+    return KLDivergence(reference_logits, pos)
+
+
+def normalized(value, clean, corrupted):
+    """``(value - corrupted) / (clean - corrupted)``: 0 at the corrupted run, 1 at the clean run.
+
+    Works on floats and tensors; a zero denominator gives NaN (nothing to recover).
+    """
+    denom = clean - corrupted
+    if isinstance(value, torch.Tensor):
+        if float(denom) == 0.0:
+            return torch.full_like(value, float("nan"))
+        return (value - corrupted) / denom
+    return float("nan") if float(denom) == 0.0 else (value - corrupted) / denom
+
+
+def resolve_metric(model, metric, answers, clean_logits: torch.Tensor | None):
+    """The metric an analysis uses: a ``Metric``, a callable on logits (TransformerLens style), or a name.
+
+    Names: ``"logit_diff"`` (needs ``answers=(correct, incorrect)``), ``"target_prob"`` (``answers=target``
+    or ``(target, other)``; a list is one target per prompt), ``"kl"`` (KL to the clean run). With
+    ``metric=None``: logit_diff when ``answers`` is a pair, target_prob for a single answer.
+    """
+    if isinstance(metric, Metric) or (callable(metric) and not isinstance(metric, str)):
+        return metric
+    if metric is None:
+        if answers is None:
+            raise InputError("pass metric= (a Metric, a callable on logits, or 'logit_diff' / 'target_prob' / 'kl') "
+                             "or answers=(correct, incorrect) for a logit difference")
+        metric = "logit_diff" if isinstance(answers, (tuple, list)) and len(answers) == 2 else "target_prob"
+    if metric == "logit_diff":
+        if not (isinstance(answers, (tuple, list)) and len(answers) == 2):
+            raise InputError("metric='logit_diff' needs answers=(correct, incorrect), e.g. (' Mary', ' John')")
+        return logit_diff(model, answers[0], answers[1])
+    if metric in ("target_prob", "prob"):
+        if answers is None:
+            raise InputError("metric='target_prob' needs answers=target (a single-token string or id)")
+        # a tuple (target, other) names the target first; a list is one target per prompt
+        target = answers[0] if isinstance(answers, tuple) else answers
+        return target_prob(model, target)
+    if metric == "kl":
+        if clean_logits is None:
+            raise InputError("metric='kl' needs the clean run's logits")
+        return kl_divergence(clean_logits)
+    raise InputError(f"unknown metric {metric!r}; use 'logit_diff', 'target_prob', 'kl', a Metric or a callable")

@@ -1,0 +1,72 @@
+"""Plotly helpers shared by the analyses: imshow-like heatmaps with labelled axes.
+
+Figures are ``plotly.graph_objects`` only (no plotly express), so ``fig.to_html(include_plotlyjs=True)``
+gives a self-contained page.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    """Make category labels unique (plotly merges equal labels on a categorical axis).
+
+    Example: ``unique_labels([" the", " the"]) == [" the", " the​"]`` (a zero-width space is appended).
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        label = str(label)
+        n = seen.get(label, 0)
+        seen[label] = n + 1
+        out.append(label + "\u200b" * n)
+    return out
+
+
+def position_labels(str_tokens: Sequence[str] | None, n: int, positions: Sequence[int] | None = None) -> list[str]:
+    """``"3: ' John'"``-style labels for positions (just the index when there are no token strings)."""
+    positions = list(range(n)) if positions is None else list(positions)
+    if str_tokens is None:
+        return [str(p) for p in positions]
+    return [f"{p}: {str_tokens[p]!r}" if p < len(str_tokens) else str(p) for p in positions]
+
+
+def heatmap(z, x_labels: Sequence, y_labels: Sequence, *, title: str = "", x_title: str = "", y_title: str = "",
+            zmid: float | None = 0.0, colorscale: str = "RdBu", text=None, hover: Sequence[Sequence[str]] | None = None,
+            colorbar_title: str = "", reverse_y: bool = True):
+    """An imshow-like heatmap: ``z`` [rows, cols] with row labels ``y_labels`` and column labels ``x_labels``.
+
+    ``zmid=0`` centres a diverging colour scale on zero (pass ``None`` for a sequential scale).
+    ``text`` [rows, cols] is written in the cells; ``hover`` [rows, cols] adds hover lines.
+
+    Example::
+
+        fig = heatmap(torch.randn(3, 4), ["a", "b", "c", "d"], ["L0", "L1", "L2"], title="demo")
+        fig.to_html(include_plotlyjs=True)
+    """
+    import plotly.graph_objects as go
+
+    if isinstance(z, torch.Tensor):
+        z = z.detach().cpu().double().tolist()
+    kwargs = dict(z=z, x=unique_labels(x_labels), y=unique_labels(y_labels), colorscale=colorscale,
+                  colorbar=dict(title=dict(text=colorbar_title)))
+    if zmid is not None:
+        kwargs["zmid"] = zmid
+    if text is not None:
+        kwargs["text"] = text
+        kwargs["texttemplate"] = "%{text}"
+        kwargs["textfont"] = dict(size=9)
+    if hover is not None:
+        kwargs["customdata"] = hover
+        kwargs["hovertemplate"] = "%{y}<br>%{x}<br>value %{z:.4g}<br>%{customdata}<extra></extra>"
+    else:
+        kwargs["hovertemplate"] = "%{y}<br>%{x}<br>value %{z:.4g}<extra></extra>"
+    fig = go.Figure(go.Heatmap(**kwargs))
+    fig.update_layout(title=dict(text=title), xaxis=dict(title=dict(text=x_title), type="category"),
+                      yaxis=dict(title=dict(text=y_title), type="category",
+                                 autorange="reversed" if reverse_y else True),
+                      margin=dict(l=60, r=20, t=60, b=60))
+    return fig
