@@ -1,0 +1,1 @@
+"""llama-scalpel analyses (placeholder, filled below)."""

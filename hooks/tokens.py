@@ -142,7 +142,7 @@ def prepare_input(model, input, attention_mask=None, position_ids=None, *, past_
         B, P = tokens.shape
         if P == 0 or B == 0:
             raise InputError(f"empty input of shape {tuple(tokens.shape)}; pass at least one token")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = (0, 0) if torch.compiler.is_compiling() else (int(tokens.min()), int(tokens.max()))
         if lo < 0 or hi >= model.d_vocab:
             bad = hi if hi >= model.d_vocab else lo
             raise InputError(f"token id {bad} is out of range for vocab size {model.d_vocab} (ids 0..{model.d_vocab - 1})")
@@ -171,7 +171,8 @@ def prepare_input(model, input, attention_mask=None, position_ids=None, *, past_
     limit = model.config.max_position_embeddings
     from .config import rope_type
 
-    if int(positions.max()) >= limit and rope_type(model.config) != "dynamic":
+    if (not torch.compiler.is_compiling() and rope_type(model.config) != "dynamic"
+            and int(positions.max()) >= limit):
         raise InputError(f"input reaches position {int(positions.max())} but the model supports "
                          f"{limit} positions (max_position_embeddings); shorten the prompt")
     return Prepared(tokens=tokens, padding=padding, positions=positions, resid=x)

@@ -1,0 +1,371 @@
+"""Verified export: round trips through plain transformers (HF directory and GGUF), atomicity under
+exceptions and SIGKILL, integrity checks, and refusal of bad input before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import surgery as S
+from hooks import HookedLlama
+from tests.conftest import tiny_hf
+from tests.test_edits import EDIT_NAMES, assert_same, ids, make_edit, snapshot
+
+REPO = Path(__file__).resolve().parents[1]
+E = sys.modules["surgery.export"]  # the module (``surgery.export`` is the function)
+
+
+def litter(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith((E.TMP_PREFIX, E.OLD_PREFIX)))
+
+
+def hf_logits(path, x, **kw) -> torch.Tensor:
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **kw).eval()
+    with torch.no_grad():
+        return hf(x).logits
+
+
+# --------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize("variant", ["gqa", "tied"])
+@pytest.mark.parametrize("name", EDIT_NAMES)
+def test_export_round_trip_per_edit(name, variant, tmp_path):
+    model = HookedLlama.from_hf(tiny_hf(variant))
+    edit = make_edit(name, model, tmp_path)
+    snap = snapshot(model)
+    out = tmp_path / "out"
+    result = S.export(model, out, edits=[edit])
+    assert_same(model, snap)  # export applies the edits for the export only
+    assert result.max_abs_logit_diff <= 1e-4 and result.kl_to_base > 0
+    x = ids()
+    with torch.no_grad(), edit.applied(model):
+        want = model(x)
+    assert (hf_logits(out, x) - want).abs().max() <= 1e-4  # plain transformers, independently of export's check
+    assert (HookedLlama.from_pretrained(str(out))(x) - want).abs().max() <= 1e-4
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["attention_bias"] == (name == "MeanAblateHeads")
+    assert config["mlp_bias"] == (name == "AddSteering")
+    assert config["num_hidden_layers"] == (2 if name == "RemoveLayers" else 3)
+    assert config["tie_word_embeddings"] == (variant == "tied" and name != "Orthogonalize")
+    for key in ("rms_norm_eps", "rope_parameters", "num_key_value_heads", "bos_token_id", "initializer_range"):
+        assert config[key] == model.config.to_dict()[key]
+    manifest = json.loads((out / E.MANIFEST).read_text())
+    assert manifest["edits"] == [edit.to_dict()]
+    assert manifest["base"]["sha256"] and manifest["base"]["sha256_of"] == "state dict tensors"
+    assert (out / "generation_config.json").is_file()
+    assert S.verify(out)["ok"]
+    assert litter(tmp_path) == []
+
+
+def test_plan_export_sharded_with_manifest(tmp_path):
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    plan = S.EditPlan([make_edit(n, model, tmp_path) for n in ("ZeroHeads", "MeanAblateHeads", "AddSteering",
+                                                                  "Orthogonalize", "MergeLora")] + [S.RemoveLayers([0])])
+    out = tmp_path / "edited"
+    result = S.export(model, out, edits=plan, max_shard_size="40KB")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 3 and (out / "model.safetensors.index.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert all((out / s).stat().st_size <= 40_000 or len(load_file(str(out / s))) == 1 for s in shards)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert hf.config.num_hidden_layers == 2 and len(hf.model.layers) == 2
+    assert hf.config.attention_bias and hf.config.mlp_bias
+    x = ids()
+    with torch.no_grad(), plan.applied(model):
+        want = model(x)
+    with torch.no_grad():
+        assert (hf(x).logits - want).abs().max() <= 1e-4
+    m = result.manifest
+    assert [e["edit"] for e in m["edits"]] == [e.kind for e in plan]
+    assert m["layer_map"] == [1, 2]
+    assert m["config_changes"]["num_hidden_layers"] == [3, 2]
+    assert m["config_changes"]["attention_bias"] == [False, True]
+    assert set(m["files"]) == {p.name for p in out.iterdir()} - {E.MANIFEST}
+    assert {"torch", "transformers", "llama-scalpel"} <= set(m["libraries"])
+    assert len(m["probes"]) == 3 and all(len(p["top5"]) == 5 for p in m["probes"])
+    assert m["kl_to_base"] > 0 and all(p["kl_to_base"] is not None for p in m["probes"])
+    assert m["verification"]["max_abs_logit_diff"] <= 1e-4
+    assert all(oct(p.stat().st_mode & 0o777) == oct(E._new_file_mode()) for p in out.iterdir())
+
+
+def test_export_records_edits_applied_by_the_caller(tmp_path):
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    base = E._logits(model, E.probe_inputs(model))
+    S.apply_plan(model, [S.ZeroHeads(0, [1])])
+    result = S.export(model, tmp_path / "a", edits=[S.ZeroNeurons(1, [2])])
+    assert [e["edit"] for e in result.manifest["edits"]] == ["ZeroHeads", "ZeroNeurons"]
+    assert result.manifest["edits_applied_before_export"] == 1
+    assert result.kl_to_base is None and result.manifest["base"]["sha256"] is None
+    result = S.export(model, tmp_path / "b", base_logits=base, base_sha256="ab" * 32)
+    assert result.kl_to_base > 0 and result.manifest["base"]["sha256"] == "ab" * 32
+
+
+def test_export_of_unedited_model_has_zero_kl(tmp_path):
+    model = HookedLlama.from_hf(tiny_hf("mha"))
+    result = S.export(model, tmp_path / "plain")
+    assert result.kl_to_base == 0.0 and result.manifest["edits"] == []
+
+
+# --------------------------------------------------------------------------- refusals
+def test_existing_dir_is_refused_and_overwrite_replaces(tmp_path):
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(S.ExportError, match="already exists; pass overwrite=True"):
+        S.export(model, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    S.export(model, out, edits=[S.RemoveLayers([2])], overwrite=True)
+    assert not (out / "keep.txt").exists()
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert S.verify(out)["ok"] and litter(tmp_path) == []
+
+
+@pytest.mark.parametrize("edit, message", [
+    (S.ZeroHeads(7, [0]), "layer 7 is out of range"),
+    (S.ZeroHeads(0, [9]), "head 9 is out of range"),
+    (S.ZeroNeurons(0, [500]), "neuron 500 is out of range"),
+    (S.Orthogonalize(torch.ones(10)), "direction has size 10"),
+    (S.AddSteering(0, torch.ones(3)), "vector has size 3"),
+])
+def test_bad_edit_fails_before_anything_is_written(tmp_path, edit, message):
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    snap = snapshot(model)
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(S.EditError, match=message) as info:
+        S.export(model, out, edits=[S.ZeroHeads(0, [0]), edit])
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "deep").exists()
+    assert_same(model, snap)
+
+
+def test_adapter_for_another_base_fails_before_anything_is_written(tmp_path):
+    from tests.test_edits import write_adapter
+
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    other = HookedLlama.from_hf(tiny_hf("gqa", hidden_size=32, intermediate_size=48))
+    adapter = write_adapter(tmp_path / "adapter", other)
+    with pytest.raises(S.AdapterError, match="adapter for another base model"):
+        S.export(model, tmp_path / "out", edits=[S.MergeLora(str(adapter))])
+    assert not (tmp_path / "out").exists() and litter(tmp_path) == []
+
+
+def test_bad_shard_size_is_refused(tmp_path):
+    with pytest.raises(S.ExportError, match="not a size"):
+        S.export(HookedLlama.from_hf(tiny_hf("gqa")), tmp_path / "o", max_shard_size="lots")
+    assert E.parse_size("2GB") == 2 * 10**9 and E.parse_size("1GiB") == 2**30 and E.parse_size(1234) == 1234
+
+
+# --------------------------------------------------------------------------- faults
+def test_exception_after_first_shard_leaves_nothing(tmp_path, monkeypatch):
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    written = []
+    real = E._save_shard
+
+    def failing(tensors, path):
+        if written:
+            raise OSError("disk full (injected)")
+        real(tensors, path)
+        written.append(path)
+
+    monkeypatch.setattr(E, "_save_shard", failing)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="injected"):
+        S.export(model, out, edits=[S.ZeroHeads(0, [1])], max_shard_size="40KB")
+    assert written and written[0].exists() is False  # the shard was written, then cleaned up
+    assert not out.exists() and litter(tmp_path) == []
+
+
+def test_keyboard_interrupt_during_reload_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "_reload_hf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        S.export(HookedLlama.from_hf(tiny_hf("gqa")), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and litter(tmp_path) == []
+
+
+def test_parity_failure_removes_the_output_and_says_why(tmp_path, monkeypatch):
+    real = E._hf_logits
+    monkeypatch.setattr(E, "_hf_logits", lambda hf, probes: [t + 1e-3 for t in real(hf, probes)])
+    with pytest.raises(S.ParityError, match=r"differ from the in-memory model by 0\.001 \(tolerance 0\.0001\)"):
+        S.export(HookedLlama.from_hf(tiny_hf("gqa")), tmp_path / "out", edits=[S.ZeroHeads(0, [1])])
+    assert not (tmp_path / "out").exists() and litter(tmp_path) == []
+
+
+def test_failure_when_overwriting_keeps_the_old_output(tmp_path, monkeypatch):
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    out = tmp_path / "out"
+    S.export(model, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(E, "_hf_logits", lambda hf, probes: [torch.full_like(p.ids, 0.0, dtype=torch.float32) for p in probes])
+    with pytest.raises(S.ExportError):
+        S.export(model, out, edits=[S.ZeroHeads(0, [1])], overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and litter(tmp_path) == []
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    import surgery
+    E = sys.modules["surgery.export"]
+    from hooks import HookedLlama
+    from tests.conftest import tiny_hf
+    real = E._save_shard
+    def slow(tensors, path):
+        real(tensors, path)
+        time.sleep(0.2)
+    E._save_shard = slow
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    surgery.export(model, {out!r}, edits=[surgery.ZeroHeads(0, [1])], max_shard_size="20KB")
+    print("finished")
+""")
+
+
+def test_sigkill_mid_write_leaves_no_out_dir(tmp_path):
+    out = tmp_path / "out"
+    script = KILL_SCRIPT.format(repo=str(REPO), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            tmps = [p for p in tmp_path.iterdir() if p.name.startswith(E.TMP_PREFIX)]
+            if tmps and len(list(tmps[0].glob("*.safetensors"))) >= 2:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        else:
+            pytest.fail("export never started writing shards")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    stale = litter(tmp_path)
+    assert stale and stale[0].startswith(f"{E.TMP_PREFIX}out-{proc.pid}-")
+    # the next export to the same target cleans up the stale temp dir of the dead process
+    S.export(HookedLlama.from_hf(tiny_hf("gqa")), out)
+    assert litter(tmp_path) == [] and S.verify(out)["ok"]
+
+
+# --------------------------------------------------------------------------- verify
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify") / "out"
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    S.export(model, out, edits=[S.ZeroHeads(1, [2]), S.AddSteering(0, torch.ones(64))], max_shard_size="60KB")
+    return out
+
+
+def copy_of(exported, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(exported, tmp_path / "copy"))
+
+
+def test_verify_passes_on_a_fresh_export(exported):
+    result = S.verify(exported)
+    assert result["ok"] and result["max_abs_logit_diff"] <= result["tolerance"] == 1e-4
+    assert result["top5_match"] and result["files_checked"] >= 5 and result["unlisted_files"] == []
+
+
+@pytest.mark.parametrize("victim", ["model-00002-of-", "config.json", "model.safetensors.index.json"])
+def test_flipped_byte_is_reported_with_the_file_name(exported, tmp_path, victim):
+    out = copy_of(exported, tmp_path)
+    path = next(p for p in sorted(out.iterdir()) if p.name.startswith(victim))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(S.IntegrityError, match=rf"^{path.name}: sha256 mismatch") as info:
+        S.verify(out)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_is_reported(exported, tmp_path):
+    out = copy_of(exported, tmp_path)
+    (out / "generation_config.json").unlink()
+    with pytest.raises(S.IntegrityError, match="generation_config.json is missing"):
+        S.verify(out)
+
+
+def test_consistent_tampering_is_caught_by_reload_parity(exported, tmp_path):
+    """Weights changed *and* the manifest hash updated: the logits check still fails."""
+    out = copy_of(exported, tmp_path)
+    shard = next(out.glob("model-00001-of-*.safetensors"))
+    tensors = load_file(str(shard))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.5
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    manifest = json.loads((out / E.MANIFEST).read_text())
+    manifest["files"][shard.name] = E.sha256_file(shard)
+    (out / E.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(S.ParityError, match="reloaded logits differ"):
+        S.verify(out)
+
+
+def test_verify_without_manifest(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(S.IntegrityError, match="no scalpel_manifest.json"):
+        S.verify(tmp_path / "x")
+
+
+# --------------------------------------------------------------------------- GGUF
+@pytest.fixture(scope="module")
+def vocab_model(smol):
+    """A tiny random Llama with SmolLM2's real tokenizer (GGUF embeds the vocabulary)."""
+    return HookedLlama.from_hf(tiny_hf("gqa", vocab_size=smol.d_vocab, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+                               smol.tokenizer)
+
+
+def test_gguf_round_trip_f32_with_a_plan(vocab_model, tmp_path):
+    model = vocab_model
+    plan = S.EditPlan([S.ZeroHeads(1, [0]), S.Orthogonalize(torch.randn(64)), S.ScaleNeurons(2, [1, 2], 0.5),
+                       S.RemoveLayers([0])])
+    snap = snapshot(model)
+    path = tmp_path / "edited.gguf"
+    result = S.export_gguf(model, path, edits=plan)
+    assert_same(model, snap)
+    assert result.max_abs_logit_diff <= 1e-4 and path.is_file() and litter(tmp_path) == []
+    x = model.to_tokens("The quick brown fox")
+    with torch.no_grad(), plan.applied(model):
+        want = model(x)
+    assert (hf_logits(tmp_path, x, gguf_file=path.name) - want).abs().max() <= 1e-4
+    back = HookedLlama.from_pretrained(str(path))
+    assert back.n_layers == 2 and not back.config.tie_word_embeddings
+    with torch.no_grad():
+        assert (back(x) - want).abs().max() <= 1e-4
+    # a model loaded from GGUF exports to a verified HF checkpoint
+    S.export(back, tmp_path / "hf", edits=[S.ZeroNeurons(0, [3])])
+    assert S.verify(tmp_path / "hf")["ok"]
+
+
+def test_gguf_round_trip_f16(vocab_model, tmp_path):
+    result = S.export_gguf(vocab_model, tmp_path / "m.gguf", edits=[S.ZeroKVGroups(2, [1])], dtype="f16")
+    assert result.max_abs_logit_diff <= 1e-4  # against the model with the file's f16 rounding
+    assert 0 < result.max_abs_logit_diff_unrounded < 1e-2
+    with pytest.raises(S.ExportError, match="already exists"):
+        S.export_gguf(vocab_model, tmp_path / "m.gguf", dtype="f16")
+
+
+def test_gguf_refuses_a_bias_edit_before_writing(vocab_model, tmp_path):
+    with pytest.raises(S.ExportError, match=r"GGUF cannot carry the non-zero bias model\.layers\.1\.mlp\.down_proj\.bias"):
+        S.export_gguf(vocab_model, tmp_path / "s.gguf", edits=[S.AddSteering(1, torch.ones(64))])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gguf_needs_a_tokenizer(tmp_path):
+    with pytest.raises(S.ExportError, match="needs the model's tokenizer"):
+        S.export_gguf(HookedLlama.from_hf(tiny_hf("gqa")), tmp_path / "t.gguf")
