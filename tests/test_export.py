@@ -211,7 +211,8 @@ def test_failure_when_overwriting_keeps_the_old_output(tmp_path, monkeypatch):
     out = tmp_path / "out"
     S.export(model, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(E, "_hf_logits", lambda hf, probes: [torch.full_like(p.ids, 0.0, dtype=torch.float32) for p in probes])
+    real = E._hf_logits
+    monkeypatch.setattr(E, "_hf_logits", lambda hf, probes: [t + 1.0 for t in real(hf, probes)])
     with pytest.raises(S.ExportError):
         S.export(model, out, edits=[S.ZeroHeads(0, [1])], overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and litter(tmp_path) == []

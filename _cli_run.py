@@ -1,0 +1,1 @@
+def cmd_run(args, ctx): raise NotImplementedError
