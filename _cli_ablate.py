@@ -209,6 +209,34 @@ def _unit_hooks(component: str, layer: int, idx: list[int | None], n: int, means
     return [(name, hook)]
 
 
+class _Final(Exception):
+    """Raised by a hook to stop a forward at the last residual stream (before the unembedding)."""
+
+    def __init__(self, resid: torch.Tensor) -> None:
+        super().__init__("final residual")
+        self.resid = resid
+
+
+def _stop(t: torch.Tensor, hook) -> None:
+    raise _Final(t)
+
+
+def _run_from(model, resid: torch.Tensor, mask: torch.Tensor, layer: int, hooks: list, *, last_only: bool
+              ) -> torch.Tensor:
+    """Logits of a run starting at ``layer`` from ``resid`` with ``hooks``; with ``last_only`` only the
+    last position is unembedded ([R, 1, V]: metrics that read the last token skip the rest)."""
+    if not last_only:
+        return model.run_with_hooks(resid, attention_mask=mask, start_at_layer=layer, fwd_hooks=hooks)
+    try:
+        model.run_with_hooks(resid, attention_mask=mask, start_at_layer=layer,
+                             fwd_hooks=hooks + [(f"blocks.{model.n_layers - 1}.hook_resid_post", _stop)])
+    except _Final as final:
+        last = final.resid[:, -1:]
+    else:  # pragma: no cover - the hook always fires
+        raise RuntimeError("the final residual stream was not reached")
+    return model.lm_head(model.model.norm(last))
+
+
 @torch.no_grad()
 def sweep(model, scorer: Scorer, component: str, layers: list[int] | None = None, *, batch_size: int = 64,
           mean: bool = False) -> SweepResult:
@@ -243,8 +271,8 @@ def sweep(model, scorer: Scorer, component: str, layers: list[int] | None = None
                     part = unit_ids[s:s + per_pass]
                     k, b = len(part), len(rows)
                     hooks = _unit_hooks(component, layer, [units[u][1] for u in part], b, layer_means)
-                    logits = model.run_with_hooks(resid.repeat(k, 1, 1), attention_mask=mask.long().repeat(k, 1),
-                                                  start_at_layer=layer, fwd_hooks=hooks)
+                    logits = _run_from(model, resid.repeat(k, 1, 1), mask.long().repeat(k, 1), layer, hooks,
+                                       last_only=scorer.metric != "loss")
                     vals = scorer.score(logits, tokens.repeat(k, 1), mask.repeat(k, 1), rows.repeat(k))["values"]
                     vals = vals.float().cpu().view(k, b)
                     for j, u in enumerate(part):

@@ -106,13 +106,15 @@ def _plan_from(args, model):
     return plan
 
 
-def _complete(model, args) -> str:
+def _complete(model, args) -> tuple[str, list[int]]:
+    """(completion text, new token ids) of the prompt."""
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     tokens, mask = model.tokenize(prompt)
     out = model.generate(tokens.to(model.device), args.max_new_tokens, attention_mask=mask.to(model.device),
                          do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          return_type="tokens")
-    return model.tokenizer.decode(out[0, tokens.shape[1]:].tolist(), skip_special_tokens=True)
+    new = out[0, tokens.shape[1]:].tolist()
+    return model.tokenizer.decode(new, skip_special_tokens=True), new
 
 
 def cmd_generate(args, ctx) -> Output:
@@ -127,13 +129,13 @@ def cmd_generate(args, ctx) -> Output:
             "max_new_tokens": args.max_new_tokens, "sampling": {"sample": args.sample, "seed": args.seed,
                                                                 "temperature": args.temperature, "top_p": args.top_p}}
     out = Output("generate", data)
-    base = _complete(model, args) if (args.compare or not len(plan)) else None
-    edited = None
+    base, base_ids = _complete(model, args) if (args.compare or not len(plan)) else (None, None)
+    edited = edited_ids = None
     if len(plan):
         with plan.applied(model):
-            edited = _complete(model, args)
+            edited, edited_ids = _complete(model, args)
         data["edits"] = plan.to_dict()
-    data.update(base=base, edited=edited)
+    data.update(base=base, edited=edited, base_tokens=base_ids, edited_tokens=edited_ids)
     if base is not None and edited is not None:
         left, right = textwrap.wrap(base, 48) or [""], textwrap.wrap(edited, 48) or [""]
         out.table(f"prompt: {args.prompt}", ["base", "edited"], [[a or "", b or ""] for a, b in zip_longest(left, right)])
@@ -227,13 +229,16 @@ def _plural(n: int, word: str) -> str:
 
 
 def _bars(rows: list[dict], mean: dict, metric: str):
+    """Grouped bars, base vs edited, per prompt (hover shows the prompt) and their mean."""
     import plotly.graph_objects as go
 
-    labels = [f"{i}: {_trim(r['prompt'], 28)}" for i, r in enumerate(rows)] + ["mean"]
-    fig = go.Figure([go.Bar(name="base", x=labels, y=[r["base"] for r in rows] + [mean["base"]]),
-                     go.Bar(name="edited", x=labels, y=[r["edited"] for r in rows] + [mean["edited"]])])
+    labels = [f"#{i}" for i in range(len(rows))] + ["mean"]
+    hover = [r["prompt"] for r in rows] + ["mean over prompts"]
+    fig = go.Figure([go.Bar(name=name, x=labels, y=[r[key] for r in rows] + [mean[key]], hovertext=hover,
+                            hovertemplate="%{hovertext}<br>" + name + " %{y:.4g}<extra></extra>")
+                     for name, key in (("base", "base"), ("edited", "edited"))])
     fig.update_layout(barmode="group", yaxis_title=metric, xaxis_title="prompt", xaxis_type="category",
-                      margin=dict(l=60, r=20, t=40, b=160), legend=dict(orientation="h"))
+                      margin=dict(l=60, r=20, t=40, b=60), legend=dict(orientation="h", y=1.1))
     return fig
 
 

@@ -34,6 +34,7 @@ class Block:
     headers: list[str] | None
     rows: list[list[Any]]
     note: str = ""
+    max_width: int = 48  # text cells are cut to this many characters on stdout (0: never)
 
 
 @dataclass
@@ -53,9 +54,10 @@ class Output:
     title: str = ""  # report title (default "scalpel COMMAND")
     sections: list["Output"] = field(default_factory=list)  # a report of several outputs (``run``)
 
-    def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "") -> "Output":
+    def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "",
+              max_width: int = 48) -> "Output":
         """Add a table block. Example: ``out.table("effects", ["unit", "effect"], [["L5H3", -1.2]])``."""
-        self.blocks.append(Block(title, list(headers), [list(r) for r in rows], note))
+        self.blocks.append(Block(title, list(headers), [list(r) for r in rows], note, max_width))
         return self
 
     def text(self, title: str, lines: Sequence[str] | str) -> "Output":
@@ -110,7 +112,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_widt
         L9H1     0.5
     """
     cells = [[fmt(c) for c in r] for r in rows]
-    cells = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in r] for r in cells]
+    if max_width:
+        cells = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in r] for r in cells]
     numeric = [bool(rows) and all(_numeric(r[i]) or r[i] is None for r in rows) for i in range(len(headers))]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
@@ -128,7 +131,8 @@ def render_text(output: Output) -> str:
     """What a command prints on stdout (without ``--json``)."""
     parts = []
     for block in output.blocks:
-        body = "\n".join(str(r[0]) for r in block.rows) if block.headers is None else format_table(block.headers, block.rows)
+        body = ("\n".join(str(r[0]) for r in block.rows) if block.headers is None
+                else format_table(block.headers, block.rows, block.max_width))
         head = f"{block.title}\n" if block.title else ""
         parts.append(head + body + (f"\n{block.note}" if block.note else ""))
     if output.files:

@@ -1,1 +1,260 @@
-def cmd_run(args, ctx): raise NotImplementedError
+"""``scalpel run EXPERIMENT.yaml``: a whole experiment in one file, run with one loaded model.
+
+File format (every key but ``analyses``/``ablations``/``export`` is optional)::
+
+    name: IOI name movers in SmolLM2          # report title
+    model: default                            # or an HF directory, cached hub id, .gguf
+    prompts: prompts_ioi.txt                  # file (relative to this YAML) or a list of prompts
+    metric: logit-diff                        # loss | logit-diff | prob, for ablations and sweeps
+    answers: [" Mary", " John"]               # for prompts that name none
+    analyses:                                 # any commands, in order, with their flags as keys
+      - heads: {top: 5}
+      - lens: {prompt: "The Eiffel Tower is in the city of", target: " Paris"}
+      - patch: {clean: "...", corrupt: "...", answers: [" Mary", " John"], components: attn_out}
+      - sweep: {component: heads, layers: 19-23}
+    ablations:                                # ablate steps; name them to export one
+      - {name: name-movers, heads: "19.2,20.0"}
+    export: {ablation: name-movers, out: edited-smollm2}   # or {plan: plan.yaml, out: DIR, format: hf}
+    report: ioi-report.html
+
+Each step is parsed by the same argument parser as the command line (``sweep: {layers: 3}`` is
+``scalpel sweep --layers 3``), so a step accepts exactly the flags of its command. Input paths are
+relative to the experiment file; outputs (``out``, ``report``, ``csv``) to the current directory.
+Write head lists as quoted text (``heads: "19.2,20.10"``): a YAML number would drop the trailing 0.
+
+Example: ``scalpel run examples/ioi_heads.yaml --json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import platform
+import shlex
+from pathlib import Path
+from typing import Any
+
+from _cli_inputs import CLIError
+from _cli_report import Output
+
+TOP_KEYS = ("name", "description", "model", "dtype", "device", "prompts", "metric", "answers", "analyses",
+            "ablations", "export", "report")
+STEP_COMMANDS = ("info", "generate", "lens", "heads", "patch", "sweep", "ablate", "edit", "verify")
+POSITIONAL = {"generate": ["prompt"], "lens": ["prompt"], "edit": ["plan"], "verify": ["dir"]}
+RUN_LEVEL = ("model", "dtype", "device", "json", "report", "overwrite", "debug")
+REPEATED = ("prompts", "prompt", "target", "steer")  # flags given once per value
+COMMA_LISTS = ("heads", "neurons", "layers", "components", "positions", "stages")
+INPUT_PATHS = {"prompts": ("ablate", "sweep"), "edits": ("generate",), "plan": ("edit",), "dir": ("verify",)}
+SHARED = {"prompts": ("ablate", "sweep"), "metric": ("ablate", "sweep"), "answers": ("ablate", "sweep")}
+
+
+def load_experiment(path: str | Path) -> dict[str, Any]:
+    """The experiment mapping of a YAML file, with its keys checked."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"no such experiment file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CLIError(f"{path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: an experiment is a mapping with keys such as model, prompts, analyses, ablations")
+    unknown = [k for k in data if k not in TOP_KEYS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), TOP_KEYS, n=1)
+        raise CLIError(f"{path}: unknown key {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                       + f"; keys: {', '.join(TOP_KEYS)}")
+    if not (data.get("analyses") or data.get("ablations") or data.get("export")):
+        raise CLIError(f"{path}: nothing to run; add analyses, ablations or export")
+    return data
+
+
+def _step_list(data: dict, key: str, path: Path) -> list[tuple[str, dict]]:
+    out = []
+    for i, item in enumerate(data.get(key) or [], start=1):
+        if key == "ablations":
+            item = {"ablate": item}
+        if not (isinstance(item, dict) and len(item) == 1):
+            raise CLIError(f"{path}: {key} #{i} must be a mapping of one command to its options, e.g. - sweep: "
+                           "{component: heads}")
+        (command, options), = item.items()
+        options = {} if options is None else options
+        if command not in STEP_COMMANDS:
+            close = difflib.get_close_matches(str(command), STEP_COMMANDS, n=1)
+            raise CLIError(f"{path}: {key} #{i}: unknown command {command!r}"
+                           + (f" (did you mean {close[0]!r}?)" if close else "") + f"; commands: {', '.join(STEP_COMMANDS)}")
+        if not isinstance(options, dict):
+            raise CLIError(f"{path}: {key} #{i} ({command}): options must be a mapping of flags to values")
+        out.append((command, dict(options)))
+    return out
+
+
+def _value(key: str, value: Any, where: str) -> list[str]:
+    if key == "heads" and (isinstance(value, float) or (isinstance(value, list) and any(isinstance(v, float) for v in value))):
+        raise CLIError(f"{where}: write heads as quoted text, e.g. heads: \"19.2,20.10\" (a YAML number drops "
+                       "trailing zeros)")
+    if isinstance(value, list):
+        return [",".join(str(v) for v in value)] if key in COMMA_LISTS else [str(v) for v in value]
+    return [str(value)]
+
+
+def step_argv(command: str, options: dict, where: str) -> list[str]:
+    """The command line of one step: ``("sweep", {"layers": 3})`` → ``["sweep", "--layers", "3"]``."""
+    argv = [command]
+    options = dict(options)
+    for name in POSITIONAL.get(command, []):
+        if name not in options:
+            raise CLIError(f"{where}: missing {name!r} (the {command} command's {name.upper()} argument)")
+        argv.append(str(options.pop(name)))
+    for key, value in options.items():
+        if key in RUN_LEVEL:
+            raise CLIError(f"{where}: {key!r} is set for the whole experiment, not per step")
+        flag = "--" + str(key).replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif key in REPEATED and isinstance(value, list):
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag] + _value(key, value, where)
+    return argv
+
+
+def plan_steps(data: dict, path: Path) -> list[tuple[str, list[str]]]:
+    """(label, argv) of every step, in order: analyses, ablations, export."""
+    base = path.parent
+    steps = [("analyses", c, o) for c, o in _step_list(data, "analyses", path)]
+    named: dict[str, dict] = {}
+    for c, o in _step_list(data, "ablations", path):
+        name = o.pop("name", None)
+        steps.append(("ablations", c, o))
+        if name is not None:
+            named[str(name)] = o
+    export = data.get("export")
+    if export is not None:
+        if not isinstance(export, dict) or "out" not in export:
+            raise CLIError(f"{path}: export needs 'out' (and 'ablation: NAME' or 'plan: FILE')")
+        export = dict(export)
+        if "plan" in export:
+            steps.append(("export", "edit", export))
+        else:
+            name = export.pop("ablation", None)
+            ablations = [o for section, c, o in steps if c == "ablate"]
+            if name is None and len(ablations) == 1:
+                target = ablations[0]
+            elif name is None or str(name) not in named:
+                raise CLIError(f"{path}: export: name the ablation to export (ablation: NAME); named ablations: "
+                               f"{', '.join(named) or 'none'}")
+            else:
+                target = named[str(name)]
+            extra = sorted(set(export) - {"out"})
+            if extra:
+                raise CLIError(f"{path}: export of an ablation takes only 'ablation' and 'out', not {extra[0]!r}")
+            target["out"] = export["out"]
+    out = []
+    for i, (section, command, options) in enumerate(steps, start=1):
+        where = f"{path}: step {i} ({section}: {command})"
+        for key, commands in SHARED.items():
+            if command in commands and key not in options and key in data and not (key == "prompts" and "prompt" in options):
+                options[key] = data[key]
+        if command in ("ablate", "sweep") and isinstance(options.get("prompts"), list):
+            options.setdefault("prompt", [])
+            options["prompt"] = list(options["prompt"]) + [str(p) for p in options.pop("prompts")]
+        for key, commands in INPUT_PATHS.items():
+            if command in commands and isinstance(options.get(key), str):
+                options[key] = _relative(base, options[key])
+        if command == "generate" and options.get("steer"):
+            steers = options["steer"] if isinstance(options["steer"], list) else [options["steer"]]
+            options["steer"] = [_relative_steer(base, s) for s in steers]
+        out.append((where, step_argv(command, options, where)))
+    return out
+
+
+def _relative(base: Path, value: str) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+def _relative_steer(base: Path, spec: str) -> str:
+    layer, sep, rest = str(spec).partition(":")
+    return f"{layer}{sep}{_relative(base, rest)}" if sep else str(spec)
+
+
+def cmd_run(args, ctx) -> Output:
+    """Run every step of an experiment file with one model; one JSON document and one report."""
+    import cli
+
+    path = Path(args.experiment)
+    data = load_experiment(path)
+    steps = plan_steps(data, path)
+    parser = cli.build_parser()
+    parsed = []
+    for where, argv in steps:
+        try:
+            step_args = parser.parse_args(argv)
+        except cli.HelpShown:
+            raise CLIError(f"{where}: 'help' is not a step option") from None
+        except CLIError as exc:
+            raise CLIError(f"{where}: {exc}") from None
+        step_args.overwrite = args.overwrite
+        parsed.append((where, argv, step_args))
+    cli.check_outputs([(f"step output --{k}", getattr(a, k, None)) for _, _, a in parsed for k in ("out", "csv")],
+                      args.overwrite)
+    report = args.report or data.get("report")
+    if not args.report and report:
+        cli.check_outputs([("report", report)], args.overwrite)
+    title = str(data.get("name") or f"experiment {path.name}")
+    doc: dict[str, Any] = {"command": "run", "experiment": str(path), "name": title, "definition": data,
+                           "steps": []}
+    out = Output("run", doc, title=title)
+    if args.dry_run:
+        out.table(f"{title}: {len(parsed)} steps (dry run)", ["#", "command line"],
+                  [[i, "scalpel " + " ".join(shlex.quote(a) for a in argv)] for i, (_, argv, _) in enumerate(parsed, 1)],
+                  max_width=0)
+        doc["steps"] = [{"argv": argv} for _, argv, _ in parsed]
+        return out
+    spec = str(data.get("model") or cli.DEFAULT_MODEL)
+    if spec != cli.DEFAULT_MODEL and (path.parent / spec).exists():
+        spec = _relative(path.parent, spec)  # a checkpoint beside the experiment file
+    ctx.model_spec = args.model or spec
+    ctx.dtype = args.dtype or data.get("dtype")
+    ctx.device = args.device or data.get("device")
+    doc["model"] = cli.model_meta(ctx.model())
+    doc["environment"] = _environment()
+    for i, (where, argv, step_args) in enumerate(parsed, start=1):
+        try:
+            result = cli.execute(step_args, ctx)
+        except CLIError as exc:
+            raise CLIError(f"{where}: {exc}") from None
+        result.command = f"step {i}: scalpel " + " ".join(shlex.quote(a) for a in argv)
+        doc["steps"].append({"argv": argv, "result": result.data})
+        out.sections.append(result)
+        out.blocks += [dataclasses.replace(b, title=f"[{i}] {argv[0]}: {b.title}" if b.title else f"[{i}] {argv[0]}")
+                       for b in result.blocks]
+        out.files += result.files
+    if report and not args.report:
+        from _cli_report import write_report
+
+        write_report(report, out.sections, title=title, meta={"experiment": str(path), "model": ctx.model().source})
+        out.files.append(str(report))
+        doc.setdefault("files", []).append(str(report))
+    return out
+
+
+def _environment() -> dict[str, str]:
+    import importlib.metadata as md
+
+    env = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "llama-scalpel"):
+        try:
+            env[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            env[dist] = "dev" if dist == "llama-scalpel" else "missing"
+    return env

@@ -19,7 +19,7 @@ In Python: ``cli.main(["info", "--json"])`` returns the exit code.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sys
 import traceback
 from pathlib import Path
@@ -81,7 +81,8 @@ def _common(p: argparse.ArgumentParser, *, model: bool = True, report: bool = Tr
     g.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
-def _prompt_options(p: argparse.ArgumentParser, *, metric_default: str = "loss") -> None:
+def _prompt_options(p: argparse.ArgumentParser, *, metric_default: str = "loss", batch_size: int = 16,
+                    batch_help: str = "prompts per forward pass") -> None:
     p.add_argument("--prompts", action="append", metavar="FILE",
                    help="prompt file: one prompt per line (PROMPT<TAB>CORRECT<TAB>INCORRECT for answers) or .jsonl")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt given inline (repeatable)")
@@ -90,7 +91,7 @@ def _prompt_options(p: argparse.ArgumentParser, *, metric_default: str = "loss")
                         f"prob: probability of the correct answer (default {metric_default})")
     p.add_argument("--answers", nargs="+", metavar="ANSWER",
                    help="CORRECT [INCORRECT] single-token answers for prompts that name none, e.g. ' Mary' ' John'")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="prompts per forward pass (default 16)")
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size, help=f"{batch_help} (default {batch_size})")
 
 
 def _positive_int(text: str) -> int:
@@ -131,19 +132,24 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("lens", help=COMMAND_HELP["lens"], description=COMMAND_HELP["lens"])
     p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--target", action="append", metavar="TOKEN",
+                   help="follow this single-token answer's probability and rank (repeatable), e.g. ' Paris'")
     p.add_argument("--top", type=_positive_int, default=1, help="top-k tokens per cell in the table (default 1)")
-    p.add_argument("--target", metavar="TOKEN", help="also report the rank/probability of this single-token answer")
-    p.add_argument("--positions", metavar="LIST", help="positions to show (default: the last 8); e.g. -1 or 0,3,-1")
+    p.add_argument("--stages", default="post", help="residual stages: pre, mid and/or post (default post)")
+    p.add_argument("--layers", metavar="LIST", help="layers to decode, e.g. 10-29 (default all)")
+    p.add_argument("--positions", metavar="LIST", help="positions to decode, e.g. -1 or 0,3,-1 (default all)")
+    p.add_argument("--columns", type=_positive_int, default=6, help="positions shown in the table, the last ones "
+                   "(default 6; the JSON and the report hold all)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message of the chat template")
     _common(p)
 
     p = sub.add_parser("heads", help=COMMAND_HELP["heads"], description=COMMAND_HELP["heads"])
-    p.add_argument("--prompts", action="append", metavar="FILE", help="prompts for the previous-token score")
-    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt given inline (repeatable)")
     p.add_argument("--seq-len", type=_positive_int, default=20,
-                   help="length of the random token sequence repeated twice for duplicate/induction scores")
-    p.add_argument("--batch", type=_positive_int, default=4, help="random sequences for the repeated-token scores")
-    p.add_argument("--top", type=_positive_int, default=10, help="rows per detector in the table (default 10)")
+                   help="length of the random token run; each sequence is [BOS] R R (default 20)")
+    p.add_argument("--n-seqs", type=_positive_int, default=8, help="random sequences (default 8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", metavar="LIST", help="layers to score (default all)")
+    p.add_argument("--top", type=_positive_int, default=10, help="rows per detector in the table (default 10)")
     _common(p)
 
     p = sub.add_parser("patch", help=COMMAND_HELP["patch"], description=COMMAND_HELP["patch"])
@@ -173,8 +179,7 @@ def build_parser() -> Parser:
     p.add_argument("--mean", action="store_true", help="heads: mean-ablate (mean over the prompts) instead of zeroing")
     p.add_argument("--top", type=_positive_int, default=20, help="rows in the table (default 20)")
     p.add_argument("--csv", metavar="FILE", help="write the full ranking as CSV")
-    _prompt_options(p)
-    p.set_defaults(batch_size=64)
+    _prompt_options(p, batch_size=64, batch_help="rows per forward pass (units x prompts)")
     _common(p)
 
     p = sub.add_parser("edit", help=COMMAND_HELP["edit"], description=COMMAND_HELP["edit"])
@@ -284,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    ("--csv", getattr(args, "csv", None))]
         check_outputs(outputs, args.overwrite)
         ctx = Context(getattr(args, "model", None), getattr(args, "dtype", None), getattr(args, "device", None))
-        out = execute(args, ctx)
+        with _quiet_progress(not sys.stdout.isatty()):
+            out = execute(args, ctx)
         if getattr(args, "report", None):
             meta = {"command": "scalpel " + " ".join(_quote(a) for a in argv)}
             if ctx._model is not None:
@@ -301,6 +307,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 2 if _is_usage(exc) else 1
         _error(_message(exc), debug)
         return code
+
+
+@contextlib.contextmanager
+def _quiet_progress(quiet: bool):
+    """Silence transformers' own progress bars (shard writing, GGUF de-quantising) when ``quiet``;
+    ours are silenced by ``_cli_ablate.progress``. Everything is restored on exit."""
+    if not quiet:
+        yield
+        return
+    from functools import partial
+
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as tlog
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - gguf is a dependency
+        gguf_utils = None
+    was_enabled = tlog.is_progress_bar_enabled()
+    saved = getattr(gguf_utils, "tqdm", None)
+    tlog.disable_progress_bar()
+    if saved is not None:
+        gguf_utils.tqdm = partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            gguf_utils.tqdm = saved
+        if was_enabled:
+            tlog.enable_progress_bar()
 
 
 def _is_usage(exc: BaseException) -> bool:

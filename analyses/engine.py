@@ -119,6 +119,14 @@ def _capture(t: torch.Tensor, hook) -> None:
     raise _Captured(t)
 
 
+FINAL = "ln_final.hook_normalized"  # where a forward is ended early: x / scale, before the norm's weight
+
+
+def unembed_normalized(model, normalized: torch.Tensor) -> torch.Tensor:
+    """Logits from ``ln_final.hook_normalized`` values, as the model computes them: lm_head(weight * x)."""
+    return model.lm_head(model.model.norm.weight * normalized)
+
+
 # --------------------------------------------------------------------------- variants
 @dataclass
 class Variant:
@@ -284,7 +292,7 @@ def run_chunk(model, comp: Component, setup: PatchSetup, start: int, chunk: list
         end = join[i + 1] if i + 1 < len(join) else n
         hooks = [(comp.hook_name(layer), _patch_hook(mask, clean, B))]
         if end == n:
-            hooks.append((act_name("resid_post", n - 1), _capture))
+            hooks.append((FINAL, _capture))
         kv = PrefixKV({k: t[:, :, :start] for k, t in setup.prefix_k.items()},
                       {k: t[:, :, :start] for k, t in setup.prefix_v.items()}, start) if start > 0 else None
         am = setup.inputs.mask.repeat(n_rows, 1) if setup.inputs.mask is not None else None
@@ -301,7 +309,7 @@ def run_chunk(model, comp: Component, setup: PatchSetup, start: int, chunk: list
                     raise RuntimeError("the final residual stream was not captured")
     if logit_positions is not None:
         x = x[:, [p - start for p in logit_positions]]
-    logits = model.lm_head(model.model.norm(x))  # [A*B, n_pos, V]
+    logits = unembed_normalized(model, x)  # [A*B, n_pos, V]
     return logits.reshape(len(chunk), B, *logits.shape[1:])
 
 

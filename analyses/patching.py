@@ -26,7 +26,7 @@ from hooks import InputError
 
 from .components import Component, get_component
 from .engine import EngineStats, PairInputs, Variant, mark_variants, prepare_pair, run_setup, run_variants
-from .heads import group_size, query_heads
+from .heads import group_size
 from .metrics import Metric, normalized as _normalized, resolve_metric
 from .plotting import heatmap, position_labels
 from .results import AnalysisResult, jsonable
@@ -229,6 +229,3 @@ def _baselines(metric, clean_logits: torch.Tensor, corrupted_logits: torch.Tenso
         return float(metric(clean_logits)), float(metric(corrupted_logits))
 
 
-def kv_heads_of(model, heads: Sequence[int]) -> list[list[int]]:
-    """For k/v results: the query heads each key/value group feeds (GQA mapping)."""
-    return [query_heads(model, g) for g in heads]

@@ -200,8 +200,4 @@ _SHORT_GLOBAL = {"embed", "logits", "ln_final_scale", "ln_final_normalized"}
 
 def _slice_pos(t: torch.Tensor, pos_slice) -> torch.Tensor:
     """Select positions on the dim before the last ([..., B, P, M] -> position dim is -2)."""
-    if pos_slice is None:
-        return t
-    if isinstance(pos_slice, int):
-        return t[..., pos_slice, :]
-    return t[..., pos_slice, :]
+    return t if pos_slice is None else t[..., pos_slice, :]

@@ -249,8 +249,9 @@ def _set_slice(index, value_fn):
 
 def _project_out(d: torch.Tensor):
     def hook(t: torch.Tensor, hook) -> torch.Tensor:
-        dd = d.to(device=t.device, dtype=t.dtype)
-        return t - (t @ dd)[..., None] * dd
+        dd = d.to(device=t.device, dtype=torch.float64)
+        x = t.double()
+        return (x - (x @ dd)[..., None] * dd).to(t.dtype)
 
     return hook
 
@@ -435,13 +436,13 @@ class MeanAblateHeads(Edit):
         o, d = _attn(model, self.layer).o_proj, model.d_head
         w = _state.writable(model, o.weight)  # [M, H*D]
         b = _state.writable(model, o.bias)  # [M]
-        means = self.means.to(device=w.device, dtype=torch.float32)
-        add = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+        means = self.means.to(device=w.device, dtype=torch.float64)
+        add = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
         for i, h in enumerate(self.heads):
-            add += w[:, h * d:(h + 1) * d].float() @ means[i]
+            add += w[:, h * d:(h + 1) * d].double() @ means[i]
         cols = _head_cols(self.heads, d).to(w.device)
         w[:, cols] = 0
-        b.copy_((b.float() + add).to(b.dtype))
+        b.copy_((b.double() + add).to(b.dtype))
 
     def _hooks(self, model) -> HookList:
         heads, means = list(self.heads), self.means.clone()
@@ -570,7 +571,7 @@ class Orthogonalize(Edit):
 
     def unit(self) -> torch.Tensor:
         d = self.direction.double()
-        return (d / d.norm()).float()
+        return d / d.norm()  # float64
 
     def layer_list(self, model) -> list[int]:
         return list(range(model.n_layers)) if self.layers == "all" else list(self.layers)
@@ -586,16 +587,20 @@ class Orthogonalize(Edit):
             if model.lm_head.weight is model.model.embed_tokens.weight or model.config.tie_word_embeddings:
                 _state.untie_embeddings(model)
             e = _state.writable(model, model.model.embed_tokens.weight)  # [V, M]
-            dd = d.to(e.device, e.dtype)
-            e.sub_((e @ dd)[:, None] * dd[None, :])
+            dd = d.to(e.device)
+            for rows in torch.arange(e.shape[0], device=e.device).split(8192):  # bounded float64 scratch
+                x = e[rows].double()
+                e[rows] = (x - (x @ dd)[:, None] * dd[None, :]).to(e.dtype)
         for i in self.layer_list(model):
             for lin in (_attn(model, i).o_proj, _mlp(model, i).down_proj):
                 w = _state.writable(model, lin.weight)  # [M, in]
-                dd = d.to(w.device, w.dtype)
-                w.sub_(dd[:, None] * (dd @ w)[None, :])
+                dd = d.to(w.device)
+                x = w.double()
+                w.copy_((x - dd[:, None] * (dd @ x)[None, :]).to(w.dtype))
                 if lin.bias is not None:
                     b = _state.writable(model, lin.bias)
-                    b.sub_(dd * (dd @ b))
+                    x = b.double()
+                    b.copy_((x - dd * (dd @ x)).to(b.dtype))
 
     def _hooks(self, model) -> HookList:
         fn = _project_out(self.unit())
@@ -631,10 +636,10 @@ class AddSteering(Edit):
     def _apply(self, model) -> None:
         _state.enable_biases(model, mlp=True)
         b = _state.writable(model, _mlp(model, self.layer).down_proj.bias)
-        b.copy_((b.float() + self.scale * self.vector.to(b.device)).to(b.dtype))
+        b.copy_((b.double() + self.scale * self.vector.to(b.device, torch.float64)).to(b.dtype))
 
     def _hooks(self, model) -> HookList:
-        return [(f"blocks.{self.layer}.hook_mlp_out", _add_constant(self.scale * self.vector))]
+        return [(f"blocks.{self.layer}.hook_mlp_out", _add_constant(self.scale * self.vector.double()))]
 
 
 # --------------------------------------------------------------------------- ROME
@@ -716,7 +721,7 @@ class RankOneEdit(Edit):
         w.copy_((w.double() + torch.outer(r, u).to(w.device)).to(w.dtype))
 
     def _hooks(self, model) -> HookList:
-        r, u = (t.float() for t in self._residual(model))
+        r, u = self._residual(model)  # float64; cast to the activations' dtype at use
         stash: dict[str, torch.Tensor] = {}
 
         def read(post: torch.Tensor, hook) -> None:

@@ -131,7 +131,9 @@ def _pid_alive(pid: int) -> bool:
 def _clean_stale(parent: Path, name: str) -> list[str]:
     """Remove ``.scalpel-tmp-<name>-<pid>-*`` / ``.scalpel-old-…`` left by processes that are gone."""
     removed = []
-    pattern = re.compile(rf"^(?:{re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)}){re.escape(name)}-(\d+)-[0-9a-f]+(?:\.gguf)?$")
+    # ours, and the GGUF writer's own temp file inside a temp name of ours (".<our name>.<random>.tmp")
+    pattern = re.compile(rf"^\.?(?:{re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)}){re.escape(name)}-(\d+)-[0-9a-f]+"
+                         r"(?:\.gguf)?(?:\..+\.tmp)?$")
     if not parent.is_dir():
         return removed
     for entry in parent.iterdir():

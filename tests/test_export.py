@@ -37,8 +37,8 @@ def hf_logits(path, x, **kw) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- round trips
-@pytest.mark.parametrize("variant", ["gqa", "tied"])
-@pytest.mark.parametrize("name", EDIT_NAMES)
+@pytest.mark.parametrize("name, variant", [(n, "gqa") for n in EDIT_NAMES]
+                         + [(n, "tied") for n in ("ZeroHeads", "RemoveLayers", "Orthogonalize", "MergeLora")])
 def test_export_round_trip_per_edit(name, variant, tmp_path):
     model = HookedLlama.from_hf(tiny_hf(variant))
     edit = make_edit(name, model, tmp_path)
@@ -370,3 +370,18 @@ def test_gguf_refuses_a_bias_edit_before_writing(vocab_model, tmp_path):
 def test_gguf_needs_a_tokenizer(tmp_path):
     with pytest.raises(S.ExportError, match="needs the model's tokenizer"):
         S.export_gguf(HookedLlama.from_hf(tiny_hf("gqa")), tmp_path / "t.gguf")
+
+
+def test_stale_temp_files_of_dead_processes_are_cleaned(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    alive = os.getppid()
+    (tmp_path / f"{E.TMP_PREFIX}out-{pid}-0abc").mkdir()
+    (tmp_path / f"{E.OLD_PREFIX}out-{pid}-0abd").mkdir()
+    (tmp_path / f"{E.TMP_PREFIX}m.gguf-{pid}-1234.gguf").write_bytes(b"x")
+    (tmp_path / f".{E.TMP_PREFIX}m.gguf-{pid}-1234.gguf.k2j3.tmp").write_bytes(b"x")  # write_gguf's own
+    (tmp_path / f"{E.TMP_PREFIX}out-{alive}-0abe").mkdir()  # a live export: left alone
+    (tmp_path / f"{E.TMP_PREFIX}other-{pid}-0abf").mkdir()  # another target: left alone
+    assert sorted(E._clean_stale(tmp_path, "out")) == [f"{E.OLD_PREFIX}out-{pid}-0abd", f"{E.TMP_PREFIX}out-{pid}-0abc"]
+    assert len(E._clean_stale(tmp_path, "m.gguf")) == 2
+    assert litter(tmp_path) == [f"{E.TMP_PREFIX}other-{pid}-0abf", f"{E.TMP_PREFIX}out-{alive}-0abe"]

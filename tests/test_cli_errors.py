@@ -1,0 +1,154 @@
+"""``scalpel`` on bad input: exit code 2, one line on stderr, nothing on stdout, nothing written;
+runtime failures exit 1; ``--debug`` shows the traceback; progress bars stay silent off a terminal."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+from tests.test_cli import build_tiny, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny-errors") / "tiny-llama")
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch) -> Path:
+    """A working directory with a prompts file, a good plan, a bad plan, a bad YAML and an existing output."""
+    (tmp_path / "prompts.txt").write_text("When Mary and John went to the store, John gave a drink to\t Mary\t John\n")
+    (tmp_path / "plan.yaml").write_text("edits:\n  - {edit: ZeroHeads, layer: 1, heads: [0]}\n")
+    (tmp_path / "bad_plan.yaml").write_text("edits:\n  - {edit: ZeroHeads, layer: 1, heads: [0]\n")
+    (tmp_path / "unknown_edit.yaml").write_text("edits:\n  - {edit: ZeroHedas, layer: 1, heads: [0]}\n")
+    (tmp_path / "bad.yaml").write_text("model: default\nanalyses:\n  - lens: {prompt: 'x'\n")
+    (tmp_path / "wrong_key.yaml").write_text("model: default\nanalyses:\n  - heads: {}\nreprot: r.html\n")
+    (tmp_path / "exists").mkdir()
+    (tmp_path / "exists" / "keep.txt").write_text("keep")
+    (tmp_path / "old.html").write_text("old report")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+ABLATE = ["ablate", "--prompts", "prompts.txt", "--metric", "logit-diff"]
+BAD = {
+    "unknown command": (["frobnicate"], "invalid choice: 'frobnicate'"),
+    "unknown flag": (["info", "--frob"], "unrecognized arguments: --frob"),
+    "missing argument": (["lens"], "the following arguments are required: PROMPT"),
+    "bad choice": (["sweep", "--component", "tokens", "--prompt", "x"], "invalid choice: 'tokens'"),
+    "missing prompts file": (["ablate", "--heads", "1.0", "--prompts", "nope.txt"], "no such prompts file: nope.txt"),
+    "missing experiment": (["run", "nope.yaml"], "no such experiment file: nope.yaml"),
+    "missing plan": (["edit", "nope.yaml", "--out", "o"], "no such plan file"),
+    "missing model": (["info", "--model", "no/such-model"], "not in the local Hugging Face cache"),
+    "malformed experiment YAML": (["run", "bad.yaml"], "bad.yaml is not valid YAML at line"),
+    "unknown experiment key": (["run", "wrong_key.yaml"], "unknown key 'reprot' (did you mean 'report'?)"),
+    "malformed plan YAML": (["edit", "bad_plan.yaml", "--out", "o"], "bad_plan.yaml is not valid YAML"),
+    "unknown edit kind": (["edit", "unknown_edit.yaml", "--out", "o"], "unknown edit kind 'ZeroHedas'"),
+    "bad head spec": (ABLATE + ["--heads", "5.x"], "bad head spec '5.x': write LAYER.HEAD"),
+    "head layer out of range": (ABLATE + ["--heads", "99.0"], "--heads 99.0: layer 99 is out of range; the model has 3 layers"),
+    "head out of range": (ABLATE + ["--heads", "1.9"], "--heads 1.9: head 9 is out of range"),
+    "bad neuron spec": (ABLATE + ["--neurons", "12"], "bad neuron spec '12'"),
+    "neuron out of range": (ABLATE + ["--neurons", "1:4051"], "neuron 4051 is out of range; the model has 96 neurons"),
+    "nothing to ablate": (ABLATE, "ablate needs something to ablate"),
+    "multi-token answer": (["ablate", "--heads", "1.0", "--prompt", "When Mary", "--metric", "logit-diff",
+                            "--answers", " Maryland", " John"], "answer ' Maryland' is"),
+    "missing answers": (["ablate", "--heads", "1.0", "--prompt", "When Mary", "--metric", "logit-diff"],
+                        "needs a correct answer for every prompt"),
+    "existing output dir": (ABLATE + ["--heads", "1.0", "--out", "exists"], "--out exists already exists; pass --overwrite"),
+    "existing report": (ABLATE + ["--heads", "1.0", "--report", "old.html"], "--report old.html already exists"),
+    "existing edit output": (["edit", "plan.yaml", "--out", "exists"], "--out exists already exists"),
+    "neurons sweep without layers": (["sweep", "--component", "neurons", "--prompt", "a b c"], "needs --layers"),
+    "bad steer spec": (["generate", "hi", "--steer", "x:v.pt"], "bad steer spec 'x:v.pt'"),
+    "missing steer vector": (["generate", "hi", "--steer", "1:v.pt:2"], "no such vector file: v.pt"),
+    "verify a non-export": (["verify", "exists"], "has no scalpel_manifest.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tiny_dir, work, capsys):
+    argv, message = BAD[case]
+    if argv[0] in ("info", "generate", "lens", "ablate", "sweep", "edit") and "--model" not in argv:
+        argv = argv + ["--model", str(tiny_dir)]
+    before = snapshot(work)
+    code, out, err = run(argv, capsys)
+    assert code == 2, err
+    assert out == ""
+    assert err.startswith("scalpel: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert snapshot(work) == before
+
+
+def test_tampered_checkpoint_fails_verify_with_exit_2(tiny_dir, work, capsys):
+    code, _, err = run(["edit", "plan.yaml", "--model", tiny_dir, "--out", "edited"], capsys)
+    assert code == 0, err
+    assert run(["verify", "edited"], capsys)[0] == 0
+    with open(work / "edited" / "config.json", "a") as f:
+        f.write(" ")
+    code, out, err = run(["verify", "edited"], capsys)
+    assert (code, out) == (2, "") and "config.json: sha256 mismatch" in err and err.count("\n") == 1
+
+
+def test_runtime_failure_exits_1_and_debug_shows_the_traceback(tiny_dir, monkeypatch, capsys):
+    import _cli_commands
+
+    def broken(args, ctx):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(_cli_commands, "cmd_info", broken)
+    code, out, err = run(["info", "--model", tiny_dir], capsys)
+    assert (code, out, err) == (1, "", "scalpel: error: RuntimeError: disk on fire\n")
+    code, _, err = run(["info", "--model", tiny_dir, "--debug"], capsys)
+    assert code == 1 and "Traceback (most recent call last)" in err and err.endswith("scalpel: error: RuntimeError: disk on fire\n")
+
+
+def test_overwrite_replaces_an_existing_output(tiny_dir, work, capsys):
+    code, _, err = run(["edit", "plan.yaml", "--model", tiny_dir, "--out", "exists", "--overwrite"], capsys)
+    assert code == 0, err
+    assert (work / "exists" / "scalpel_manifest.json").is_file() and not (work / "exists" / "keep.txt").exists()
+
+
+def test_help_and_version_exit_0(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and all(c in out for c in cli.COMMAND_HELP)
+    code, out, _ = run(["ablate", "--help"], capsys)
+    assert code == 0 and "--heads" in out and "--out" in out
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.startswith("scalpel ")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_subprocess_bad_input_has_no_traceback(tiny_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cli", "ablate", "--heads", "5.x", "--prompt", "hi",
+                           "--model", str(tiny_dir), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and proc.stderr == "scalpel: error: bad head spec '5.x': write LAYER.HEAD, e.g. 5.3 " \
+                                                "(several: 5.3,9.1)\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_subprocess_sweep_prints_no_progress_bars_when_piped(tiny_dir, tmp_path):
+    (tmp_path / "p.txt").write_text("When Mary and John went to the store\n")
+    exe = [sys.executable, "-m", "cli"]
+    proc = subprocess.run(exe + ["sweep", "--component", "neurons", "--layers", "0-2", "--prompts", str(tmp_path / "p.txt"),
+                                 "--batch-size", "8", "--model", str(tiny_dir)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "it/s" not in proc.stderr and "%|" not in proc.stderr
+    assert "288 neurons ranked by |mean effect| on loss" in proc.stdout
