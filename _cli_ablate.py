@@ -74,6 +74,7 @@ class Scorer:
 
     @property
     def texts(self) -> list[str]:
+        """The prompt texts, in order."""
         return [it.text for it in self.items]
 
     def score(self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
@@ -168,6 +169,7 @@ class SweepResult:
     extra: dict = field(default_factory=dict)
 
     def label(self, unit: tuple[int, int | None]) -> str:
+        """``"5.3"`` for a head, ``"12:405"`` for a neuron, ``"20"`` for a layer."""
         layer, idx = unit
         return {"heads": f"{layer}.{idx}", "neurons": f"{layer}:{idx}", "layers": f"{layer}"}[self.component]
 

@@ -74,7 +74,7 @@ def cmd_info(args, ctx) -> Output:
     facts = [["source", model.source or "in memory"], ["parameters", f"{n_params:,}"],
              ["dtype / device", f"{data['dtype']} / {data['device']}"], ["tokenizer", data["tokenizer"] or "none"]]
     facts += [[k, v] for k, v in arch.items()]
-    out.table("model", ["", "value"], facts)
+    out.table("model", ["", "value"], facts, max_width=0)
     if args.all_hooks:
         out.table(f"hook points ({len(shapes)}; shapes for batch=1, pos={PROBE_POSITIONS})", ["hook point", "shape"],
                   [[n, str(s)] for n, s in shapes.items()])

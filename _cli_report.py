@@ -88,6 +88,8 @@ def fmt(value: Any, digits: int = 4) -> str:
             return "-"
         if value == 0:
             return "0"
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
         if abs(value) >= 10 ** digits or abs(value) < 10 ** -(digits - 1):
             return f"{value:.{digits - 1}e}"
         return f"{value:.{digits}g}" if abs(value) >= 1 else f"{value:.{digits - 1}f}".rstrip("0").rstrip(".")

@@ -228,7 +228,9 @@ def cmd_run(args, ctx) -> Output:
     ctx.device = args.device or data.get("device")
     doc["model"] = cli.model_meta(ctx.model())
     doc["environment"] = _environment()
-    for i, (where, argv, step_args) in enumerate(parsed, start=1):
+    from _cli_ablate import progress
+
+    for i, (where, argv, step_args) in enumerate(progress(parsed, total=len(parsed), desc="steps"), start=1):
         try:
             result = cli.execute(step_args, ctx)
         except CLIError as exc:

@@ -57,10 +57,12 @@ class Parser(argparse.ArgumentParser):
     """``ArgumentParser`` that raises ``UsageError`` instead of printing usage and exiting."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
+        """Raise ``UsageError`` naming the sub-command, e.g. ``ablate: unrecognized arguments: --x``."""
         command = self.prog.split(" ", 1)[1] if " " in self.prog else None
         raise UsageError(f"{command}: {message}" if command else message)
 
     def exit(self, status: int = 0, message: str | None = None):
+        """After ``--help`` / ``--version``: raise ``HelpShown`` instead of ``sys.exit``."""
         if message:
             sys.stderr.write(message)
         raise HelpShown(status)
@@ -234,8 +236,6 @@ class Context:
                 if self.model_spec == DEFAULT_MODEL:
                     self._model = HookedLlama.default(dtype=self.dtype, device=self.device)
                 else:
-                    if not Path(self.model_spec).expanduser().exists() and self.model_spec.endswith(".gguf"):
-                        raise CLIError(f"no such model file: {self.model_spec}")
                     self._model = HookedLlama.from_pretrained(self.model_spec, dtype=self.dtype, device=self.device)
             self._model.eval()
         return self._model

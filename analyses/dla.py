@@ -135,8 +135,8 @@ def direct_logit_attribution(model, prompt, answer, wrong=None, *, pos: int = -1
     """
     tokens, mask = _tokens(model, prompt, attention_mask)
     n = model.n_layers
-    names = ["hook_embed", "ln_final.hook_scale"] + [act_name(k, i) for i in range(n)
-                                                     for k in (["z", "attn_out", "mlp_out"] + (["post"] if neurons else []))]
+    kinds = ["z", "attn_out", "mlp_out"] + (["post"] if neurons else [])
+    names = ["hook_embed", "ln_final.hook_scale"] + [act_name(k, i) for i in range(n) for k in kinds]
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names)
         W_U = model.lm_head.weight  # [V, M]

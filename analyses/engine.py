@@ -25,7 +25,7 @@ The numbers equal a naive loop of one ``run_with_hooks`` per patch (tests check 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -149,7 +149,6 @@ class EngineStats:
     n_chunks: int = 0
     n_forward_calls: int = 0
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("n_patches", "n_computed", "n_skipped", "n_chunks",

@@ -21,7 +21,6 @@ import torch
 from hooks import InputError, act_name
 from hooks.tokens import is_messages
 
-from .engine import _tokens
 from .metrics import token_ids
 from .plotting import heatmap, position_labels
 from .results import AnalysisResult, jsonable

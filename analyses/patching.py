@@ -111,8 +111,9 @@ class PatchingResult(AnalysisResult):
 
     def figure(self, normalize: bool = True, max_rows: int = 2000):
         """Heatmap: layers (× units) down, positions or units across; the normalised score by default."""
-        z = self.normalized if normalize and self.clean_value != self.corrupted_value else self.effect
-        what = "normalised score" if z is not self.effect and normalize else "effect on metric"
+        use_norm = normalize and self.clean_value != self.corrupted_value
+        z = self.normalized if use_norm else self.effect
+        what = "normalised score" if use_norm else "effect on metric"
         unit_name = {"head": "H", "kv_head": "G", "neuron": "N"}.get(self.unit_kind or "", "")
         pos_labels = position_labels(self.str_tokens, len(self.str_tokens or []), self.positions) \
             if self.positions is not None else None

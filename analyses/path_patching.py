@@ -25,8 +25,6 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from hooks import InputError, act_name

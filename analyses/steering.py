@@ -173,7 +173,8 @@ class Steering:
         self.model, self.layer, self.scale, self.at = model, int(layer), float(scale), at
         self.vector = vector.detach().reshape(-1)
         if self.vector.shape[0] != model.d_model:
-            raise InputError(f"steering vector has {self.vector.shape[0]} entries; the model's d_model is {model.d_model}")
+            raise InputError(f"steering vector has {self.vector.shape[0]} entries; "
+                             f"the model's d_model is {model.d_model}")
         self.positions = None if positions is None else list(positions)
         self.name = act_name(at, self.layer)
         self._ctx = None

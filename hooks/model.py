@@ -383,7 +383,8 @@ class HookedLlama(TokenizerMixin, nn.Module):
         """Logits [B, P, V] for token ids, a string, a list of strings or chat messages.
 
         ``return_type``: "logits", "loss" (mean next-token loss), "both" or None.
-        ``stop_at_layer=L`` returns the residual stream entering layer L (``blocks.L.hook_resid_pre``);
+        ``stop_at_layer=L`` returns the residual stream entering layer L (``blocks.L.hook_resid_pre``;
+        ``L = n_layers`` gives the final residual stream, before the final norm);
         ``start_at_layer=L`` takes that residual stream [B, P, M] as ``input``.
         Batches are left-padded; positions count from each row's first real token.
         """
@@ -406,6 +407,7 @@ class HookedLlama(TokenizerMixin, nn.Module):
     def _run_layers(self, prep: Prepared, start: int | None, stop: int | None, kv_cache) -> torch.Tensor:
         layers = self.model.layers
         n = len(layers)
+        stop_requested = stop is not None
         start = 0 if start is None else _check_layer(start, n, "start_at_layer")
         stop = n if stop is None else _check_layer(stop, n, "stop_at_layer", allow_end=True)
         if prep.resid is not None:
@@ -421,7 +423,7 @@ class HookedLlama(TokenizerMixin, nn.Module):
             if x.device != dev:  # layers placed on several devices
                 x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
             x = layer(x, cos, sin, mask, kv_cache)
-        if stop < n:
+        if stop_requested:  # stop_at_layer=n_layers: the final residual stream, before the final norm
             return x
         x = x.to(self.model.norm.weight.device)
         x = self.model.norm(x)

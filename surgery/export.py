@@ -418,7 +418,7 @@ def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_siz
 
     n_original = model.n_layers + sum(len(r.get("layers", ())) for r in prior if r.get("edit") == "RemoveLayers")
     with _state.journal(model):
-        plan.apply(model)  # validates every edit first; raises before anything is written
+        plan.apply(model, atomic=False)  # validates each edit first; raises before anything is written
         edited = _logits(model, probes)
         if not all(torch.isfinite(e).all() for e in edited):
             raise ExportError("the edited model gives NaN or inf logits on the probe prompts; nothing was written")
@@ -616,7 +616,7 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
     plan = as_plan(edits)
     probes = probe_inputs(model, probe_prompts)
     with _state.journal(model):
-        plan.apply(model)
+        plan.apply(model, atomic=False)
         config = export_config(model)
         state = export_state(model, config)
         nonzero = sorted(k for k, t in state.items() if k.endswith(".bias") and bool(t.any()))

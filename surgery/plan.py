@@ -136,7 +136,7 @@ class EditPlan:
     def validate(self, model) -> None:
         """Check every edit against the model as earlier edits leave it; the model is unchanged after."""
         with _state.journal(model):
-            self.apply(model)
+            self.apply(model, atomic=False)
 
     def apply(self, model, *, atomic: bool = True):
         """Apply every edit in order. ``atomic`` (default): all or nothing, an error restores the model
@@ -153,7 +153,7 @@ class EditPlan:
     def applied(self, model) -> Iterator:
         """``with plan.applied(model):`` – every edit applied inside, the exact original model after."""
         with _state.journal(model):
-            self.apply(model)
+            self.apply(model, atomic=False)  # the journal restores everything anyway
             yield model
 
     def as_hooks(self, model) -> HookList:

@@ -29,7 +29,8 @@ def test_query_head_to_kv_group_mapping(variant, groups):
         assert [kv_group(m, h) for h in range(4)] == [h // (4 // groups) for h in range(4)]
         assert sorted(h for g in range(groups) for h in query_heads(m, g)) == [0, 1, 2, 3]
         assert all(kv_group(m, h) == g for g in range(groups) for h in query_heads(m, g))
-    assert len(head_table(model)) == 12 and head_table(model)[5] == {"layer": 1, "head": 1, "kv_group": 1 // (4 // groups)}
+    assert len(head_table(model)) == 12
+    assert head_table(model)[5] == {"layer": 1, "head": 1, "kv_group": 1 // (4 // groups)}
     assert parse_heads(model, ["L2H3", (0, 1), HeadRef(1, 2, 0)]) == [(2, 3), (0, 1), (1, 2)]
     with pytest.raises(InputError, match="out of range"):
         kv_group(model, 4)

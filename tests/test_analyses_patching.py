@@ -182,7 +182,8 @@ def test_ioi_resid_pre_sweep_shape_and_anchors(smol, ioi_sweep):
                 t = t.clone()
                 t[:, p] = cc[hook.name][:, p]
                 return t
-            logits = smol.run_with_hooks(smol.to_tokens(IOI_CORRUPT), fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", hook)])
+            logits = smol.run_with_hooks(smol.to_tokens(IOI_CORRUPT),
+                                         fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", hook)])
             assert float(metric(logits)) == pytest.approx(float(res.values[layer, p]), abs=1e-4)
 
 

@@ -76,7 +76,8 @@ def test_hooks_removed_after_an_exception(model):
 
 def test_surgery_arguments_and_errors(model):
     g = torch.Generator().manual_seed(2)
-    d = steering_direction(model, torch.randint(3, 128, (2, 4), generator=g), torch.randint(3, 128, (2, 4), generator=g), 2)
+    a, b = torch.randint(3, 128, (2, 4), generator=g), torch.randint(3, 128, (2, 4), generator=g)
+    d = steering_direction(model, a, b, 2)
     args = d.add_steering_args(4.0)
     assert set(args) == {"layer", "vector", "scale"} and args["layer"] == 2 and args["scale"] == 4.0
     assert torch.equal(args["vector"], d.unit) and float(args["vector"].norm()) == pytest.approx(1.0, abs=1e-6)

@@ -413,3 +413,17 @@ def test_report_is_self_contained(tiny_dir, prompts_file, tmp_path, capsys):
     assert tags["script"] >= 2 and tags["external"] == []  # plotly.js and the figure, both inline
     assert html.count('class="plotly-graph-div"') == 1 and len(html) > 3_000_000  # plotly.js inlined once
     assert str(report) in out
+
+
+@pytest.mark.parametrize("name", ["ioi_heads.yaml", "prune_layers.yaml"])
+def test_shipped_experiments_parse_into_commands(name, capsys):
+    path = Path(__file__).resolve().parents[1] / "examples" / name
+    doc = run_json(["run", path, "--dry-run"], capsys)
+    steps = [s["argv"] for s in doc["steps"]]
+    ablations = [a for a in steps if a[0] == "ablate"]
+    assert len(ablations) == 2 and sum("--out" in a for a in ablations) == 1
+    for argv in steps:
+        cli.build_parser().parse_args(argv)  # every step is a valid command line
+        if argv[0] in ("ablate", "sweep"):
+            prompts = Path(argv[argv.index("--prompts") + 1])
+            assert prompts.is_file() and prompts.parent == path.parent

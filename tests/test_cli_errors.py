@@ -146,9 +146,9 @@ def test_subprocess_bad_input_has_no_traceback(tiny_dir, tmp_path):
 def test_subprocess_sweep_prints_no_progress_bars_when_piped(tiny_dir, tmp_path):
     (tmp_path / "p.txt").write_text("When Mary and John went to the store\n")
     exe = [sys.executable, "-m", "cli"]
-    proc = subprocess.run(exe + ["sweep", "--component", "neurons", "--layers", "0-2", "--prompts", str(tmp_path / "p.txt"),
+    proc = subprocess.run(exe + ["sweep", "--component", "neurons", "--layers", "2", "--prompts", str(tmp_path / "p.txt"),
                                  "--batch-size", "8", "--model", str(tiny_dir)],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "it/s" not in proc.stderr and "%|" not in proc.stderr
-    assert "288 neurons ranked by |mean effect| on loss" in proc.stdout
+    assert "96 neurons ranked by |mean effect| on loss" in proc.stdout

@@ -280,3 +280,14 @@ def test_check_finite_names_the_hook_point(tiny, ids):
             tiny(ids)
     finally:
         tiny.check_finite = False
+
+
+def test_start_and_stop_at_layer_split_the_forward(tiny, ids):
+    _, cache = tiny.run_with_cache(ids, names_filter=lambda n: "resid" in n)  # SDPA path, like the plain forward
+    mid = tiny(ids, stop_at_layer=2)
+    assert torch.equal(mid, cache["resid_pre", 2])
+    final = tiny(ids, stop_at_layer=tiny.n_layers)
+    assert torch.equal(final, cache["resid_post", tiny.n_layers - 1])
+    assert (tiny(mid, start_at_layer=2) - tiny(ids)).abs().max() <= 1e-6
+    with pytest.raises(InputError, match="stop_at_layer=4 is out of range"):
+        tiny(ids, stop_at_layer=4)
