@@ -101,7 +101,10 @@ def _plan_from(args, model):
         if vector.shape[0] != model.d_model:
             raise CLIError(f"--steer {spec}: the vector has {vector.shape[0]} entries, the model's d_model is "
                            f"{model.d_model}")
-        plan.append(surgery.AddSteering(steer.layer, vector, steer.scale))
+        try:
+            plan.append(surgery.AddSteering(steer.layer, vector, steer.scale))
+        except surgery.EditError as exc:  # NaN/inf in the vector: name the flag and file
+            raise CLIError(f"--steer {spec}: {exc}") from None
     plan.validate(model)
     return plan
 

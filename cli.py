@@ -59,7 +59,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         """Raise ``UsageError`` naming the sub-command, e.g. ``ablate: unrecognized arguments: --x``."""
         command = self.prog.split(" ", 1)[1] if " " in self.prog else None
-        raise UsageError(f"{command}: {message}" if command else message)
+        raise UsageError(f"{f'{command}: ' if command else ''}{message}; see '{self.prog} --help'")
 
     def exit(self, status: int = 0, message: str | None = None):
         """After ``--help`` / ``--version``: raise ``HelpShown`` instead of ``sys.exit``."""
@@ -248,12 +248,26 @@ def model_meta(model) -> dict[str, Any]:
 
 
 def check_outputs(paths: Sequence[tuple[str, str | None]], overwrite: bool) -> None:
-    """Refuse (exit 2, before any work) to replace an existing output unless ``--overwrite``."""
+    """Refuse (exit 2, before any work) to replace an existing output unless ``--overwrite``, or to
+    write where the directory does not let us (probed by creating and removing an empty directory)."""
+    import os
+    import tempfile
+
     for flag, path in paths:
         if path and Path(path).expanduser().exists() and not overwrite:
             raise CLIError(f"{flag} {path} already exists; pass --overwrite to replace it")
         if path and Path(path).expanduser().exists() and flag == "--report" and Path(path).is_dir():
             raise CLIError(f"--report {path} is a directory; name an .html file")
+        if path:
+            where = Path(path).expanduser().parent
+            while not where.exists() and where != where.parent:
+                where = where.parent
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".scalpel-probe-", dir=where))
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                raise CLIError(f"{flag} {path}: cannot write in {where} ({reason}); pick a writable location "
+                               "or fix the directory's permissions") from None
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -276,8 +290,38 @@ def _print(text: str) -> None:
     sys.stdout.flush()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that cleanup code runs (an export removes its temp directory)."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While ``main`` runs, SIGTERM raises ``Terminated`` instead of ending the process on the spot."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``scalpel`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code (0, 1 or 2)."""
+    """Run ``scalpel`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code (0, 1 or 2;
+    130 after Ctrl-C, 143 after SIGTERM)."""
+    with _sigterm_unwinds():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -300,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.data.setdefault("files", []).append(str(args.report))
         _print(to_json(out.data) if args.json else render_text(out))
         return 0
+    except Terminated:
+        _error("terminated (SIGTERM)", debug)
+        return 143
     except KeyboardInterrupt:
         _error("interrupted", debug)
         return 130
@@ -342,6 +389,11 @@ def _quiet_progress(quiet: bool):
 def _is_usage(exc: BaseException) -> bool:
     from hooks.errors import ScalpelError
 
+    export_errors = sys.modules.get("surgery.errors")  # loaded whenever an export ran
+    if export_errors is not None and isinstance(exc, export_errors.ExportWriteError):
+        import errno  # a read-only --out is bad input (2); a full disk is a runtime failure (1)
+
+        return exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
     if isinstance(exc, (ScalpelError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return True
     try:

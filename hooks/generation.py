@@ -59,7 +59,8 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
         tokens = input[None] if input.dim() == 1 else input
         mask = torch.ones_like(tokens) if attention_mask is None else torch.as_tensor(attention_mask)
         if mask.shape != tokens.shape:
-            raise InputError(f"attention_mask has shape {tuple(mask.shape)}, the tokens {tuple(tokens.shape)}")
+            raise InputError(f"attention_mask has shape {tuple(mask.shape)} but the tokens have shape "
+                             f"{tuple(tokens.shape)}; pass one 0/1 entry per token (0 = padding)")
     device = model.device
     tokens, mask = tokens.to(device), mask.to(device)
     generator = None

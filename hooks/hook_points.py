@@ -184,6 +184,13 @@ def _fn_name(fn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
+def describe_filter(name_or_filter) -> str:
+    """A filter as an error message shows it: names as written, a predicate by its name (no address)."""
+    if callable(name_or_filter):
+        return f"predicate {getattr(name_or_filter, '__name__', None) or type(name_or_filter).__name__}"
+    return repr(name_or_filter)
+
+
 def check_replacement(name: str, fn, x: torch.Tensor, out) -> torch.Tensor:
     """A hook's return value must be a tensor with the hook point's shape, dtype and device."""
     where = f"hook {_fn_name(fn)} at {name}"

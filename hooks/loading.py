@@ -57,7 +57,8 @@ def resolve_source(path_or_id: str) -> Path:
     if path.exists():
         return path
     text = str(path_or_id)
-    looks_like_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".gguf")
+    looks_like_id = (text.count("/") == 1 and not text.startswith((".", "/", "~"))
+                     and not text.endswith(("/", ".gguf")))
     if not looks_like_id:
         raise LoadError(f"no such file or directory: {text}")
     try:
@@ -111,8 +112,8 @@ def read_state_dict(directory: Path, allow_pickle: bool = False) -> dict[str, to
             raise LoadError(f"{directory} has no model.safetensors (or index) and no pytorch_model.bin; "
                             "it is not a complete checkpoint")
         if not allow_pickle:
-            raise LoadError(f"{directory} has only pickle weights ({pickles[0]}); pass allow_pickle=True if you "
-                            "trust the file, or convert it to safetensors")
+            raise LoadError(f"{directory} has only pickle weights ({pickles[0]}), which can run code when loaded; "
+                            "convert it to safetensors, or pass allow_pickle=True if you trust the file")
         state = {}
         for name in pickles:
             state.update(torch.load(directory / name, map_location="cpu", weights_only=True))
@@ -124,9 +125,11 @@ def read_state_dict(directory: Path, allow_pickle: bool = False) -> dict[str, to
             raise LoadError(f"shard {name} listed in the index is missing from {directory}; re-download it")
         try:
             state.update(load_file(file))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise LoadError(f"cannot read {file}: {str(exc).splitlines()[0]}; the file is corrupt or "
-                            "truncated, re-download or re-export it") from None
+        except OSError as exc:  # the file system's reason (permission denied, I/O error …)
+            raise LoadError(f"cannot read {file}: {exc.strerror or exc}; check the file and its permissions") from exc
+        except (SafetensorError, ValueError) as exc:  # safetensors' own text stays in __cause__ (--debug)
+            raise LoadError(f"cannot read {file}: not a complete safetensors file; the file is corrupt or "
+                            "truncated, re-download or re-export it") from exc
     return state
 
 
@@ -246,6 +249,9 @@ def plain_config(config) -> LlamaConfig:
 
 
 def wrap_hf(cls, hf_model, tokenizer=None):
+    if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
+        raise UnsupportedArchitectureError(f"from_hf takes a transformers LlamaForCausalLM, got "
+                                           f"{type(hf_model).__name__}; for a path or hub id use from_pretrained")
     config = hf_model.config
     if getattr(config, "model_type", None) != "llama":
         raise UnsupportedArchitectureError(

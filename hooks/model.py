@@ -21,7 +21,7 @@ from transformers.activations import ACT2FN
 from . import config as cfg
 from .cache import ActivationCache
 from .errors import HookError, InputError
-from .hook_points import HookFn, HookHandle, HookPoint, HookRegistry, NameOrFilter, RunContext
+from .hook_points import HookFn, HookHandle, HookPoint, HookRegistry, NameOrFilter, RunContext, describe_filter
 from .tokens import Prepared, prepare_input, TokenizerMixin
 
 
@@ -117,7 +117,9 @@ def eager_attention(q, k, v, mask: torch.Tensor, scaling: float, scores_hook: Ho
     """Attention with the scores and pattern materialised (and hooked). q [B, H, P, D], k/v [B, H, K, D]."""
     scores = torch.matmul(q, k.transpose(2, 3)) * scaling + mask  # [B, H, P, K]
     scores = scores_hook(scores)
-    pattern = pattern_hook(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+    # softmax in fp32 as HF does (fp64 stays fp64, so a float64 model is exact and its finfo.min mask finite)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    pattern = pattern_hook(F.softmax(scores, dim=-1, dtype=acc).to(q.dtype))
     return torch.matmul(pattern, v)  # [B, H, P, D]
 
 
@@ -459,7 +461,7 @@ class HookedLlama(TokenizerMixin, nn.Module):
         """Attach ``fn`` at a name (or every name a predicate accepts); returns a handle with ``.remove()``."""
         points = self.hook_registry.resolve(name)
         if not points:
-            raise HookError(f"hook filter {name!r} matched no hook point; see model.hook_names()")
+            raise HookError(f"hook filter {describe_filter(name)} matched no hook point; see model.hook_names()")
         return HookHandles([p.add_hook(fn, dir) for p in points])
 
     def reset_hooks(self) -> None:
@@ -520,7 +522,8 @@ class HookedLlama(TokenizerMixin, nn.Module):
             return [p for n, p in self.hook_registry.points.items() if not n.endswith("attn.hook_result")]
         points = self.hook_registry.resolve(names_filter)
         if not points:
-            raise HookError(f"names_filter {names_filter!r} matched no hook point; see model.hook_names()")
+            raise HookError(f"names_filter {describe_filter(names_filter)} matched no hook point; "
+                            "see model.hook_names()")
         return points
 
     # ----------------------------------------------------------------- generation

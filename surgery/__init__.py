@@ -11,7 +11,7 @@ True
 
 from .edits import (ALL_EDITS, AddSteering, Edit, MeanAblateHeads, Orthogonalize, RankOneEdit, RemoveLayers,
                     ScaleHeads, ScaleNeurons, ZeroHeads, ZeroKVGroups, ZeroNeurons, kinds)
-from .errors import AdapterError, EditError, ExportError, IntegrityError, ParityError, PlanError
+from .errors import AdapterError, EditError, ExportError, ExportWriteError, IntegrityError, ParityError, PlanError
 from .export import ExportResult, GGUFResult, export, export_gguf, verify
 from .lora import MergeLora
 from .plan import EditPlan, apply_plan, as_plan, load_plan, save_plan
@@ -23,5 +23,5 @@ __all__ = [
     "EditPlan", "load_plan", "save_plan", "apply_plan", "as_plan",
     "mean_activations", "key_covariance",
     "export", "export_gguf", "verify", "ExportResult", "GGUFResult",
-    "EditError", "PlanError", "AdapterError", "ExportError", "IntegrityError", "ParityError",
+    "EditError", "PlanError", "AdapterError", "ExportError", "ExportWriteError", "IntegrityError", "ParityError",
 ]

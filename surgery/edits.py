@@ -22,12 +22,10 @@ import dataclasses
 import math
 import numbers
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
-
-from hooks.config import head_dim as cfg_head_dim
 
 from . import _state
 from .errors import EditError
@@ -133,7 +131,6 @@ class Edit:
     """Base class of every edit. Subclasses define ``validate``, ``_apply`` and ``_hooks``."""
 
     kind: ClassVar[str] = "Edit"
-    _tensor_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -397,8 +394,6 @@ class MeanAblateHeads(Edit):
     heads: Sequence[int]
     means: Any
 
-    _tensor_fields: ClassVar[tuple[str, ...]] = ("means",)
-
     def __post_init__(self) -> None:
         self.layer = _int(self.layer, "layer", self.who)
         self.heads = _ints(self.heads, "heads", self.who)
@@ -556,8 +551,6 @@ class Orthogonalize(Edit):
     layers: Any = "all"
     embeddings: bool = True
 
-    _tensor_fields: ClassVar[tuple[str, ...]] = ("direction",)
-
     def __post_init__(self) -> None:
         self.direction = _tensor(self.direction, "direction", self.who, 1)
         if float(self.direction.double().norm()) == 0.0:
@@ -622,8 +615,6 @@ class AddSteering(Edit):
     vector: Any
     scale: float = 1.0
 
-    _tensor_fields: ClassVar[tuple[str, ...]] = ("vector",)
-
     def __post_init__(self) -> None:
         self.layer = _int(self.layer, "layer", self.who)
         self.vector = _tensor(self.vector, "vector", self.who, 1)
@@ -659,8 +650,6 @@ class RankOneEdit(Edit):
     key: Any
     value: Any
     c_inv_key: Any = None
-
-    _tensor_fields: ClassVar[tuple[str, ...]] = ("key", "value", "c_inv_key")
 
     def __post_init__(self) -> None:
         self.layer = _int(self.layer, "layer", self.who)

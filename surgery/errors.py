@@ -21,6 +21,13 @@ class ExportError(ScalpelError, RuntimeError):
     """An export was refused or failed; nothing was left at the target."""
 
 
+class ExportWriteError(ExportError, OSError):
+    """The filesystem refused the export (read-only directory, disk full …); nothing was left at the target.
+
+    ``errno`` is the operating system's error number when one is known (``errno.ENOSPC`` …).
+    """
+
+
 class IntegrityError(ExportError):
     """A file of an exported checkpoint does not match the sha256 its manifest records."""
 

@@ -8,16 +8,16 @@ call); edits applied before the call are recorded too (``model.scalpel_history``
 Atomicity: everything is written into ``.scalpel-tmp-<name>-<pid>-<random>`` beside ``out_dir``,
 reloaded and compared there, and only then renamed to ``out_dir``. A handled failure removes the
 temporary directory; after a SIGKILL it may remain, and the next export to the same target removes
-stale ones whose process is gone. ``out_dir`` is never half-written.
+stale ones whose process is gone. ``out_dir`` is never half-written. A filesystem failure (read-only
+directory, disk full) is an ``ExportWriteError`` naming the directory and the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
+import errno as _errno
 import json
-import math
 import os
 import platform
 import re
@@ -33,7 +33,7 @@ import torch
 from hooks.loading import plain_config, sha256_file
 
 from . import _state
-from .errors import ExportError, IntegrityError, ParityError
+from .errors import ExportError, ExportWriteError, IntegrityError, ParityError
 from .plan import EditPlan, as_plan
 
 MANIFEST = "scalpel_manifest.json"
@@ -169,6 +169,57 @@ def _fsync(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports an I/O failure
+_DENIED = (_errno.EACCES, _errno.EPERM, _errno.EROFS)
+_NO_SPACE = (_errno.ENOSPC, _errno.EDQUOT)
+
+
+def _human_size(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def _existing_parent(path: Path) -> Path:
+    """The directory an export of ``path`` writes into: its parent, or the nearest one that exists."""
+    where = path.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where
+
+
+@contextlib.contextmanager
+def _writing(out_dir: Path, needed: int = 0) -> Iterator[None]:
+    """A filesystem failure inside becomes one ``ExportWriteError`` naming the directory and the fix
+    (the caller removes what was written)."""
+    try:
+        yield
+    except ExportWriteError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, OSError):
+            code = exc.errno
+        else:
+            m = _OS_ERROR.search(str(exc))
+            if type(exc).__name__ != "SafetensorError" or m is None:
+                raise
+            code = int(m.group(1))
+        where = _existing_parent(out_dir)
+        if code in _DENIED:
+            text = (f"cannot write in {where}: permission denied (read-only directory or file system); "
+                    "pick an out_dir in a writable directory or fix its permissions")
+        elif code in _NO_SPACE:
+            size = f" (the checkpoint needs about {_human_size(needed)})" if needed else ""
+            text = f"no space left on the device of {where}{size}; free some space or pick an out_dir on another disk"
+        else:
+            reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+            text = f"cannot write the checkpoint to {out_dir}: {reason}"
+        err = ExportWriteError(f"{text}; nothing was written")
+        err.errno = code
+        raise err from exc
 
 
 @contextlib.contextmanager
@@ -428,7 +479,7 @@ def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_siz
         history = list(getattr(model, "scalpel_history", []))
         layer_map = _layer_map(prior, plan, n_original)
         tokenizer = model.tokenizer
-        tmp = _write_verified(model, out_abs, config, state, dtype, probes, edited, max_bytes, lambda files, diff, tol: {
+        tmp = _write_verified(model, out_dir, config, state, dtype, probes, edited, max_bytes, lambda files, diff, tol: {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -450,7 +501,8 @@ def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_siz
                              "max_abs_logit_diff": diff, "tolerance": tol, "compared": "all probe positions"},
         })
     try:
-        _move_into_place(tmp, out_abs)
+        with _writing(out_dir):
+            _move_into_place(tmp, out_abs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -473,28 +525,32 @@ def _layer_map(prior: list[dict], plan: EditPlan, n_original: int) -> list[int] 
     return layers if removed else None
 
 
-def _write_verified(model, out_abs: Path, config, state, dtype, probes, edited, max_bytes, make_manifest) -> Path:
-    """Write everything into a fresh temp dir beside ``out_abs``, reload, compare; return the temp dir.
+def _write_verified(model, out_dir: Path, config, state, dtype, probes, edited, max_bytes, make_manifest) -> Path:
+    """Write everything into a fresh temp dir beside ``out_dir``, reload, compare; return the temp dir.
 
-    Any failure removes the temp dir and re-raises.
+    Any failure removes the temp dir and re-raises; a filesystem failure as ``ExportWriteError``.
     """
     from safetensors.torch import save_file
 
+    out_abs = Path(os.path.abspath(out_dir))
     parent = out_abs.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(parent, out_abs.name)
-    tmp = parent / f"{TMP_PREFIX}{out_abs.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    needed = sum(t.numel() * t.element_size() for t in state.values())
+    with _writing(out_dir, needed):
+        parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(parent, out_abs.name)
+        tmp = parent / f"{TMP_PREFIX}{out_abs.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
     try:
-        write_shards(state, tmp, max_bytes)
-        with _quiet_transformers():
-            config.save_pretrained(tmp)
-        _write_generation_config(model, config, tmp)
-        if model.tokenizer is not None:
+        with _writing(out_dir, needed):
+            write_shards(state, tmp, max_bytes)
             with _quiet_transformers():
-                model.tokenizer.save_pretrained(tmp)
-        save_file({f"probe_{i}": e.contiguous() for i, e in enumerate(edited)}, str(tmp / PROBE_LOGITS),
-                  metadata={"format": "pt"})
+                config.save_pretrained(tmp)
+            _write_generation_config(model, config, tmp)
+            if model.tokenizer is not None:
+                with _quiet_transformers():
+                    model.tokenizer.save_pretrained(tmp)
+            save_file({f"probe_{i}": e.contiguous() for i, e in enumerate(edited)}, str(tmp / PROBE_LOGITS),
+                      metadata={"format": "pt"})
         # reload with plain transformers and compare with the in-memory edited model
         hf = _reload_hf(tmp, dtype)
         got = _hf_logits(hf, probes)
@@ -504,14 +560,15 @@ def _write_verified(model, out_abs: Path, config, state, dtype, probes, edited, 
         if not diff <= tol:
             raise ParityError(f"the reloaded checkpoint's logits differ from the in-memory model by {diff:.3g} "
                               f"(tolerance {tol:.1g}); nothing was written")
-        files = _sha_dir(tmp)
-        manifest = make_manifest(files, diff, tol)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-        mode = _new_file_mode()
-        for p in tmp.iterdir():
-            os.chmod(p, mode)  # some writers create 0600 files; a shipped checkpoint is readable as usual
-            _fsync(p)
-        _fsync(tmp)
+        with _writing(out_dir, needed):
+            files = _sha_dir(tmp)
+            manifest = make_manifest(files, diff, tol)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+            mode = _new_file_mode()
+            for p in tmp.iterdir():
+                os.chmod(p, mode)  # some writers create 0600 files; a shipped checkpoint is readable as usual
+                _fsync(p)
+            _fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -635,12 +692,14 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
         expected = _logits(model, probes)
         tokenizer = model.tokenizer
         # still inside the journal: ``state`` shares storage with the edited weights
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _clean_stale(path.parent, path.name)
+        with _writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _clean_stale(path.parent, path.name)
         tmp = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}.gguf"
         try:
             try:
-                write_gguf(state, config, tokenizer, tmp, dtype=dtype)
+                with _writing(path):
+                    write_gguf(state, config, tokenizer, tmp, dtype=dtype)
             except ValueError as exc:
                 raise ExportError(f"GGUF export refused: {exc}") from None
             del state
@@ -656,10 +715,11 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
                 raise ParityError(f"transformers' GGUF loader gives logits {diff:.3g} away from the in-memory model "
                                   f"(tolerance {FP32_TOLERANCE:g}); nothing was written")
             digest = sha256_file(tmp)
-            os.chmod(tmp, _new_file_mode())
-            _fsync(tmp)
-            os.replace(tmp, path)
-            _fsync(path.parent)
+            with _writing(path):
+                os.chmod(tmp, _new_file_mode())
+                _fsync(tmp)
+                os.replace(tmp, path)
+                _fsync(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

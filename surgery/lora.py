@@ -53,6 +53,13 @@ def _model_key(name: str | None) -> str | None:
     return base or None
 
 
+def _use_its_base(base: str | None) -> str:
+    """The fix for an adapter that does not fit: merge it into the model it was trained on."""
+    if base:
+        return f"merge it into the model it was trained on ({base})"
+    return "merge it into the model it was trained on (its base_model_name_or_path is not recorded)"
+
+
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern/alpha_pattern lookup: a key matches the module name's tail (regex)."""
     for pattern, value in (patterns or {}).items():
@@ -176,7 +183,7 @@ class MergeLora(Edit):
             got = (p.b.shape[0], p.a.shape[1])
             if got != want:
                 raise AdapterError(f"{self.who}: adapter for another base model: {p.module} lora_B@lora_A is {got} "
-                                   f"but the model's weight is {want}")
+                                   f"but the model's weight is {want}; {_use_its_base(base)}")
 
     def _linear(self, model, module: str):
         m = _LINEAR.match(module)
@@ -188,7 +195,8 @@ class MergeLora(Edit):
         layer, part, proj = int(m["layer"]), m["part"], m["proj"]
         if layer >= model.n_layers:
             raise AdapterError(f"{self.who}: adapter for another base model: it targets {module} but the model has "
-                               f"{model.n_layers} layers (0..{model.n_layers - 1})")
+                               f"{model.n_layers} layers (0..{model.n_layers - 1}); "
+                               f"{_use_its_base(self.read()[0].get('base_model_name_or_path'))}")
         if proj not in (_ATTN if part == "self_attn" else _MLP):
             raise AdapterError(f"{self.who}: the adapter targets {module!r}, which is not a linear layer of a "
                                "LlamaForCausalLM")

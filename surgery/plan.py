@@ -118,9 +118,13 @@ class EditPlan:
                 data = yaml.safe_load(text)
             else:
                 data = json.loads(text)
-        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise PlanError(f"{path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {first}") from None
+        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError: say where, as the parser does
+            mark = getattr(exc, "problem_mark", None)
+            line = getattr(exc, "lineno", None) or (mark.line + 1 if mark is not None else None)
+            problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or \
+                (str(exc).splitlines() or [type(exc).__name__])[0]
+            kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
+            raise PlanError(f"{path} is not valid {kind}{f' at line {line}' if line else ''}: {problem}") from None
         try:
             plan = cls.from_dict(data)
         except EditError as exc:

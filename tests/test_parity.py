@@ -99,3 +99,19 @@ def test_to_hf_shares_weights_and_matches():
 def test_all_variants_listed():
     assert {"mha", "gqa", "mqa", "tied", "bias", "head_dim", "rope_linear", "rope_dynamic", "rope_llama3",
             "rope_yarn"} <= set(VARIANTS)
+
+
+def test_float64_padded_eager_path_is_finite_and_exact():
+    hf = tiny_hf("gqa").double()
+    model = HookedLlama.from_hf(hf)
+    ids = _inputs(hf.config.vocab_size, 8)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        eager = model.run_with_hooks(ids, attention_mask=mask,
+                                     fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda t, h: None)])
+        sdpa = model(ids, attention_mask=mask)
+        alone = model(ids[1:, 3:])
+    assert torch.isfinite(eager).all()
+    assert (eager[1, 3:] - alone[0]).abs().max() <= 1e-10
+    assert (eager - sdpa)[mask.bool()].abs().max() <= 1e-6

@@ -77,18 +77,15 @@ def _pair(model, edit, x, mask, extra=()):
 
 @pytest.mark.parametrize("name", REAL_EDITS)
 def test_real_weights_equal_hooks(smol, smol64, name, tmp_path):
-    # float64: the maths, to 1e-5 (measured: 0 for every edit). One prompt per call: the eager float64
+    # float64: the maths, to 1e-5 (measured: 0 for every edit). One prompt, unpadded: the eager float64
     # path gives NaN at left-padded positions (a float32 softmax of finfo(float64).min rows).
     edit = real_edit(name, smol64, tmp_path / "64")
     snap = snapshot(smol64)
-    effect = 0.0
-    for text in TEXTS[:2]:
-        x64 = smol64.to_tokens(text)
-        weights, hooked = _pair(smol64, edit, x64, None, EAGER)
-        assert (weights - hooked).abs().max() <= 1e-5
-        with torch.no_grad():
-            effect = max(effect, float((weights - smol64(x64)).abs().max()))
-    assert effect > 1e-3  # (RankOneEdit is local: it moves the Eiffel Tower prompt, barely the other)
+    x64 = smol64.to_tokens(TEXTS[0])  # (RankOneEdit is local: it moves this Eiffel Tower prompt)
+    weights, hooked = _pair(smol64, edit, x64, None, EAGER)
+    assert (weights - hooked).abs().max() <= 1e-5
+    with torch.no_grad():
+        assert (weights - smol64(x64)).abs().max() > 1e-3
     assert_same(smol64, snap)
     # float32, the shared session model (default SDPA path): within float32's noise floor, and restored exactly
     x, mask = smol.tokenize(TEXTS[:2])
