@@ -46,6 +46,16 @@ def tiny_hf(variant: str = "gqa", seed: int = 0, **overrides) -> LlamaForCausalL
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: batched patching of tiny models is faster without OpenMP
+    hand-offs, and timings stay steady when other processes share the cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=list(VARIANTS))
 def variant(request) -> str:
     return request.param

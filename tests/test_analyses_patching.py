@@ -15,12 +15,7 @@ ALL = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "resu
        "neurons"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # OpenMP spin-waits badly on a busy 2-core machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

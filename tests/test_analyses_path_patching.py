@@ -12,12 +12,7 @@ from tests.conftest import IOI_CLEAN, IOI_CORRUPT, tiny_hf
 METRIC = LogitDiff(torch.tensor([5, 6]), torch.tensor([7, 8]))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
