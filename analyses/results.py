@@ -94,7 +94,15 @@ class AnalysisResult:
             return rows
         return pd.DataFrame(rows)
 
+    def _ipython_display_(self) -> None:
+        """In Jupyter: the figure through plotly's own renderer (works offline), then the top rows."""
+        from IPython.display import HTML, display
+
+        display(self.figure())
+        display(HTML(f"<p><b>{html.escape(self.title)}</b>: top rows</p>" + rows_to_html(self.top_rows())))
+
     def _repr_html_(self) -> str:
+        """For HTML front ends other than Jupyter (plotly.js from its CDN, to keep the page small)."""
         fig = self.figure()
         return (fig.to_html(full_html=False, include_plotlyjs="cdn")
                 + f"<p><b>{html.escape(self.title)}</b>: top rows</p>" + rows_to_html(self.top_rows()))

@@ -47,8 +47,8 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sample: bool, temperature: float, top_k, top_p,
              stop_at_eos: bool, return_type: str, seed: int | None, verbose: bool):
-    if return_type not in ("input", "str", "tokens"):
-        raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+    if return_type not in ("input", "str", "tokens", "completion"):
+        raise InputError(f"return_type must be 'input', 'str', 'tokens' or 'completion', got {return_type!r}")
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     text_in = not isinstance(input, torch.Tensor)
@@ -96,6 +96,8 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
         return out
     new = out[:, tokens.shape[1]:]
     texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
+    if return_type == "completion":  # the new text only (e.g. an assistant's reply to chat messages)
+        return texts[0] if single_text else texts
     prompts = [tok.decode(row[m.bool()].tolist()) for row, m in zip(tokens, mask[:, :tokens.shape[1]])]
     full = [p + t for p, t in zip(prompts, texts)]
     return full[0] if single_text else full

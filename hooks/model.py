@@ -533,7 +533,8 @@ class HookedLlama(TokenizerMixin, nn.Module):
                  return_type: str = "input", seed: int | None = None, verbose: bool = False):
         """Continue a prompt with a KV cache; active hooks run at every step and see only new positions.
 
-        Returns strings when ``input`` was text (or ``return_type="str"``), else tokens [B, P + new].
+        Returns strings when ``input`` was text (or ``return_type="str"``), else tokens [B, P + new];
+        ``return_type="completion"`` returns only the new text.
         Token batches may be left-padded with an ``attention_mask``; text batches are padded for you.
         """
         from .generation import generate

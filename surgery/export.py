@@ -227,15 +227,24 @@ def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' loading logs and progress bars (restored after)."""
     from transformers.utils import logging as tlog
 
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
     bar = tlog.is_progress_bar_enabled()
     level = tlog.get_verbosity()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)  # the GGUF loader draws its own bar
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
         tlog.set_verbosity(level)
         if bar:
             tlog.enable_progress_bar()

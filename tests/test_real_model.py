@@ -77,3 +77,10 @@ def test_default_cache_reload_is_identical(smol, tmp_path, monkeypatch):
         assert torch.equal(again(ids), smol(ids))
     assert again.to_tokens(PROMPTS[2]).tolist() == smol.to_tokens(PROMPTS[2]).tolist()
     assert again.source_sha256 == smol.source_sha256 and len(smol.source_sha256) == 64
+
+
+def test_completion_only_return(smol):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    full = smol.generate(messages, max_new_tokens=8)
+    reply = smol.generate(messages, max_new_tokens=8, return_type="completion")
+    assert full.endswith(reply) and "Paris" in reply and "<|im_start|>" not in reply
