@@ -11,11 +11,9 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from hooks import HookError, HookedLlama, InputError, LoadError, UnsupportedArch
 from tests.conftest import tiny_hf
 from tests.test_cli import build_tiny, run
 from tests.test_edits import write_adapter
+from tests.test_export import API_EXPORT, SLOW_EXPORT, interrupt_mid_write
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "errors.md"
@@ -301,50 +300,10 @@ def test_cli_error(case, ctx, monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------- signals (subprocesses)
-SLOW_EXPORT = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {repo!r})
-    import surgery
-    E = sys.modules["surgery.export"]
-    real = E._save_shard
-    def slow(tensors, path):
-        real(tensors, path)
-        time.sleep(0.2)
-    E._save_shard = slow
-""")
-API_EXPORT = SLOW_EXPORT + textwrap.dedent("""
-    from hooks import HookedLlama
-    from tests.conftest import tiny_hf
-    surgery.export(HookedLlama.from_hf(tiny_hf("gqa")), {out!r}, edits=[surgery.ZeroHeads(0, [1])],
-                   max_shard_size="20KB")
-""")
 CLI_EXPORT = SLOW_EXPORT + textwrap.dedent("""
     import cli
     sys.exit(cli.main(["edit", {plan!r}, "--model", {model!r}, "--out", {out!r}, "--max-shard-size", "20KB"]))
 """)
-
-
-def interrupt_mid_write(script: str, parent: Path, sig: int) -> subprocess.CompletedProcess:
-    """Run ``script``, send ``sig`` once its export has written two shards, and wait for it."""
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline:
-            tmps = [p for p in parent.iterdir() if p.name.startswith(E.TMP_PREFIX)]
-            if tmps and len(list(tmps[0].glob("*.safetensors"))) >= 2:
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.02)
-        else:
-            pytest.fail("the export never started writing shards")
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_sigint_mid_export_leaves_nothing(tmp_path):

@@ -218,41 +218,52 @@ def test_failure_when_overwriting_keeps_the_old_output(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and litter(tmp_path) == []
 
 
-KILL_SCRIPT = textwrap.dedent("""
+SLOW_EXPORT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
     import surgery
     E = sys.modules["surgery.export"]
-    from hooks import HookedLlama
-    from tests.conftest import tiny_hf
     real = E._save_shard
     def slow(tensors, path):
         real(tensors, path)
         time.sleep(0.2)
     E._save_shard = slow
-    model = HookedLlama.from_hf(tiny_hf("gqa"))
-    surgery.export(model, {out!r}, edits=[surgery.ZeroHeads(0, [1])], max_shard_size="20KB")
-    print("finished")
+""")
+API_EXPORT = SLOW_EXPORT + textwrap.dedent("""
+    from hooks import HookedLlama
+    from tests.conftest import tiny_hf
+    surgery.export(HookedLlama.from_hf(tiny_hf("gqa")), {out!r}, edits=[surgery.ZeroHeads(0, [1])],
+                   max_shard_size="20KB")
 """)
 
-
-def test_sigkill_mid_write_leaves_no_out_dir(tmp_path):
-    out = tmp_path / "out"
-    script = KILL_SCRIPT.format(repo=str(REPO), out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def interrupt_mid_write(script: str, parent: Path, sig: int) -> subprocess.CompletedProcess:
+    """Run ``script``, send ``sig`` once its export has written two shards, and wait for it."""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
-            tmps = [p for p in tmp_path.iterdir() if p.name.startswith(E.TMP_PREFIX)]
+            tmps = [p for p in parent.iterdir() if p.name.startswith(E.TMP_PREFIX)]
             if tmps and len(list(tmps[0].glob("*.safetensors"))) >= 2:
                 break
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.02)
         else:
-            pytest.fail("export never started writing shards")
-        os.kill(proc.pid, signal.SIGKILL)
+            pytest.fail("the export never started writing shards")
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
     finally:
-        proc.wait(timeout=60)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    done.pid = proc.pid  # temp dirs of a killed export carry it
+    return done
+
+
+def test_sigkill_mid_write_leaves_no_out_dir(tmp_path):
+    out = tmp_path / "out"
+    proc = interrupt_mid_write(API_EXPORT.format(repo=str(REPO), out=str(out)), tmp_path, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
     stale = litter(tmp_path)
