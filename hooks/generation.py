@@ -26,12 +26,23 @@ class KVCache:
         self.length += n_new
 
 
-def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+def wants_sampling(do_sample: bool | None, temperature: float | None, top_k, top_p) -> bool:
+    """Greedy unless ``do_sample`` or a sampling parameter says otherwise; temperature 0 is greedy."""
+    if temperature is not None and temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return False
+    if do_sample is not None:
+        return bool(do_sample)
+    return temperature is not None or top_k is not None or top_p is not None
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float | None, top_k: int | None,
                 top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids [B] from last-position logits [B, V] (temperature → top-k → top-p, as HF)."""
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / max(temperature, 1e-8)
+    logits = logits.float() / max(1.0 if temperature is None else temperature, 1e-8)
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -45,16 +56,18 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sample: bool, temperature: float, top_k, top_p,
-             stop_at_eos: bool, return_type: str, seed: int | None, verbose: bool):
+def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sample: bool | None, temperature, top_k,
+             top_p, stop_at_eos: bool, return_type: str, seed: int | None, verbose: bool, use_past_kv_cache: bool = True,
+             eos_token_id=None, freq_penalty: float = 0.0, prepend_bos: bool | None = None):
     if return_type not in ("input", "str", "tokens", "completion"):
         raise InputError(f"return_type must be 'input', 'str', 'tokens' or 'completion', got {return_type!r}")
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    do_sample = wants_sampling(do_sample, temperature, top_k, top_p)
     text_in = not isinstance(input, torch.Tensor)
     single_text = isinstance(input, str) or (text_in and input and isinstance(input[0], dict))
     if text_in:
-        tokens, mask = model.tokenize(input)
+        tokens, mask = model.tokenize(input, prepend_bos)
     else:
         tokens = input[None] if input.dim() == 1 else input
         mask = torch.ones_like(tokens) if attention_mask is None else torch.as_tensor(attention_mask)
@@ -66,13 +79,13 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    eos = getattr(model.config, "eos_token_id", None)
+    eos = eos_token_id if eos_token_id is not None else getattr(model.config, "eos_token_id", None)
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
     tok = model.tokenizer
     pad = (tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None)
     pad = pad if pad is not None else (min(eos_ids) if eos_ids else 0)
 
-    cache = KVCache(model.n_layers)
+    cache = KVCache(model.n_layers) if use_past_kv_cache else None
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
     out, step_in = tokens, tokens
     steps = range(max_new_tokens)
@@ -81,9 +94,17 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
 
         steps = tqdm(steps, desc="generate")
     for _ in steps:
-        logits = model(step_in, attention_mask=mask, kv_cache=cache)
-        cache.commit(step_in.shape[1])
-        nxt = sample_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        if cache is not None:
+            logits = model(step_in, attention_mask=mask, kv_cache=cache)
+            cache.commit(step_in.shape[1])
+        else:
+            logits = model(out, attention_mask=mask)
+        last = logits[:, -1]
+        if freq_penalty:
+            new = out[:, tokens.shape[1]:]
+            counts = torch.zeros_like(last).scatter_add_(-1, new, torch.ones_like(new, dtype=last.dtype))
+            last = last - freq_penalty * counts
+        nxt = sample_next(last, do_sample, temperature, top_k, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

@@ -53,22 +53,52 @@ _ACT_NAMES = {
 }
 
 
-def act_name(name: str, layer: int | None = None) -> str:
+def act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
     """Full hook name from a short one: ``act_name("pattern", 5) == "blocks.5.attn.hook_pattern"``.
 
-    Full names pass through unchanged. Per-layer names need ``layer``.
+    Full names pass through unchanged. Per-layer names need ``layer``. TransformerLens's spellings work
+    too (``get_act_name``): ``act_name("scale", 3, "ln1")``, ``act_name("normalized", 2, "ln2")``,
+    ``act_name("k6")``, ``act_name("scale")`` (the final norm), aliases such as ``"query"``, ``"attn_logits"``.
     """
-    if name not in _ACT_NAMES:
-        if "." in name or name.startswith("hook_"):
-            return name
-        close = difflib.get_close_matches(name, list(_ACT_NAMES), n=3)
-        raise HookError(f"unknown activation name {name!r}; closest: {', '.join(close) or 'none'}")
+    if layer is None and layer_type is None and ("." in name or name.startswith("hook_")):
+        return name
+    if name not in _ACT_NAMES or layer_type is not None:
+        return _tl_act_name(name, layer, layer_type)
     template = _ACT_NAMES[name]
     if "{}" in template:
         if layer is None:
             raise HookError(f"act_name({name!r}) needs a layer index, e.g. act_name({name!r}, 0)")
         return template.format(int(layer))
     return template
+
+
+get_act_name = act_name  # TransformerLens's name for it
+
+_TL_ALIASES = {"attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v", "mlp_pre": "pre",
+               "mlp_post": "post", "attention": "pattern"}
+_TL_LAYER_TYPES = {"a": "attn", "attention": "attn", "m": "mlp", "b": "", "block": "", "blocks": "",
+                   "ln1": "ln1", "ln2": "ln2", "attn": "attn", "mlp": "mlp", "": ""}
+
+
+def _tl_act_name(name: str, layer, layer_type) -> str:
+    """TransformerLens's ``get_act_name`` rules, onto this model's hook names."""
+    match = re.fullmatch(r"([a-z_]+?)(\d+)([a-z0-9]*)", name)
+    if match and layer is None:
+        name, layer, layer_type = match.group(1), int(match.group(2)), match.group(3) or layer_type
+    name = _TL_ALIASES.get(name, name)
+    if name in ("scale", "normalized"):
+        if layer is None:
+            return f"ln_final.hook_{name}"
+        if layer_type not in ("ln1", "ln2"):
+            raise HookError(f"act_name({name!r}, {layer}) needs layer_type 'ln1' or 'ln2', "
+                            f"e.g. act_name({name!r}, {layer}, 'ln1')")
+        return f"blocks.{int(layer)}.{layer_type}.hook_{name}"
+    if name in _ACT_NAMES and layer is not None and "{}" in _ACT_NAMES[name]:
+        return _ACT_NAMES[name].format(int(layer))
+    if name in _ACT_NAMES and "{}" not in _ACT_NAMES[name]:
+        return _ACT_NAMES[name]
+    close = difflib.get_close_matches(name, list(_ACT_NAMES) + ["scale", "normalized"], n=3)
+    raise HookError(f"unknown activation name {name!r}; closest: {', '.join(close) or 'none'}")
 
 
 class _LayerIndex(int):
@@ -96,6 +126,7 @@ class HookHandle:
     fn: HookFn
     direction: str  # "fwd" or "bwd"
     removed: bool = False
+    permanent: bool = False  # survives model.reset_hooks() unless including_permanent=True
 
     def remove(self) -> None:
         if self.removed:
@@ -214,6 +245,7 @@ class HookRegistry:
     def __init__(self, points: Iterable[HookPoint], n_layers: int) -> None:
         self.points: dict[str, HookPoint] = {p.name: p for p in points}
         self.n_layers = n_layers
+        self.aliases: dict[str, str] = tl_aliases(n_layers)  # TransformerLens bridge name -> our name
 
     def names(self) -> list[str]:
         return list(self.points)
@@ -227,7 +259,7 @@ class HookRegistry:
         return [self.get(n) for n in name_or_filter]
 
     def get(self, name: str) -> HookPoint:
-        point = self.points.get(name)
+        point = self.points.get(self.aliases.get(name, name))
         if point is not None:
             return point
         match = re.match(r"blocks\.(\d+)\.", name)
@@ -239,3 +271,21 @@ class HookRegistry:
         close = difflib.get_close_matches(name, list(self.points), n=3, cutoff=0.5)
         hint = ", ".join(close) if close else "see model.hook_names()"
         raise HookError(f"unknown hook name {name!r}; closest valid names: {hint}")
+
+
+# TransformerLens 4.3 bridge names that are the same tensor as one of ours (per block, then global).
+_BLOCK_ALIASES = {"hook_in": "hook_resid_pre", "hook_out": "hook_resid_post", "ln1.hook_in": "hook_resid_pre",
+                  "ln2.hook_in": "hook_resid_mid", "attn.hook_out": "hook_attn_out", "mlp.hook_out": "hook_mlp_out",
+                  "mlp.gate.hook_out": "mlp.hook_pre", "mlp.in.hook_out": "mlp.hook_pre_linear",
+                  "mlp.out.hook_in": "mlp.hook_post"}
+_GLOBAL_ALIASES = {"embed.hook_out": "hook_embed", "hook_unembed": "hook_logits", "unembed.hook_out": "hook_logits"}
+
+
+def tl_aliases(n_layers: int) -> dict[str, str]:
+    """Alias name -> hook name: TransformerLens's ``hook_in`` / ``hook_out`` spellings of our hook points."""
+    out = dict(_GLOBAL_ALIASES)
+    if n_layers:
+        out["ln_final.hook_in"] = f"blocks.{n_layers - 1}.hook_resid_post"
+    for i in range(n_layers):
+        out.update({f"blocks.{i}.{a}": f"blocks.{i}.{b}" for a, b in _BLOCK_ALIASES.items()})
+    return out

@@ -22,6 +22,7 @@ from . import config as cfg
 from .cache import ActivationCache
 from .errors import HookError, InputError
 from .hook_points import HookFn, HookHandle, HookPoint, HookRegistry, NameOrFilter, RunContext, describe_filter
+from .tl_compat import TransformerLensMixin
 from .tokens import Prepared, prepare_input, TokenizerMixin
 
 
@@ -247,7 +248,7 @@ class LlamaBody(nn.Module):
         self.rotary_emb = Rotary(config)
 
 
-class HookedLlama(TokenizerMixin, nn.Module):
+class HookedLlama(TransformerLensMixin, TokenizerMixin, nn.Module):
     """A Llama causal LM with a hook point at every sublayer; logits equal ``LlamaForCausalLM``'s.
 
     Build it with ``HookedLlama.from_pretrained(path)``, ``HookedLlama.from_hf(hf_model)``,
@@ -381,18 +382,26 @@ class HookedLlama(TokenizerMixin, nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, input, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 *, return_type: str | None = "logits", start_at_layer: int | None = None,
-                stop_at_layer: int | None = None, kv_cache=None):
+                stop_at_layer: int | None = None, kv_cache=None, prepend_bos: bool | None = None,
+                loss_per_token: bool = False, padding_side: str | None = None):
         """Logits [B, P, V] for token ids, a string, a list of strings or chat messages.
 
-        ``return_type``: "logits", "loss" (mean next-token loss), "both" or None.
+        ``return_type``: "logits", "loss" (mean next-token loss; [B, P-1] with ``loss_per_token``),
+        "both" or None.
         ``stop_at_layer=L`` returns the residual stream entering layer L (``blocks.L.hook_resid_pre``;
         ``L = n_layers`` gives the final residual stream, before the final norm);
-        ``start_at_layer=L`` takes that residual stream [B, P, M] as ``input``.
-        Batches are left-padded; positions count from each row's first real token.
+        ``start_at_layer=L`` takes that residual stream [B, P, M] as ``input``. Negative values count
+        from the end as a slice of the blocks does (``stop_at_layer=-1`` skips the last block).
+        ``prepend_bos`` (text input): add the BOS token (True), drop it (False), or do what
+        ``cfg.default_prepend_bos`` says (None). Batches are left-padded (``padding_side`` must be
+        "left" or None); positions count from each row's first real token.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
-        prep = self._prepare(input, attention_mask, position_ids, kv_cache=kv_cache, resid=start_at_layer is not None)
+        if padding_side not in (None, "left"):
+            raise InputError(f"padding_side={padding_side!r}: batches are always left-padded here; pass 'left' or None")
+        prep = self._prepare(input, attention_mask, position_ids, kv_cache=kv_cache, resid=start_at_layer is not None,
+                             prepend_bos=prepend_bos)
         self.ctx.positions = prep.positions
         try:
             x = self._run_layers(prep, start_at_layer, stop_at_layer, kv_cache)
@@ -403,7 +412,7 @@ class HookedLlama(TokenizerMixin, nn.Module):
         logits = x
         if return_type == "logits":
             return logits
-        loss = self.loss_from_logits(logits, prep.tokens, prep.padding)
+        loss = self.loss_from_logits(logits, prep.tokens, prep.padding, per_token=loss_per_token)
         return loss if return_type == "loss" else (None if return_type is None else (logits, loss))
 
     def _run_layers(self, prep: Prepared, start: int | None, stop: int | None, kv_cache) -> torch.Tensor:
@@ -444,9 +453,10 @@ class HookedLlama(TokenizerMixin, nn.Module):
         keep = (padding[:, 1:] & padding[:, :-1]).to(nll.device)
         return (nll * keep).sum() / keep.sum().clamp(min=1)
 
-    def _prepare(self, input, attention_mask, position_ids, *, kv_cache=None, resid=False) -> Prepared:
+    def _prepare(self, input, attention_mask, position_ids, *, kv_cache=None, resid=False, prepend_bos=None) -> Prepared:
         past = kv_cache.length if kv_cache is not None else 0
-        return prepare_input(self, input, attention_mask, position_ids, past_len=past, resid=resid)
+        return prepare_input(self, input, attention_mask, position_ids, past_len=past, resid=resid,
+                             prepend_bos=prepend_bos)
 
     # ----------------------------------------------------------------- hooks
     def hook_names(self) -> list[str]:
@@ -457,33 +467,50 @@ class HookedLlama(TokenizerMixin, nn.Module):
     def hook_dict(self) -> dict[str, HookPoint]:
         return self.hook_registry.points
 
-    def add_hook(self, name: NameOrFilter, fn: HookFn, dir: str = "fwd") -> "HookHandles":
-        """Attach ``fn`` at a name (or every name a predicate accepts); returns a handle with ``.remove()``."""
+    def add_hook(self, name: NameOrFilter, fn: HookFn, dir: str = "fwd", is_permanent: bool = False) -> "HookHandles":
+        """Attach ``fn`` at a name (or every name a predicate accepts); returns a handle with ``.remove()``.
+        A permanent hook survives ``reset_hooks()`` (but not ``reset_hooks(including_permanent=True)``)."""
         points = self.hook_registry.resolve(name)
         if not points:
             raise HookError(f"hook filter {describe_filter(name)} matched no hook point; see model.hook_names()")
-        return HookHandles([p.add_hook(fn, dir) for p in points])
+        handles = [p.add_hook(fn, dir) for p in points]
+        for h in handles:
+            h.permanent = bool(is_permanent)
+        return HookHandles(handles)
 
-    def reset_hooks(self) -> None:
-        """Remove every hook from every hook point."""
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both", including_permanent: bool = False,
+                    level: int | None = None) -> None:
+        """Remove the hooks of ``direction`` ("fwd", "bwd" or "both") from every hook point; permanent
+        ones only with ``including_permanent``. (``clear_contexts`` and ``level`` are accepted for
+        TransformerLens code: hook points here keep no context and hooks have no levels.)"""
+        if direction not in ("fwd", "bwd", "both"):
+            raise InputError(f"direction must be 'fwd', 'bwd' or 'both', got {direction!r}")
         for point in self.hook_registry.points.values():
-            for handle in point.fwd_hooks + point.bwd_hooks:
-                handle.remove()
+            handles = (point.fwd_hooks if direction != "bwd" else []) + (point.bwd_hooks if direction != "fwd" else [])
+            for handle in handles:
+                if including_permanent or not handle.permanent:
+                    handle.remove()
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = (),
-              bwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = ()):
-        """Hooks active inside the ``with`` body only, removed on exit even after an exception."""
+              bwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = (), reset_hooks_end: bool = True,
+              clear_contexts: bool = False):
+        """Hooks active inside the ``with`` body only, removed on exit even after an exception.
+        ``reset_hooks_end=False`` (TransformerLens) leaves them attached after a normal exit; they are
+        still removed if the body raises."""
         handles: list[HookHandles] = []
+        ok = False
         try:
             for name, fn in fwd_hooks:
                 handles.append(self.add_hook(name, fn, "fwd"))
             for name, fn in bwd_hooks:
                 handles.append(self.add_hook(name, fn, "bwd"))
             yield self
+            ok = True
         finally:
-            for h in handles:
-                h.remove()
+            if reset_hooks_end or not ok:
+                for h in handles:
+                    h.remove()
 
     def run_with_hooks(self, input, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
         """``forward`` with hooks attached for this call only."""
@@ -491,13 +518,13 @@ class HookedLlama(TokenizerMixin, nn.Module):
             return self(input, *args, **kwargs)
 
     def run_with_cache(self, input, *args, names_filter: NameOrFilter | Iterable[str] | None = None,
-                       device=None, dtype: torch.dtype | None = None, fwd_hooks=(), **kwargs
-                       ) -> tuple[Any, ActivationCache]:
+                       device=None, dtype: torch.dtype | None = None, fwd_hooks=(), remove_batch_dim: bool = False,
+                       return_cache_object: bool = True, **kwargs) -> tuple[Any, ActivationCache]:
         """(logits, cache) with the activations ``names_filter`` selects (default: every hook point
         but ``attn.hook_result``, which is computed only when named, as in TransformerLens).
 
         ``device`` / ``dtype`` move each activation as it is produced (e.g. ``device="cpu"`` keeps GPU
-        memory flat).
+        memory flat). ``remove_batch_dim`` drops a batch of one; ``return_cache_object=False`` gives a dict.
         """
         points = self._cache_points(names_filter)
         store: dict[str, torch.Tensor] = {}
@@ -515,11 +542,15 @@ class HookedLlama(TokenizerMixin, nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        return out, ActivationCache(store, self)
+        cache = ActivationCache(store, self)
+        if remove_batch_dim:
+            cache = cache.remove_batch_dim()
+        return out, (cache if return_cache_object else dict(cache.store))
 
     def _cache_points(self, names_filter) -> list[HookPoint]:
         if names_filter is None:
-            return [p for n, p in self.hook_registry.points.items() if not n.endswith("attn.hook_result")]
+            return [p for n, p in self.hook_registry.points.items()
+                    if self.cfg.use_attn_result or not n.endswith("attn.hook_result")]
         points = self.hook_registry.resolve(names_filter)
         if not points:
             raise HookError(f"names_filter {describe_filter(names_filter)} matched no hook point; "
@@ -528,19 +559,38 @@ class HookedLlama(TokenizerMixin, nn.Module):
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, input, max_new_tokens: int = 20, *, attention_mask=None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, stop_at_eos: bool = True,
-                 return_type: str = "input", seed: int | None = None, verbose: bool = False):
+    def generate(self, input, max_new_tokens: int = 20, *args, attention_mask=None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 stop_at_eos: bool = True, return_type: str = "input", seed: int | None = None, verbose: bool = False,
+                 use_past_kv_cache: bool = True, eos_token_id=None, freq_penalty: float = 0.0,
+                 prepend_bos: bool | None = None, padding_side: str | None = None):
         """Continue a prompt with a KV cache; active hooks run at every step and see only new positions.
 
+        Greedy unless asked to sample: ``do_sample=True``, or any of ``temperature`` / ``top_k`` /
+        ``top_p`` given (``temperature=0`` is greedy). ``use_past_kv_cache=False`` reruns the whole
+        sequence each step. ``eos_token_id`` overrides the config's; ``freq_penalty`` subtracts
+        ``penalty × count`` of each token generated so far, as TransformerLens does.
         Returns strings when ``input`` was text (or ``return_type="str"``), else tokens [B, P + new];
         ``return_type="completion"`` returns only the new text.
         Token batches may be left-padded with an ``attention_mask``; text batches are padded for you.
         """
         from .generation import generate
 
-        return generate(self, input, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, stop_at_eos=stop_at_eos, return_type=return_type, seed=seed, verbose=verbose)
+        if args:  # TransformerLens's positional order: (input, max_new_tokens, stop_at_eos, eos_token_id, do_sample, ...)
+            names = ("stop_at_eos", "eos_token_id", "do_sample", "top_k", "top_p", "temperature", "freq_penalty")
+            if len(args) > len(names):
+                raise InputError(f"generate takes at most {2 + len(names)} positional arguments")
+            given = dict(zip(names, args))
+            stop_at_eos, eos_token_id = given.get("stop_at_eos", stop_at_eos), given.get("eos_token_id", eos_token_id)
+            do_sample, top_k = given.get("do_sample", do_sample), given.get("top_k", top_k)
+            top_p, temperature = given.get("top_p", top_p), given.get("temperature", temperature)
+            freq_penalty = given.get("freq_penalty", freq_penalty)
+        if padding_side not in (None, "left"):
+            raise InputError(f"padding_side={padding_side!r}: batches are always left-padded here; pass 'left' or None")
+        return generate(self, input, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos,
+                        return_type=return_type, seed=seed, verbose=verbose, use_past_kv_cache=use_past_kv_cache,
+                        eos_token_id=eos_token_id, freq_penalty=freq_penalty, prepend_bos=prepend_bos)
 
     # ----------------------------------------------------------------- numerics guard
     @property
@@ -576,7 +626,8 @@ class HookHandles:
 
 
 def _check_layer(value: int, n: int, what: str, allow_end: bool = False) -> int:
+    """A block index as a slice bound: negatives count from the end (-1 = the last block)."""
     top = n if allow_end else n - 1
-    if not isinstance(value, int) or not 0 <= value <= top:
-        raise InputError(f"{what}={value!r} is out of range; the model has {n} layers (0..{top})")
-    return value
+    if isinstance(value, bool) or not isinstance(value, int) or not -n <= value <= top:
+        raise InputError(f"{what}={value!r} is out of range; the model has {n} layers (0..{top}, or -{n}..-1)")
+    return value + n if value < 0 else value

@@ -70,8 +70,13 @@ class TokenizerMixin:
         chat = is_messages(input) or is_message_batch(input)
         rows = [tok(t, add_special_tokens=not chat)["input_ids"] for t in texts]
         bos = tok.bos_token_id
+        if prepend_bos is None:
+            cfg = getattr(self, "cfg", None)
+            prepend_bos = getattr(cfg, "default_prepend_bos", None) or None  # False: as the tokenizer does
         if prepend_bos and bos is not None:
             rows = [r if r[:1] == [bos] else [bos] + r for r in rows]
+        elif prepend_bos is False and bos is not None and not chat:
+            rows = [r[1:] if r[:1] == [bos] and len(r) > 1 else r for r in rows]
         if any(len(r) == 0 for r in rows):
             raise InputError("empty prompt: the text tokenizes to no tokens; pass at least one character")
         width = max(len(r) for r in rows)
@@ -83,9 +88,17 @@ class TokenizerMixin:
             mask[i, width - len(r):] = 1
         return tokens, mask
 
-    def to_tokens(self, input, prepend_bos: bool | None = None) -> torch.Tensor:
-        """Token ids [B, P] on the model's device (left-padded for several texts)."""
-        return self.tokenize(input, prepend_bos)[0].to(self.device)
+    def to_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None,
+                  move_to_device: bool = True, truncate: bool = True) -> torch.Tensor:
+        """Token ids [B, P] on the model's device (left-padded for several texts).
+
+        ``prepend_bos``: True adds the BOS token, False removes one the tokenizer added, None follows
+        ``cfg.default_prepend_bos`` (False here: the tokenizer's own behaviour).
+        """
+        if padding_side not in (None, "left"):
+            raise InputError(f"padding_side={padding_side!r}: batches are always left-padded here; pass 'left' or None")
+        tokens = self.tokenize(input, prepend_bos)[0]
+        return tokens.to(self.device) if move_to_device else tokens
 
     def to_string(self, tokens) -> str | list[str]:
         tok = self._require_tokenizer()
@@ -95,10 +108,16 @@ class TokenizerMixin:
             tokens = tokens.tolist()
         return tok.decode(tokens if isinstance(tokens, list) else [tokens])
 
-    def to_str_tokens(self, input) -> list[str]:
-        """One string per token of a single prompt (for plot labels)."""
+    def to_str_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None) -> list:
+        """One string per token of a single prompt (for plot labels); a list of prompts gives one list each."""
         tok = self._require_tokenizer()
-        ids = input if isinstance(input, torch.Tensor) else self.tokenize(input)[0]
+        if isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input):
+            return [self.to_str_tokens(t, prepend_bos) for t in input]
+        if isinstance(input, (list, tuple)) and all(isinstance(t, int) for t in input):
+            input = torch.tensor(input, dtype=torch.long)
+        ids = input if isinstance(input, torch.Tensor) else self.tokenize(input, prepend_bos)[0]
+        if ids.dim() == 0:
+            ids = ids[None]
         if ids.dim() == 2:
             if ids.shape[0] != 1:
                 raise InputError("to_str_tokens takes one prompt; index the batch first")
@@ -114,7 +133,7 @@ class TokenizerMixin:
 
 
 def prepare_input(model, input, attention_mask=None, position_ids=None, *, past_len: int = 0,
-                  resid: bool = False) -> Prepared:
+                  resid: bool = False, prepend_bos: bool | None = None) -> Prepared:
     """Validate and normalise a forward call's input."""
     device = model.device
     if resid:
@@ -135,7 +154,7 @@ def prepare_input(model, input, attention_mask=None, position_ids=None, *, past_
             if tokens.dim() != 2:
                 raise InputError(f"token ids must be [batch, pos], got shape {tuple(tokens.shape)}")
         else:
-            tokens, mask = model.tokenize(input)
+            tokens, mask = model.tokenize(input, prepend_bos)
             if attention_mask is None:
                 attention_mask = mask
         tokens = tokens.to(device=device, dtype=torch.long)
