@@ -147,6 +147,16 @@ def kl_divergence(reference_logits: torch.Tensor, pos: int = -1) -> KLDivergence
     return KLDivergence(reference_logits, pos)
 
 
+def check_answer_count(answers, batch: int) -> None:
+    """Per-prompt answers must number one per prompt."""
+    for part in (answers if isinstance(answers, tuple) and len(answers) == 2 else (answers,)):
+        n = len(part) if isinstance(part, (list, tuple)) else (part.numel() if isinstance(part, torch.Tensor)
+                                                               and part.dim() > 0 else 1)
+        if n not in (1, batch):
+            raise InputError(f"answers give {n} tokens for {batch} prompts; pass one (correct, incorrect) pair "
+                             "per prompt, or a single pair for all")
+
+
 def normalized(value, clean, corrupted):
     """``(value - corrupted) / (clean - corrupted)``: 0 at the corrupted run, 1 at the clean run.
 
@@ -160,6 +170,62 @@ def normalized(value, clean, corrupted):
     return float("nan") if float(denom) == 0.0 else (value - corrupted) / denom
 
 
+class LastPositionCallable(Metric):
+    """A TransformerLens-style callable ``logits [B, P, V] -> scalar`` that reads only the last position,
+    run on logits [B, 1, V]: the patching engine then unembeds one position instead of all of them."""
+
+    def __init__(self, fn) -> None:
+        super().__init__(-1)
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "metric")
+
+    def _one(self, logits_at: torch.Tensor) -> torch.Tensor:  # [B, V] -> 0-d
+        return torch.as_tensor(self.fn(logits_at[:, None, :])).float().reshape(())
+
+    def score(self, logits_at: torch.Tensor) -> torch.Tensor:
+        """[..., B, V] -> [..., 1]: the callable's value per leading index (its own batch reduction)."""
+        lead = logits_at.shape[:-2]
+        flat = logits_at.reshape((-1,) + logits_at.shape[-2:])
+        return torch.stack([self._one(x) for x in flat]).reshape(lead + (1,))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "pos": self.pos, "callable": True}
+
+
+def reads_last_position_only(fn, logits: torch.Tensor) -> bool:
+    """True when ``fn(logits)`` depends on the last position alone: the same value (bit for bit) from
+    ``logits[:, -1:]`` and from ``logits`` with every other position set to NaN."""
+    if logits.dim() != 3 or logits.shape[1] < 2:
+        return False
+    try:
+        with torch.no_grad():
+            full = torch.as_tensor(fn(logits)).float()
+            poisoned = logits.clone()
+            poisoned[:, :-1] = float("nan")
+            a = torch.as_tensor(fn(poisoned)).float()
+            b = torch.as_tensor(fn(logits[:, -1:])).float()
+    except Exception:  # the callable indexes other positions: run it on full logits
+        return False
+    return (full.numel() == 1 and a.shape == full.shape and b.shape == full.shape and bool(torch.isfinite(full).all())
+            and torch.equal(a, full) and torch.equal(b, full))
+
+
+def answer_pairs(answers):
+    """TransformerLens's answer formats as ``(correct, incorrect)``: a list of (correct, incorrect) pairs
+    (one per prompt) or a [batch, 2] id tensor become two per-prompt lists; a plain pair, or a tuple of
+    two per-prompt lists, stays."""
+    if isinstance(answers, torch.Tensor) and answers.dim() == 2:
+        if answers.shape[1] != 2:
+            raise InputError(f"answers as a tensor must be [batch, 2] (correct, incorrect) ids, got {tuple(answers.shape)}")
+        return answers[:, 0], answers[:, 1]
+    # a list of pairs [(c, i), ...] is TransformerLens's; a tuple of two lists (corrects, incorrects) is ours
+    inner = (list, tuple) if isinstance(answers, list) else tuple
+    if (isinstance(answers, (list, tuple)) and answers
+            and all(isinstance(a, inner) and len(a) == 2 for a in answers)):
+        return [a[0] for a in answers], [a[1] for a in answers]
+    return answers
+
+
 def resolve_metric(model, metric, answers, clean_logits: torch.Tensor | None):
     """The metric an analysis uses: a ``Metric``, a callable on logits (TransformerLens style), or a name.
 
@@ -167,8 +233,15 @@ def resolve_metric(model, metric, answers, clean_logits: torch.Tensor | None):
     or ``(target, other)``; a list is one target per prompt), ``"kl"`` (KL to the clean run). With
     ``metric=None``: logit_diff when ``answers`` is a pair, target_prob for a single answer.
     """
-    if isinstance(metric, Metric) or (callable(metric) and not isinstance(metric, str)):
+    if isinstance(metric, Metric):
         return metric
+    if callable(metric) and not isinstance(metric, str):
+        if clean_logits is not None and reads_last_position_only(metric, clean_logits):
+            return LastPositionCallable(metric)
+        return metric
+    answers = answer_pairs(answers)
+    if answers is not None and clean_logits is not None:
+        check_answer_count(answers, clean_logits.shape[0])
     if metric is None:
         if answers is None:
             raise InputError("pass metric= (a Metric, a callable on logits, or 'logit_diff' / 'target_prob' / 'kl') "

@@ -7,6 +7,9 @@ hits all of them alike); the median over rounds is reported:
 
 - ``ours``: ``analyses.activation_patching(component="resid_pre")`` (batched engine, default settings),
   including its clean and corrupted forwards;
+- ``ours_tl_metric``: the same sweep with a TransformerLens-style metric callable
+  (``lambda logits: logits[0, -1, mary] - logits[0, -1, john]``) instead of ``answers=``: the engine
+  detects that it reads only the last position and unembeds that position alone;
 - ``ours_no_prefix``: the same with ``reuse_prefix=False`` (every position recomputed, no skipped
   no-op patches): shows what batching + starting at the patched layer alone gives;
 - ``tl``: TransformerLens 4.3 ``patching.get_act_patch_resid_pre`` on a ``TransformerBridge`` booted from
@@ -50,6 +53,15 @@ CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 def run_ours(model, **kwargs):
     return activation_patching(model, CLEAN, CORRUPT, answers=(" Mary", " John"), component="resid_pre",
                                **kwargs).values
+
+
+def run_ours_tl_metric(model):
+    mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
+
+    def metric(logits):
+        return logits[0, -1, mary] - logits[0, -1, john]
+
+    return activation_patching(model, CLEAN, CORRUPT, metric, component="resid_pre").values
 
 
 def make_tl(model):
@@ -163,7 +175,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HookedLlama.default()
-    methods = {"ours": lambda: run_ours(model), "ours_no_prefix": lambda: run_ours(model, reuse_prefix=False),
+    methods = {"ours": lambda: run_ours(model), "ours_tl_metric": lambda: run_ours_tl_metric(model),
+               "ours_no_prefix": lambda: run_ours(model, reuse_prefix=False),
                "hf_batched": make_hf(model, batched=True)}
     if not args.quick:
         try:
