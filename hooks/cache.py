@@ -38,7 +38,7 @@ class ActivationCache:
         if key in self.store:
             return key
         name = act_name(key) if key in _SHORT_GLOBAL or "." not in key else key
-        return self.model.hook_registry.aliases.get(name, name)
+        return self.model.hook_registry.canonical(name)
 
     def __getitem__(self, key) -> torch.Tensor:
         name = self._key(key)

@@ -58,7 +58,8 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float | None
 
 def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sample: bool | None, temperature, top_k,
              top_p, stop_at_eos: bool, return_type: str, seed: int | None, verbose: bool, use_past_kv_cache: bool = True,
-             eos_token_id=None, freq_penalty: float = 0.0, prepend_bos: bool | None = None):
+             eos_token_id=None, freq_penalty: float = 0.0, prepend_bos: bool | None = None, streamer=None,
+             min_new_tokens: int = 0):
     if return_type not in ("input", "str", "tokens", "completion"):
         raise InputError(f"return_type must be 'input', 'str', 'tokens' or 'completion', got {return_type!r}")
     if max_new_tokens < 0:
@@ -93,7 +94,9 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="generate")
-    for _ in steps:
+    if streamer is not None:
+        streamer.put(tokens.cpu())
+    for step in steps:
         if cache is not None:
             logits = model(step_in, attention_mask=mask, kv_cache=cache)
             cache.commit(step_in.shape[1])
@@ -107,12 +110,16 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
         nxt = sample_next(last, do_sample, temperature, top_k, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if stop_at_eos and eos_ids:
+        if stop_at_eos and eos_ids and step + 1 >= min_new_tokens:
             finished |= torch.isin(nxt, torch.tensor(sorted(eos_ids), device=device))
             if bool(finished.all()):
                 break
         step_in = nxt[:, None]
+    if streamer is not None:
+        streamer.end()
     if return_type == "tokens" or (return_type == "input" and not text_in):
         return out
     new = out[:, tokens.shape[1]:]

@@ -1,7 +1,9 @@
 """Hook points: named places in the forward pass where a function can read or replace a tensor.
 
-A ``HookPoint`` is a plain object, not an ``nn.Module``: a call with no hook attached is one
-attribute test, so an unhooked forward costs what the plain maths costs. Hooks are plain functions
+A ``HookPoint`` is an identity ``nn.Module`` (so nnsight and other module-tree tools reach it) whose
+``__call__`` skips PyTorch's module-call machinery: a call with no hook attached is a few attribute
+tests, so an unhooked forward costs what the plain maths costs. When a tool such as nnsight installs
+its own ``forward`` on the instance, calls go through it. Hooks are plain functions
 ``fn(tensor, hook) -> tensor | None``; ``hook`` is the HookPoint (``hook.name``, ``hook.layer``,
 ``hook.positions``).
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
 import torch
+from torch import nn
 
 from .errors import HookError
 
@@ -137,12 +140,11 @@ class HookHandle:
             hooks.remove(self)
 
 
-class HookPoint:
+class HookPoint(nn.Module):
     """A named tensor in the forward pass; call it on the tensor to run the hooks attached to it."""
 
-    __slots__ = ("local", "name", "layer", "ctx", "fwd_hooks", "bwd_hooks")
-
     def __init__(self, local: str, ctx: RunContext | None = None) -> None:
+        super().__init__()
         self.local = local  # name inside the owning module's prefix, e.g. "attn.hook_q"
         self.ctx = ctx if ctx is not None else RunContext()
         self.bind(local, self.ctx)
@@ -162,7 +164,8 @@ class HookPoint:
 
     @property
     def active(self) -> bool:
-        return bool(self.fwd_hooks or self.bwd_hooks)
+        """A hook is attached, or a tool has instrumented this point (its value must be computed)."""
+        return bool(self.fwd_hooks or self.bwd_hooks) or "forward" in self.__dict__
 
     def add_hook(self, fn: HookFn, direction: str = "fwd") -> HookHandle:
         if direction not in ("fwd", "bwd"):
@@ -174,6 +177,12 @@ class HookPoint:
         return handle
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        instrumented = self.__dict__.get("forward")  # e.g. nnsight's controller
+        if instrumented is not None:
+            return instrumented(x)
+        return self.forward(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fwd_hooks:
             for handle in tuple(self.fwd_hooks):
                 x = self._run(handle, x)
@@ -250,6 +259,13 @@ class HookRegistry:
     def names(self) -> list[str]:
         return list(self.points)
 
+    def canonical(self, name: str) -> str:
+        """Our name for an alias, and ``blocks.-1.…`` counted from the end (``blocks.{n-1}.…``)."""
+        match = re.match(r"blocks\.(-\d+)\.", name)
+        if match and -self.n_layers <= int(match.group(1)) < 0:
+            name = f"blocks.{int(match.group(1)) + self.n_layers}." + name[match.end():]
+        return self.aliases.get(name, name)
+
     def resolve(self, name_or_filter: NameOrFilter | Iterable[str]) -> list[HookPoint]:
         """Hook points for a name, a list of names, or a predicate on names."""
         if callable(name_or_filter):
@@ -259,7 +275,8 @@ class HookRegistry:
         return [self.get(n) for n in name_or_filter]
 
     def get(self, name: str) -> HookPoint:
-        point = self.points.get(self.aliases.get(name, name))
+        name = self.canonical(name)
+        point = self.points.get(name)
         if point is not None:
             return point
         match = re.match(r"blocks\.(\d+)\.", name)

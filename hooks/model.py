@@ -22,6 +22,7 @@ from . import config as cfg
 from .cache import ActivationCache
 from .errors import HookError, InputError
 from .hook_points import HookFn, HookHandle, HookPoint, HookRegistry, NameOrFilter, RunContext, describe_filter
+from .hf_compat import HFSurfaceMixin
 from .tl_compat import TransformerLensMixin
 from .tokens import Prepared, prepare_input, TokenizerMixin
 
@@ -248,7 +249,7 @@ class LlamaBody(nn.Module):
         self.rotary_emb = Rotary(config)
 
 
-class HookedLlama(TransformerLensMixin, TokenizerMixin, nn.Module):
+class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Module):
     """A Llama causal LM with a hook point at every sublayer; logits equal ``LlamaForCausalLM``'s.
 
     Build it with ``HookedLlama.from_pretrained(path)``, ``HookedLlama.from_hf(hf_model)``,
@@ -380,10 +381,10 @@ class HookedLlama(TransformerLensMixin, TokenizerMixin, nn.Module):
         return self.lm_head.weight.T
 
     # ----------------------------------------------------------------- forward
-    def forward(self, input, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+    def forward(self, input=None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 *, return_type: str | None = "logits", start_at_layer: int | None = None,
                 stop_at_layer: int | None = None, kv_cache=None, prepend_bos: bool | None = None,
-                loss_per_token: bool = False, padding_side: str | None = None):
+                loss_per_token: bool = False, padding_side: str | None = None, input_ids=None):
         """Logits [B, P, V] for token ids, a string, a list of strings or chat messages.
 
         ``return_type``: "logits", "loss" (mean next-token loss; [B, P-1] with ``loss_per_token``),
@@ -398,6 +399,7 @@ class HookedLlama(TransformerLensMixin, TokenizerMixin, nn.Module):
         """
         if return_type not in ("logits", "loss", "both", None):
             raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        input = _one_input(input, input_ids)
         if padding_side not in (None, "left"):
             raise InputError(f"padding_side={padding_side!r}: batches are always left-padded here; pass 'left' or None")
         prep = self._prepare(input, attention_mask, position_ids, kv_cache=kv_cache, resid=start_at_layer is not None,
@@ -559,11 +561,12 @@ class HookedLlama(TransformerLensMixin, TokenizerMixin, nn.Module):
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, input, max_new_tokens: int = 20, *args, attention_mask=None, do_sample: bool | None = None,
+    def generate(self, input=None, max_new_tokens: int = 20, *args, attention_mask=None, do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  stop_at_eos: bool = True, return_type: str = "input", seed: int | None = None, verbose: bool = False,
                  use_past_kv_cache: bool = True, eos_token_id=None, freq_penalty: float = 0.0,
-                 prepend_bos: bool | None = None, padding_side: str | None = None):
+                 prepend_bos: bool | None = None, padding_side: str | None = None, input_ids=None, streamer=None,
+                 min_new_tokens: int = 0):
         """Continue a prompt with a KV cache; active hooks run at every step and see only new positions.
 
         Greedy unless asked to sample: ``do_sample=True``, or any of ``temperature`` / ``top_k`` /
@@ -573,9 +576,12 @@ class HookedLlama(TransformerLensMixin, TokenizerMixin, nn.Module):
         Returns strings when ``input`` was text (or ``return_type="str"``), else tokens [B, P + new];
         ``return_type="completion"`` returns only the new text.
         Token batches may be left-padded with an ``attention_mask``; text batches are padded for you.
+        ``input_ids=``, ``min_new_tokens`` (no stop at EOS before it) and a transformers ``streamer``
+        (``put`` / ``end``) are accepted as HF's ``generate`` takes them (nnsight passes them).
         """
         from .generation import generate
 
+        input = _one_input(input, input_ids)
         if args:  # TransformerLens's positional order: (input, max_new_tokens, stop_at_eos, eos_token_id, do_sample, ...)
             names = ("stop_at_eos", "eos_token_id", "do_sample", "top_k", "top_p", "temperature", "freq_penalty")
             if len(args) > len(names):
@@ -590,7 +596,8 @@ class HookedLlama(TransformerLensMixin, TokenizerMixin, nn.Module):
         return generate(self, input, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos,
                         return_type=return_type, seed=seed, verbose=verbose, use_past_kv_cache=use_past_kv_cache,
-                        eos_token_id=eos_token_id, freq_penalty=freq_penalty, prepend_bos=prepend_bos)
+                        eos_token_id=eos_token_id, freq_penalty=freq_penalty, prepend_bos=prepend_bos,
+                        streamer=streamer, min_new_tokens=min_new_tokens)
 
     # ----------------------------------------------------------------- numerics guard
     @property
@@ -623,6 +630,15 @@ class HookHandles:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _one_input(input, input_ids):
+    """``input`` or HF's ``input_ids=`` keyword (as transformers' pipelines and nnsight pass it)."""
+    if input is None and input_ids is None:
+        raise InputError("no input: pass token ids, text or chat messages")
+    if input is not None and input_ids is not None:
+        raise InputError("pass the input once: positionally or as input_ids=, not both")
+    return input if input is not None else input_ids
 
 
 def _check_layer(value: int, n: int, what: str, allow_end: bool = False) -> int:
