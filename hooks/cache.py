@@ -103,6 +103,9 @@ class ActivationCache:
         """[layer, ...] of a per-layer activation for every layer before ``layer`` (default: all),
         e.g. ``stack_activation("pattern")``."""
         stop = self._boundary(layer)
+        if stop == 0:  # nothing before layer 0: an empty stack of the right shape
+            first = self[activation_name, 0, sublayer_type]
+            return first.new_zeros((0,) + tuple(first.shape))
         return torch.stack([self[activation_name, i, sublayer_type] for i in range(stop)])
 
     def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
