@@ -304,7 +304,12 @@ def _sigterm_unwinds():
         yield
         return
 
+    fired = []
+
     def handler(signum, frame):
+        if fired:  # a second SIGTERM while the first unwinds: the cleanup under way must finish
+            return
+        fired.append(signum)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
