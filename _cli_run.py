@@ -50,18 +50,13 @@ SHARED = {"prompts": ("ablate", "sweep"), "metric": ("ablate", "sweep"), "answer
 
 def load_experiment(path: str | Path) -> dict[str, Any]:
     """The experiment mapping of a YAML file, with its keys checked."""
-    import yaml
 
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"no such experiment file: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise CLIError(f"{path} is not valid YAML{where}: {problem}") from None
+    from surgery._files import parse, read_text
+
+    data = parse(read_text(path, CLIError, "experiment file"), path, CLIError, yaml_format=True)
     if not isinstance(data, dict):
         raise CLIError(f"{path}: an experiment is a mapping with keys such as model, prompts, analyses, ablations")
     unknown = [k for k in data if k not in TOP_KEYS]
