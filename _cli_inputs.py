@@ -202,9 +202,9 @@ class PromptItem:
 
 def read_prompts(path: str | Path) -> list[PromptItem]:
     """Prompts from a ``.jsonl`` or text/TSV file (see the module docstring)."""
-    path = Path(path)
     if not str(path).strip():
         raise CLIError("--prompts is empty; name a prompts file")
+    path = Path(path)
     if not path.is_file():
         raise CLIError(f"no such prompts file: {path}")
     from surgery._files import read_text
