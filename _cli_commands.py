@@ -363,5 +363,24 @@ def cmd_verify(args, ctx) -> Output:
     return out
 
 
+def check_step(args, ctx) -> None:
+    """The input checks of one command against the loaded model, without running it (``scalpel run``
+    checks every step this way before the first one writes anything)."""
+    import surgery
+
+    model = ctx.model()
+    if args.command == "ablate":
+        _units(args, model)
+        Scorer.build(model, args.metric, gather_prompts(args.prompt, args.prompts, _answers(args)))
+    elif args.command == "sweep":
+        if args.layers:
+            check_layers(model, parse_layers(args.layers))
+        Scorer.build(model, args.metric, gather_prompts(args.prompt, args.prompts, _answers(args)))
+    elif args.command == "edit":
+        surgery.load_plan(args.plan).validate(model)
+    elif args.command == "generate":
+        _plan_from(args, model)
+
+
 # analyses-backed commands live in _cli_analyses.py
 from _cli_analyses import cmd_heads, cmd_lens, cmd_patch  # noqa: E402,F401

@@ -200,11 +200,11 @@ def cmd_run(args, ctx) -> Output:
             raise CLIError(f"{where}: {exc}") from None
         step_args.overwrite = args.overwrite
         parsed.append((where, argv, step_args))
-    cli.check_outputs([(f"step output --{k}", getattr(a, k, None)) for _, _, a in parsed for k in ("out", "csv")],
-                      args.overwrite)
     report = args.report or data.get("report")
+    outputs = [(f"step {i} --{k}", getattr(a, k, None)) for i, (_, _, a) in enumerate(parsed, 1) for k in ("out", "csv")]
     if not args.report and report:
-        cli.check_outputs([("report", report)], args.overwrite)
+        outputs.append(("report", report))
+    cli.check_outputs(outputs, args.overwrite)
     title = str(data.get("name") or f"experiment {path.name}")
     doc: dict[str, Any] = {"command": "run", "experiment": str(path), "name": title, "definition": data,
                            "steps": []}
@@ -224,6 +224,14 @@ def cmd_run(args, ctx) -> Output:
     doc["model"] = cli.model_meta(ctx.model())
     doc["environment"] = _environment()
     from _cli_ablate import progress
+    from _cli_commands import check_step
+    from hooks.errors import ScalpelError
+
+    for where, _, step_args in parsed:  # every step's input, before step 1 writes anything
+        try:
+            check_step(step_args, ctx)
+        except ScalpelError as exc:
+            raise CLIError(f"{where}: {exc}") from None
 
     for i, (where, argv, step_args) in enumerate(progress(parsed, total=len(parsed), desc="steps"), start=1):
         try:

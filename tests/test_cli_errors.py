@@ -201,3 +201,37 @@ def test_subprocess_sweep_prints_no_progress_bars_when_piped(tiny_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "it/s" not in proc.stderr and "%|" not in proc.stderr
     assert "96 neurons ranked by |mean effect| on loss" in proc.stdout
+
+
+def test_a_bom_is_not_part_of_the_first_prompt(tiny_dir, work, capsys):
+    """Issue 12 (4): a UTF-8 BOM at the start of a prompt file became part of the first prompt."""
+    import json
+
+    line = "When Mary and John went to the store, John gave a drink to\t Mary\t John\n"
+    (work / "bom.tsv").write_bytes(b"\xef\xbb\xbf" + line.encode())
+    results = []
+    for name in ("prompts.txt", "bom.tsv"):
+        code, out, err = run(["ablate", "--heads", "1.0", "--prompts", name, "--metric", "logit-diff", "--json",
+                              "--model", tiny_dir], capsys)
+        assert code == 0, err
+        results.append(json.loads(out)["prompts"][0])
+    assert results[1]["prompt"] == results[0]["prompt"] == line.split("\t")[0]
+    assert results[1]["base"] == results[0]["base"]
+
+
+def test_run_checks_every_step_before_the_first_writes(tiny_dir, work, capsys):
+    """Issue 12 (7): a bad head in step 2 was found after step 1 had written; two steps with one out clobbered
+    each other; the error named overwrite=True."""
+    step = "  - {heads: '1.0', metric: logit-diff, out: %s}\n"
+    (work / "late_error.yaml").write_text(f"model: {tiny_dir}\nprompts: prompts.txt\nablations:\n"
+                                          + step % "a" + "  - {heads: '1.9', metric: logit-diff}\n")
+    (work / "same_out.yaml").write_text(f"model: {tiny_dir}\nprompts: prompts.txt\nablations:\n"
+                                        + step % "a" + step % "a")
+    before = snapshot(work)
+    code, out, err = run(["run", "late_error.yaml"], capsys)
+    assert (code, out) == (2, "") and err == ("scalpel: error: late_error.yaml: step 2 (ablations: ablate): --heads 1.9: "
+                                              "head 9 is out of range; the model has 4 query heads per layer (0..3)\n")
+    code, out, err = run(["run", "same_out.yaml"], capsys)
+    assert (code, out) == (2, "") and err == ("scalpel: error: step 2 --out a and step 1 --out a name the same path; "
+                                              "give each output its own\n")
+    assert snapshot(work) == before and not (work / "a").exists()
