@@ -28,8 +28,6 @@ class KVCache:
 
 def wants_sampling(do_sample: bool | None, temperature: float | None, top_k, top_p) -> bool:
     """Greedy unless ``do_sample`` or a sampling parameter says otherwise; temperature 0 is greedy."""
-    if temperature is not None and temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return False
     if do_sample is not None:
@@ -56,14 +54,36 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float | None
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _check_sampling(max_new_tokens, temperature, top_k, top_p, do_sample=None) -> None:
+    """The domains of generate's numeric arguments (one-line ``InputError`` naming the fix).
+    ``temperature=0`` means greedy (as TransformerLens) unless sampling is asked for explicitly."""
+    import math
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if temperature is not None and not (number(temperature) and temperature == 0 and do_sample is not True):
+        if not number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+            raise InputError(f"temperature must be a finite number > 0, got {temperature!r}; use do_sample=False for "
+                             "greedy decoding")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise InputError(f"top_k must be an integer >= 1 (or 0/None for no top-k filtering), got {top_k!r}")
+    if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
+        raise InputError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
 def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sample: bool | None, temperature, top_k,
              top_p, stop_at_eos: bool, return_type: str, seed: int | None, verbose: bool, use_past_kv_cache: bool = True,
              eos_token_id=None, freq_penalty: float = 0.0, prepend_bos: bool | None = None, streamer=None,
              min_new_tokens: int = 0):
     if return_type not in ("input", "str", "tokens", "completion"):
         raise InputError(f"return_type must be 'input', 'str', 'tokens' or 'completion', got {return_type!r}")
-    if max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(max_new_tokens, temperature, top_k, top_p, do_sample)
+    if not isinstance(input, (str, list, tuple, torch.Tensor)):
+        raise InputError(f"generate takes a prompt string, a list of prompts, chat messages or a token tensor, "
+                         f"got {type(input).__name__}")
     do_sample = wants_sampling(do_sample, temperature, top_k, top_p)
     text_in = not isinstance(input, torch.Tensor)
     single_text = isinstance(input, str) or (text_in and input and isinstance(input[0], dict))
@@ -75,6 +95,13 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
         if mask.shape != tokens.shape:
             raise InputError(f"attention_mask has shape {tuple(mask.shape)} but the tokens have shape "
                              f"{tuple(tokens.shape)}; pass one 0/1 entry per token (0 = padding)")
+    limit = model.config.max_position_embeddings
+    n_prompt = tokens.shape[-1]
+    if n_prompt <= limit < n_prompt + max_new_tokens - 1:  # checked up front: no work is thrown away at the limit
+        raise InputError(f"the prompt ({n_prompt} tokens) plus max_new_tokens={max_new_tokens} needs "
+                         f"{n_prompt + max_new_tokens - 1} positions but the model supports {limit} "
+                         f"(max_position_embeddings); lower max_new_tokens to at most {limit - n_prompt + 1} or "
+                         "shorten the prompt")
     device = model.device
     tokens, mask = tokens.to(device), mask.to(device)
     generator = None
