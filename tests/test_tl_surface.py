@@ -182,3 +182,12 @@ def test_tl_answer_formats_and_last_position_metric(run):
     assert (d.values - e.values).abs().max() <= 1e-5
     with pytest.raises(InputError, match="answers give 3 tokens for 2 prompts"):
         activation_patching(model, clean, corrupted, answers=[(5, 9)] * 3, **kw)
+
+
+def test_cfg_reads_the_real_config():
+    hf = tiny_hf("rope_llama3")
+    cfg = HookedLlama.from_hf(hf).cfg
+    assert cfg.rotary_base == hf.config.rope_parameters["rope_theta"] == 500000.0
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab,
+            cfg.n_ctx, cfg.act_fn) == (3, 64, 4, 4, 16, 96, 128, 64, "silu")
+    assert (cfg.normalization_type, cfg.positional_embedding_type, cfg.default_prepend_bos) == ("RMS", "rotary", False)
