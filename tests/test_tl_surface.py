@@ -191,3 +191,20 @@ def test_cfg_reads_the_real_config():
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab,
             cfg.n_ctx, cfg.act_fn) == (3, 64, 4, 4, 16, 96, 128, 64, "silu")
     assert (cfg.normalization_type, cfg.positional_embedding_type, cfg.default_prepend_bos) == ("RMS", "rotary", False)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, c: c.decompose_resid(layer=1, mode="heads"), "mode must be 'all', 'attn' or 'mlp', got 'heads'"),
+    (lambda m, c: c.decompose_resid(mlp_input=True),
+     "mlp_input=True needs a layer below n_layers (the unembed has no MLP)"),
+    (lambda m, c: m(torch.tensor([[5, 6]]), padding_side="right"),
+     "padding_side='right': batches are always left-padded here; pass 'left' or None"),
+    (lambda m, c: m(), "no input: pass token ids, text or chat messages"),
+    (lambda m, c: m.reset_hooks(direction="up"), "direction must be 'fwd', 'bwd' or 'both', got 'up'"),
+    (lambda m, c: c["scale", 1], "act_name('scale', 1) needs layer_type 'ln1' or 'ln2', e.g. act_name('scale', 1, 'ln1')"),
+])
+def test_tl_spelling_errors_are_one_line(run, call, message):
+    model, ids, logits, cache = run
+    with pytest.raises(Exception) as err:
+        call(model, cache)
+    assert str(err.value) == message
