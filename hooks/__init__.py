@@ -9,8 +9,8 @@ from .cache import ActivationCache
 from .errors import (HookError, InputError, LoadError, NonFiniteError, ScalpelError,
                      UnsupportedArchitectureError)
 from .generation import KVCache
-from .hook_points import HookPoint, act_name
+from .hook_points import HookPoint, act_name, get_act_name
 from .model import HookedLlama
 
-__all__ = ["HookedLlama", "ActivationCache", "HookPoint", "KVCache", "act_name", "ScalpelError", "HookError",
+__all__ = ["HookedLlama", "ActivationCache", "HookPoint", "KVCache", "act_name", "get_act_name", "ScalpelError", "HookError",
            "InputError", "LoadError", "NonFiniteError", "UnsupportedArchitectureError"]
