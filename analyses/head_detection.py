@@ -30,6 +30,7 @@ import torch
 from hooks import InputError, act_name
 
 from .heads import HeadRef, head_ref
+from .patching import _check_indices
 from .results import AnalysisResult, jsonable
 
 KINDS = ("previous_token", "duplicate_token", "induction")
@@ -156,7 +157,7 @@ def detect_heads(model, *, seq_len: int = 20, n_seqs: int = 8, seed: int = 0, la
 
         detect_heads(model).top("previous_token", 3)
     """
-    layers = list(range(model.n_layers)) if layers is None else sorted({int(i) % model.n_layers for i in layers})
+    layers = list(range(model.n_layers)) if layers is None else sorted(set(_check_indices(layers, model.n_layers, "layer")))
     for layer in layers:
         head_ref(model, layer, 0)  # range check
     if tokens is None:

@@ -74,9 +74,9 @@ class HeadRef:
 def head_ref(model, layer: int, head: int) -> HeadRef:
     """A checked ``HeadRef`` for query head ``head`` of ``layer``."""
     n_layers, _, _ = _sizes(model)
-    if not 0 <= int(layer) < n_layers:
+    if not -n_layers <= int(layer) < n_layers:  # negatives count from the end, as in TransformerLens
         raise InputError(f"layer {layer} is out of range; the model has {n_layers} layers (0..{n_layers - 1})")
-    return HeadRef(int(layer), int(head), kv_group(model, head))
+    return HeadRef(int(layer) % n_layers, int(head), kv_group(model, head))
 
 
 _LABEL = re.compile(r"^L(\d+)H(\d+)$", re.IGNORECASE)

@@ -22,6 +22,7 @@ from hooks import InputError, act_name
 from hooks.tokens import is_messages
 
 from .metrics import token_ids
+from .patching import _check_indices
 from .plotting import heatmap, position_labels
 from .results import AnalysisResult, jsonable
 
@@ -139,7 +140,7 @@ def logit_lens(model, prompt, targets=None, *, k: int = 5, stages: str | Sequenc
         raise InputError(f"logit_lens reads one prompt, got a batch of {tokens.shape[0]}; index it first")
     tokens = tokens.to(model.device)
     P = tokens.shape[1]
-    layers = list(range(model.n_layers)) if layers is None else [int(i) % model.n_layers for i in layers]
+    layers = list(range(model.n_layers)) if layers is None else _check_indices(layers, model.n_layers, "layer")
     positions = list(range(P)) if positions is None else [int(p) % P for p in positions]
     named = _stage_names(model.n_layers, kinds, layers)
     target_ids = token_ids(model, targets).reshape(-1) if targets is not None else None

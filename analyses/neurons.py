@@ -123,9 +123,9 @@ def top_activating(model, layer: int, neurons: Sequence[int] | int | None = None
 
         top_activating(model, 3, neurons=[7], k=3).rows()
     """
-    if not 0 <= int(layer) < model.n_layers:
+    if not -model.n_layers <= int(layer) < model.n_layers:  # negatives count from the end
         raise InputError(f"layer {layer} is out of range; the model has {model.n_layers} layers")
-    layer = int(layer)
+    layer = int(layer) % model.n_layers
     if neurons is None:
         neurons = list(range(model.d_mlp))
     neurons = [neurons] if isinstance(neurons, int) else [int(n) for n in neurons]

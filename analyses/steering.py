@@ -132,9 +132,9 @@ def steering_direction(model, prompts_a, prompts_b, layer: int, at: str = "resid
     """
     if at not in _AT:
         raise InputError(f"at={at!r} is not one of {', '.join(_AT)}")
-    if not 0 <= int(layer) < model.n_layers:
+    if not -model.n_layers <= int(layer) < model.n_layers:  # negatives count from the end
         raise InputError(f"layer {layer} is out of range; the model has {model.n_layers} layers")
-    layer = int(layer)
+    layer = int(layer) % model.n_layers
     layers = list(range(model.n_layers)) if all_layers else [layer]
     names = [act_name(at, i) for i in layers]
     stop = max(layers) + 1

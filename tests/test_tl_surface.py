@@ -208,3 +208,18 @@ def test_tl_spelling_errors_are_one_line(run, call, message):
     with pytest.raises(Exception) as err:
         call(model, cache)
     assert str(err.value) == message
+
+
+def test_analyses_take_negative_layers_and_refuse_out_of_range(run):
+    from analyses import detect_heads, logit_lens
+    from analyses.heads import head_ref
+
+    model, ids, logits, cache = run
+    assert head_ref(model, -1, 2).layer == N - 1
+    with pytest.raises(InputError, match=r"^layer 3 is out of range"):
+        head_ref(model, N, 0)
+    assert detect_heads(model, layers=[-1], seq_len=4, n_seqs=2).layers == [N - 1]
+    with pytest.raises(InputError, match=r"^layer 5 is out of range"):
+        detect_heads(model, layers=[5], seq_len=4, n_seqs=2)
+    with pytest.raises(InputError, match=r"^layer -4 is out of range"):
+        logit_lens(model, ids[:1], layers=[-4])
