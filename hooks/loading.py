@@ -81,13 +81,12 @@ def read_config(directory: Path) -> LlamaConfig:
     except json.JSONDecodeError as exc:
         raise LoadError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is corrupt") from None
     model_type = raw.get("model_type")
-    if model_type != "llama":
+    if model_type not in cfg.SUPPORTED_MODEL_TYPES:
         arch = ", ".join(raw.get("architectures") or []) or "unknown"
         raise UnsupportedArchitectureError(
-            f"unsupported architecture {model_type!r} ({arch}) in {file}: llama-scalpel runs "
-            "LlamaForCausalLM checkpoints (model_type 'llama')"
+            f"unsupported architecture {model_type!r} ({arch}) in {file}: llama-scalpel runs {cfg.SUPPORTED_TEXT}"
         )
-    config = LlamaConfig.from_pretrained(directory)
+    config = cfg.config_class(model_type).from_pretrained(directory)
     cfg.check_supported(config)
     return config
 
@@ -241,22 +240,22 @@ def load_gguf(cls, path: Path, *, dtype=None, device=None):
 
 
 def plain_config(config) -> LlamaConfig:
-    """A copy of an HF config without loader-only fields (a GGUF quantization_config)."""
+    """A copy of an HF config (same family class) without loader-only fields (a GGUF quantization_config)."""
     data = config.to_dict()
     data.pop("quantization_config", None)
     data.pop("_name_or_path", None)
-    return LlamaConfig.from_dict(data)
+    return cfg.config_class(cfg.family(config)).from_dict(data)
 
 
 def wrap_hf(cls, hf_model, tokenizer=None):
     if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
-        raise UnsupportedArchitectureError(f"from_hf takes a transformers LlamaForCausalLM, got "
-                                           f"{type(hf_model).__name__}; for a path or hub id use from_pretrained")
+        raise UnsupportedArchitectureError(f"from_hf takes a transformers LlamaForCausalLM (or Mistral/Qwen2/Qwen3), "
+                                           f"got {type(hf_model).__name__}; for a path or hub id use from_pretrained")
     config = hf_model.config
-    if getattr(config, "model_type", None) != "llama":
+    if getattr(config, "model_type", None) not in cfg.SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {type(hf_model).__name__} (model_type {getattr(config, 'model_type', None)!r}); "
-            "from_hf takes a transformers LlamaForCausalLM"
+            f"from_hf takes {cfg.SUPPORTED_TEXT}"
         )
     config = plain_config(config)
     with torch.device("meta"):
@@ -268,7 +267,7 @@ def wrap_hf(cls, hf_model, tokenizer=None):
     missing = sorted(set(ours) - set(theirs))
     if missing:
         raise UnsupportedArchitectureError(f"{type(hf_model).__name__} lacks {', '.join(missing[:3])}; "
-                                           "it is not a standard LlamaForCausalLM")
+                                           f"it is not a standard {cfg.family_class_name(config)}")
     for name, param in theirs.items():
         if name in ours:
             _set_param(model, name, param)
@@ -283,16 +282,14 @@ def _set_param(root: torch.nn.Module, name: str, param: torch.nn.Parameter) -> N
 
 
 def to_hf(model):
-    from transformers import LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
+    """The family's own transformers class (``LlamaForCausalLM``, ``Qwen2ForCausalLM`` …) sharing the weights."""
     config = plain_config(model.config)
     config.num_hidden_layers = model.n_layers
     with torch.device("meta"):
-        hf = LlamaForCausalLM(config)
+        hf = cfg.causal_lm_class(config)(config)
     for name, param in model.named_parameters(remove_duplicate=False):
         _set_param(hf, name, param)
-    hf.model.rotary_emb = LlamaRotaryEmbedding(config).to(model.device)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(model.device)
     if config.tie_word_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     return hf.eval()
