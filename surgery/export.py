@@ -535,8 +535,9 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
 
     ``dtype``: ``"f32"`` or ``"f16"`` (2-D weights; norms stay f32). The comparison is against the
     in-memory model with the same rounding applied (≤ 1e-4); the diff to the unrounded model is
-    reported too. GGUF (llama) carries no biases: exactly-zero biases are dropped, an edit that needs
-    a non-zero bias (MeanAblateHeads, AddSteering) is refused — export those as a HF checkpoint.
+    reported too. Llama and Mistral are written as GGUF ``llama``, Qwen2 as ``qwen2`` (with its q/k/v
+    biases), Qwen3 as ``qwen3``. GGUF carries no other biases: exactly-zero biases are dropped, an edit
+    that needs a non-zero bias (MeanAblateHeads, AddSteering) is refused — export those as a HF checkpoint.
     """
     from .gguf_export import write_gguf
 
@@ -556,13 +557,19 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
         plan.apply(model, atomic=False)
         config = export_config(model)
         state = export_state(model, config)
-        nonzero = sorted(k for k, t in state.items() if k.endswith(".bias") and bool(t.any()))
+        # Qwen2's q/k/v biases belong to its GGUF architecture; every other bias must be zero and is dropped
+        qwen2 = hooks_config.family(config) == "qwen2"
+        dropped = [k for k in state if k.endswith(".bias")
+                   and not (qwen2 and k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")))]
+        nonzero = sorted(k for k in dropped if bool(state[k].any()))
         if nonzero:
             raise ExportError(f"GGUF cannot carry the non-zero bias {nonzero[0]}"
                               f"{f' (and {len(nonzero) - 1} more)' if len(nonzero) > 1 else ''}, which an edit such "
                               "as MeanAblateHeads or AddSteering introduces; export a Hugging Face checkpoint instead")
-        state = {k: v for k, v in state.items() if not k.endswith(".bias")}
-        config.attention_bias = config.mlp_bias = False
+        state = {k: v for k, v in state.items() if k not in set(dropped)}
+        for part in ("attention", "mlp"):
+            if hooks_config.bias_flag(config, part):
+                setattr(config, hooks_config.bias_flag(config, part), False)
         unrounded = _logits(model, probes)
         if dtype == "f16":
             for p in model.parameters():
