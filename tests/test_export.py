@@ -392,6 +392,32 @@ def test_gguf_refuses_a_bias_edit_before_writing(vocab_model, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("variant, overrides", [("qwen2", {"use_sliding_window": False}), ("qwen3", {"head_dim": 128})])
+def test_gguf_round_trip_of_other_families(variant, overrides, tmp_path):
+    from tests.test_gguf_export import small_sentencepiece_tokenizer
+
+    tok = small_sentencepiece_tokenizer()
+    model = HookedLlama.from_hf(tiny_hf(variant, vocab_size=len(tok), **overrides), tok)
+    plan = S.EditPlan([S.ZeroHeads(1, [0]), S.RemoveLayers([2])])
+    result = S.export_gguf(model, tmp_path / "m.gguf", edits=plan)
+    assert result.max_abs_logit_diff <= 1e-4
+    x = model.to_tokens("The quick brown fox")
+    with torch.no_grad(), plan.applied(model):
+        want = model(x)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == type(model.to_hf()).__name__
+    back = HookedLlama.from_pretrained(str(tmp_path / "m.gguf"))
+    with torch.no_grad():
+        assert (hf(x).logits - want).abs().max() <= 1e-4 and (back(x) - want).abs().max() <= 1e-4
+    if variant == "qwen2":  # the q/k/v biases travel with the file
+        assert back.model.layers[0].self_attn.q_proj.bias.abs().max() > 0
+    # a bias the architecture cannot carry is refused before anything is written
+    if variant == "qwen3":
+        with pytest.raises(S.ExportError, match=r"GGUF cannot carry the non-zero bias model\.layers\.1\.self_attn\.o_proj\.bias"):
+            S.export_gguf(model, tmp_path / "b.gguf", edits=[make_edit("MeanAblateHeads", model, tmp_path)])
+        assert not (tmp_path / "b.gguf").exists()
+
+
 def test_gguf_needs_a_tokenizer(tmp_path):
     with pytest.raises(S.ExportError, match="needs the model's tokenizer"):
         S.export_gguf(HookedLlama.from_hf(tiny_hf("gqa")), tmp_path / "t.gguf")
