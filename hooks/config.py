@@ -17,8 +17,8 @@ from .errors import UnsupportedArchitectureError
 FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_CLASSES)
-SUPPORTED_TEXT = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM checkpoints " \
-    "(model_type 'llama', 'mistral', 'qwen2', 'qwen3')"
+SUPPORTED_CLASSES = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM"
+SUPPORTED_TEXT = f"{SUPPORTED_CLASSES} checkpoints (model_type 'llama', 'mistral', 'qwen2' or 'qwen3')"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")

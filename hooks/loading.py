@@ -252,13 +252,13 @@ def plain_config(config) -> LlamaConfig:
 
 def wrap_hf(cls, hf_model, tokenizer=None):
     if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
-        raise UnsupportedArchitectureError(f"from_hf takes a transformers LlamaForCausalLM (or Mistral/Qwen2/Qwen3), "
+        raise UnsupportedArchitectureError(f"from_hf takes a transformers {cfg.SUPPORTED_CLASSES}, "
                                            f"got {type(hf_model).__name__}; for a path or hub id use from_pretrained")
     config = hf_model.config
     if getattr(config, "model_type", None) not in cfg.SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {type(hf_model).__name__} (model_type {getattr(config, 'model_type', None)!r}); "
-            f"from_hf takes {cfg.SUPPORTED_TEXT}"
+            f"from_hf takes a transformers {cfg.SUPPORTED_CLASSES}"
         )
     config = plain_config(config)
     with torch.device("meta"):

@@ -110,7 +110,7 @@ def check_bias_slot(model, part: str, module: str, who: str) -> None:
     """Raise a one-line ``EditError`` when ``module`` ("o_proj", "down_proj") of the model's family
     cannot carry a bias in its own transformers class (so the edit could not be exported exactly)."""
     if cfg.bias_flag(model.config, part) is None:
-        raise EditError(f"{who} needs a {module} bias, which {cfg.family_class_name(model.config)} cannot carry "
+        raise EditError(f"{who} needs a bias on {module}, which {cfg.family_class_name(model.config)} cannot carry "
                         f"(only {'Llama and Qwen3' if part == 'attention' else 'Llama'} have one); run it at run "
                         "time with edit.as_hooks(model), or use an edit without a bias (ZeroHeads, Orthogonalize)")
 
