@@ -129,11 +129,11 @@ def greedy(model, data, **kwargs):
     """TransformerLens 4.3's KV-cached ``generate`` drifts on this model (it repeats one token after a
     few steps where HF and ours continue the prompt), so the bridge decodes without its cache; ours
     must give the same tokens with its KV cache and without."""
-    out = model.generate(data["tokens"][:1], max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False,
+    out = model.generate(data["tokens"][:1], max_new_tokens=4, do_sample=False, stop_at_eos=False, verbose=False,
                          use_past_kv_cache=False, **kwargs)
     if not hasattr(model, "hook_registry"):  # the bridge
         return out
-    cached = model.generate(data["tokens"][:1], max_new_tokens=6, do_sample=False, stop_at_eos=False, **kwargs)
+    cached = model.generate(data["tokens"][:1], max_new_tokens=4, do_sample=False, stop_at_eos=False, **kwargs)
     assert torch.equal(cached, out)
     return out
 
