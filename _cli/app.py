@@ -15,6 +15,7 @@ import sys
 import traceback
 from typing import Sequence
 
+from _cli import progress
 from _cli.commands import execute
 from _cli.context import Context, check_outputs
 from _cli.parser import PROG, HelpShown, build_parser
@@ -69,7 +70,8 @@ def _main(argv: Sequence[str] | None) -> int:
                    ("--csv", getattr(args, "csv", None))]
         check_outputs(outputs, args.overwrite)
         ctx = Context(getattr(args, "model", None), getattr(args, "dtype", None), getattr(args, "device", None))
-        with _quiet_progress(not sys.stdout.isatty()):
+        on_terminal = sys.stdout.isatty() and sys.stderr.isatty() and not args.json
+        with _quiet_transformers_bars(), progress.session(on_terminal):
             out = execute(args, ctx)
         if getattr(args, "report", None):
             meta = {"command": f"{PROG} " + " ".join(shlex.quote(a) for a in argv)}
@@ -93,12 +95,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_progress(quiet: bool):
-    """Silence transformers' own progress bars (shard writing, GGUF de-quantising) when ``quiet``;
-    ours are silenced by ``_cli.ablate.progress``. Everything is restored on exit."""
-    if not quiet:
-        yield
-        return
+def _quiet_transformers_bars():
+    """Silence transformers' own tqdm bars (shard writing, GGUF de-quantising): our progress display
+    (``_cli.progress``) shows those steps on a terminal. Everything is restored on exit."""
     from functools import partial
 
     from tqdm.auto import tqdm

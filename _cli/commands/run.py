@@ -39,6 +39,7 @@ from _cli.context import DEFAULT_MODEL, check_outputs, model_meta
 from _cli.inputs import CLIError
 from _cli.options import common
 from _cli.parser import HelpShown, build_parser
+from _cli.progress import track
 from _cli.report import Output, write_report
 
 HELP = "run a whole experiment described in one YAML file"
@@ -243,9 +244,7 @@ def run(args, ctx) -> Output:
     ctx.device = args.device or data.get("device")
     doc["model"] = model_meta(ctx.model())
     doc["environment"] = _environment()
-    from _cli.ablate import progress
-
-    for i, (where, argv, step_args) in enumerate(progress(parsed, total=len(parsed), desc="steps"), start=1):
+    for i, (where, argv, step_args) in enumerate(track(parsed, "experiment steps"), start=1):
         try:
             result = execute(step_args, ctx)
         except CLIError as exc:
