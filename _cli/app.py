@@ -80,7 +80,7 @@ def _main(argv: Sequence[str] | None) -> int:
             write_report(args.report, out.sections or [out], title=out.title or f"{PROG} {args.command}", meta=meta)
             out.files.append(str(args.report))
             out.data.setdefault("files", []).append(str(args.report))
-        _print(to_json(out.data) if args.json else render_text(out))
+        _print(to_json(out.data) if args.json else render_text(out, color=sys.stdout.isatty()))
         return 0
     except Terminated:
         _error("terminated (SIGTERM)", debug)
@@ -152,7 +152,15 @@ def _message(exc: BaseException) -> str:
 
 
 def _error(message: str, debug: bool) -> None:
+    """One line on stderr, ``scalpel: error: MESSAGE`` (in red on a terminal, never wrapped)."""
     if debug:
         traceback.print_exc()
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.text import Text
+
+        Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble((f"{PROG}: error:", "bold red"),
+                                                                                  " " + message))
+        return
     sys.stderr.write(f"{PROG}: error: {message}\n")
     sys.stderr.flush()

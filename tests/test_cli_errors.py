@@ -127,6 +127,21 @@ def test_help_and_version_exit_0(capsys):
     assert code == 0 and out.startswith("scalpel ")
 
 
+def test_every_help_has_a_worked_example_and_version_names_torch_and_transformers(capsys):
+    import importlib.metadata as md
+
+    for name in cli.COMMAND_HELP:
+        code, out, _ = run([name, "--help"], capsys)
+        example = out.split("example (the default model):", 1)[-1].strip()
+        assert code == 0 and example.startswith(f"scalpel {name}"), name
+        assert "--model" not in example, name  # it runs on the default model
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == (f"scalpel {cli.parser_version()} (torch {md.version('torch')}, "
+                                         f"transformers {md.version('transformers')})")
+    code, out, _ = run(["--print-completion", "bash"], capsys)
+    assert code == 0 and "complete" in out and all(c in out for c in cli.COMMAND_HELP) and "--batch-size" in out
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
