@@ -31,7 +31,7 @@ import torch
 
 from hooks.loading import plain_config, sha256_file
 
-from hooks.errors import ScalpelError
+from hooks.errors import ScalpelError, takes_model
 
 from . import _state
 from ._atomic import (MANIFEST, MANIFEST_FORMAT, OLD_PREFIX, TMP_PREFIX, _clean_stale, _fsync, _new_file_mode,
@@ -296,6 +296,7 @@ def _reload_hf(directory: Path, dtype: torch.dtype, **kwargs):
 
 
 # --------------------------------------------------------------------------- export
+@takes_model
 def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_size="2GB",
            probe_prompts: Sequence[str] | None = None, base_sha256: str | None = None,
            base_logits: Sequence[torch.Tensor] | None = None) -> ExportResult:
@@ -554,6 +555,7 @@ def _recorded_logits(out_dir: Path, probes: list[Probe], manifest: dict) -> list
 
 
 # --------------------------------------------------------------------------- GGUF
+@takes_model
 def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool = False,
                 probe_prompts: Sequence[str] | None = None) -> GGUFResult:
     """Write ``model`` (with ``edits`` applied, restored after) as a GGUF file for llama.cpp / ollama,
