@@ -126,7 +126,7 @@ class RunContext:
         try:
             yield handles
         finally:
-            scopes.remove(handles)
+            del scopes[next(i for i, open_ in enumerate(scopes) if open_ is handles)]  # by identity
             for handle in handles:
                 handle.remove()
 

@@ -173,3 +173,26 @@ def test_hooks_the_model_holds_run_on_every_thread(tiny, ids):
     finally:
         handle.remove()
     assert n_hooks(tiny) == 0
+
+
+def test_empty_nested_blocks_keep_track_of_which_is_open(tiny, ids):
+    with tiny.hooks():
+        with tiny.hooks():
+            pass
+        tiny.add_hook("blocks.0.hook_resid_pre", zero)  # belongs to the outer block
+        assert n_hooks(tiny) == 1
+    assert n_hooks(tiny) == 0
+
+
+def test_blocks_closed_out_of_order_still_remove_exactly_their_hooks(tiny, ids):
+    """Two blocks entered and exited like two steering contexts closed in the order they were opened."""
+    first, second = tiny.hooks(), tiny.hooks()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the outer one closes first: nothing of it was left to remove
+    tiny.add_hook("blocks.0.hook_resid_pre", zero)  # belongs to the block still open
+    assert n_hooks(tiny) == 1
+    second.__exit__(None, None, None)
+    assert n_hooks(tiny) == 0
+    tiny.add_hook("blocks.0.hook_resid_pre", zero).remove()  # outside any block again: the model's
+    assert n_hooks(tiny) == 0
