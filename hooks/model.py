@@ -419,11 +419,8 @@ class HookedLlama(TokenizerMixin, nn.Module):
         if return_type not in ("logits", "loss", "both", None):
             raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         prep = self._prepare(input, attention_mask, position_ids, kv_cache=kv_cache, resid=start_at_layer is not None)
-        self.ctx.positions = prep.positions
-        try:
+        with self.ctx.running(prep.positions):  # hooks added from inside a hook end with this pass
             x = self._run_layers(prep, start_at_layer, stop_at_layer, kv_cache)
-        finally:
-            self.ctx.positions = None
         if stop_at_layer is not None:
             return x
         logits = x
@@ -499,17 +496,15 @@ class HookedLlama(TokenizerMixin, nn.Module):
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = (),
               bwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = ()):
-        """Hooks active inside the ``with`` body only, removed on exit even after an exception."""
-        handles: list[HookHandles] = []
-        try:
+        """Hooks active inside the ``with`` body only, removed on exit even after an exception; so is
+        every hook added in this thread while the block runs (``add_hook`` in the body, or from a hook).
+        They run only on this thread's forward passes."""
+        with self.ctx.scope():
             for name, fn in fwd_hooks:
-                handles.append(self.add_hook(name, fn, "fwd"))
+                self.add_hook(name, fn, "fwd")
             for name, fn in bwd_hooks:
-                handles.append(self.add_hook(name, fn, "bwd"))
+                self.add_hook(name, fn, "bwd")
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def run_with_hooks(self, input, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
         """``forward`` with hooks attached for this call only."""
