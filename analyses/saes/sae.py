@@ -63,6 +63,8 @@ class SAEConfig:
             raise InputError(f"a topk SAE needs 0 < k <= d_sae ({self.d_sae}), got k={self.k!r}")
         if self.d_out is None:
             self.d_out = self.d_in
+        if self.is_transcoder:  # b_dec lives in the output space: never subtracted from the input
+            self.apply_b_dec_to_input = False
 
     @property
     def is_transcoder(self) -> bool:
@@ -166,7 +168,7 @@ class SAE(nn.Module):
             x = x * self.input_scale
         x = self._hook(self.hook_sae_input, x)
         x, norm_state = self._normalize_in(x)
-        sae_in = x - self.b_dec if (self.cfg.apply_b_dec_to_input and not self.cfg.is_transcoder) else x
+        sae_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
         arch = self.cfg.architecture
         if arch == "gated":
             active = (sae_in @ self.W_enc + self.b_gate > 0).to(sae_in.dtype)
@@ -187,7 +189,7 @@ class SAE(nn.Module):
 
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None, _norm_state=None) -> torch.Tensor:
         """Reconstruction [..., d_out] of feature activations [..., d_sae] (``x``: the input, needed only
-        for a skip connection or per-token normalisation)."""
+        for per-token normalisation; a skip connection is added by ``forward`` / ``reconstruct``)."""
         if _norm_state is None and x is not None and self.cfg.normalize_activations in ("constant_norm_rescale",
                                                                                         "layer_norm"):
             _, _norm_state = self._normalize_in(x.to(self.W_dec.dtype))
@@ -197,18 +199,20 @@ class SAE(nn.Module):
         out = self._hook(self.hook_sae_recons, out)
         if not self.cfg.is_transcoder:
             out = self._normalize_out(out, _norm_state)
-        if self.cfg.skip_connection:
-            if x is None:
-                raise InputError("this SAE has a skip connection; pass the input: decode(acts, x)")
-            xin = x.to(self.W_skip.dtype)
-            out = out + (xin * self.input_scale if self.input_scale is not None else xin) @ self.W_skip.T
         return out
+
+    def _with_skip(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A skip transcoder adds ``x @ W_skip.T`` to the decoded output (not part of ``decode``, as in SAELens)."""
+        if not self.cfg.skip_connection:
+            return out
+        xin = x.to(self.W_skip.dtype)
+        return out + (xin * self.input_scale if self.input_scale is not None else xin) @ self.W_skip.T
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``decode(encode(x))`` without running hooks."""
         with self.quiet():
             acts, state = self._encode(x)
-            return self.decode(acts, x, state)
+            return self._with_skip(self.decode(acts, x, state), x)
 
     def quiet(self):
         """Context manager: the module's hook points are skipped."""
@@ -231,7 +235,7 @@ class SAE(nn.Module):
         """
         target = x if target is None else target
         acts, state = self._encode(x)
-        recons = self.decode(acts, x, state)
+        recons = self._with_skip(self.decode(acts, x, state), x)
         if self.use_error_term:
             with torch.no_grad():
                 clean = recons if not self._edited() else self.reconstruct(x)
