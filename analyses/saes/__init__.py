@@ -11,6 +11,12 @@ steer and train by feature.
 from .formats import check_fits, load_sae, save_sae
 from .sae import ARCHITECTURES, SAE, SAEConfig
 from .splicing import ablate_features, clamp_features, scale_features, spliced
+from .train import TrainResult, train_sae
+from .metrics import SAEMetrics, sae_metrics
+from .features import (FeatureAblation, FeatureAttribution, FeatureSteering, FeatureTopActivations, feature_attribution,
+                       feature_direction, feature_patching, top_feature_contexts)
 
 __all__ = ["SAE", "SAEConfig", "ARCHITECTURES", "load_sae", "save_sae", "check_fits", "spliced",
-           "ablate_features", "clamp_features", "scale_features"]
+           "ablate_features", "clamp_features", "scale_features", "train_sae", "TrainResult", "sae_metrics", "SAEMetrics",
+           "top_feature_contexts", "FeatureTopActivations", "feature_attribution", "FeatureAttribution",
+           "feature_patching", "feature_direction", "FeatureSteering", "FeatureAblation"]
