@@ -179,9 +179,10 @@ def feature_attribution(model, sae: SAE, prompts, metric=None, *, answers=None) 
 
 
 def feature_patching(model, sae: SAE, prompt, features: Sequence[int], metric=None, *, answers=None,
-                     batch_size: int = 16) -> torch.Tensor:
-    """Exact change of ``metric`` when each feature is set to 0 at every position (SAE spliced with its
-    error term): a tensor [len(features)], batched ``batch_size`` features per forward.
+                     factor: float = 0.0, batch_size: int = 16) -> torch.Tensor:
+    """Exact change of ``metric`` when each feature is multiplied by ``factor`` (0: ablated) at every
+    position, the SAE spliced with its error term: a tensor [len(features)], ``batch_size`` features a
+    forward. Attribution predicts ``(factor - 1) * attribution``, exactly so as ``factor`` → 1.
 
     Example: ``feature_patching(model, sae, prompt, attr.top(10), answers=(" Mary", " John"))``.
     """
@@ -200,7 +201,8 @@ def feature_patching(model, sae: SAE, prompt, features: Sequence[int], metric=No
 
             def ablate_row(acts, hook, rows=rows):
                 acts = acts.clone()
-                acts[torch.arange(len(rows)), :, rows.to(acts.device)] = 0
+                idx = torch.arange(len(rows))
+                acts[idx, :, rows.to(acts.device)] = acts[idx, :, rows.to(acts.device)] * factor
                 return acts
 
             batch = tokens.expand(len(chunk), -1)
@@ -265,7 +267,7 @@ class FeatureSteering:
         if layer is None or kind not in _EXPORTABLE or layer + _EXPORTABLE[kind] < 0:
             raise InputError(f"steering at {self.hook_name} has no weight edit; steer an SAE that writes "
                              "blocks.L.hook_resid_post, hook_resid_pre (L > 0) or hook_mlp_out")
-        return {"edit": "add_steering", "layer": layer + _EXPORTABLE[kind],
+        return {"edit": "AddSteering", "layer": layer + _EXPORTABLE[kind],
                 "vector": feature_direction(self.sae, self.feature).double(), "scale": float(self.scale)}
 
 

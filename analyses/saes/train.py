@@ -109,7 +109,9 @@ def train_sae(model, hook_name: str, texts: Sequence[str], out: str | os.PathLik
     acts_dir = Path(acts_dir) if acts_dir is not None else out.with_name(out.name + ".acts")
     if not (acts_dir / "index.json").exists():
         tok = [model.tokenize(t)[0][0][:max_tokens] for t in texts]
-        cache_to_disk(model, tok, [hook_name], acts_dir, batch_size=text_batch, progress=progress)
+        layer = model.hook_registry.get(hook_name).layer
+        stop = int(layer) + 1 if layer is not None and int(layer) + 1 < model.n_layers else None
+        cache_to_disk(model, tok, [hook_name], acts_dir, batch_size=text_batch, progress=progress, stop_at_layer=stop)
     shards = _shards(acts_dir)
     stream = _TokenStream(acts_dir, shards, hook_name, skip_first, seed, batch_size)
     first = _load_shard(acts_dir, shards[0], hook_name, skip_first)
@@ -236,7 +238,7 @@ def _step(sae: SAE, opt, x: torch.Tensor, since_fired: torch.Tensor, aux_coef: f
     opt.step()
     with torch.no_grad():
         sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True))
-    return float(loss), float(mse)
+    return float(loss.detach()), float(mse.detach())
 
 
 def _checkpoint(path: Path, sae, opt, since_fired, step, losses, scale, cfg, seed) -> None:
