@@ -43,6 +43,29 @@ def test_trained_sae_reconstructs_and_recovers_loss(smol, trained):
     assert m.ce_clean < m.ce_spliced < m.ce_zero
     assert 0 < m.kl < 2.0
     assert m.figure().data
+    # by hand, one unpadded text at a time: FVE, MSE and L0 over tokens 1.., CE with the reconstruction
+    xs, nll_clean, nll_sae = [], [], []
+    with torch.no_grad():
+        for text in held_out:
+            ids = smol.to_tokens(text)[:, :32]
+            logits, cache = smol.run_with_cache(ids, names_filter=HOOK)
+            x = cache[HOOK][0, 1:]
+            xs.append(x)
+
+            def recon_after_first(t, hook):
+                return torch.cat([t[:, :1], sae.reconstruct(t[:, 1:])], dim=1)
+
+            spliced_logits = smol.run_with_hooks(ids, fwd_hooks=[(HOOK, recon_after_first)])
+            nll_clean.append(smol.loss_from_logits(logits, ids, None, per_token=True)[0])
+            nll_sae.append(smol.loss_from_logits(spliced_logits, ids, None, per_token=True)[0])
+        x = torch.cat(xs)
+        r = sae.reconstruct(x)
+    assert m.n_tokens == x.shape[0]
+    assert m.fve == pytest.approx(float(1 - (x - r).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), abs=1e-4)
+    assert m.mse == pytest.approx(float((x - r).pow(2).mean()), rel=1e-4)
+    assert m.l0 == float((sae.encode(x) > 0).sum(-1).float().mean())
+    assert m.ce_clean == pytest.approx(float(torch.cat(nll_clean).mean()), abs=1e-4)
+    assert m.ce_spliced == pytest.approx(float(torch.cat(nll_sae).mean()), abs=1e-4)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ Over the real tokens of ``texts`` (padding never counted):
 
 With ``skip_first`` (the default, as in training) each text's first token keeps its own activation
 and is left out of the reconstruction numbers: its residual is an outlier an SAE is not trained on.
+``outlier_ratio`` does the same for any token with a massive activation.
 """
 
 from __future__ import annotations
@@ -93,8 +94,12 @@ def replace_hook(sae: SAE, keep: torch.Tensor, mode: str, inputs: dict):
 
 
 def sae_metrics(model, sae: SAE, texts=None, *, batch_size: int = 16, max_tokens: int = 128,
-                skip_first: bool = True) -> SAEMetrics:
+                skip_first: bool = True, outlier_ratio: float | None = None) -> SAEMetrics:
     """Reconstruction metrics of ``sae`` on ``texts`` (default: the shipped corpus).
+
+    ``outlier_ratio``: tokens whose input norm exceeds this many times the batch's median norm are
+    treated like first tokens (kept, not counted). Rare massive activations (norms 10-100× the others on
+    SmolLM2's middle layers) otherwise dominate the pooled variance and inflate FVE.
 
     Example::
 
@@ -120,6 +125,9 @@ def sae_metrics(model, sae: SAE, texts=None, *, batch_size: int = 16, max_tokens
             logits, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=sorted({read, write}))
             keep = _keep_mask(mask, skip_first)
             x, target = cache[read], cache[write]
+            if outlier_ratio is not None:
+                norms = x.float().norm(dim=-1)
+                keep = keep & (norms <= outlier_ratio * norms[keep.to(x.device)].median()).to(keep.device)
             acts = sae.encode(x)
             recon = sae.reconstruct(x).to(target.dtype)
             k = keep.to(x.device)
