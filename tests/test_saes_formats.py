@@ -63,6 +63,7 @@ def _ours(sae: SAE, x: torch.Tensor, transcoder: bool) -> dict:
     return res
 
 
+@pytest.mark.saelens
 @pytest.mark.parametrize("case", CASES)
 def test_saelens_made_sae_matches_saelens(reference, case):
     path = reference / "ref" / case
@@ -80,6 +81,7 @@ def test_saelens_made_sae_matches_saelens(reference, case):
         assert (ref["ablated"] - ref["x"]).abs().max() > 1e-2
 
 
+@pytest.mark.saelens
 @pytest.mark.parametrize("arch", list(OURS))
 def test_sae_we_save_loads_in_saelens(reference, arch):
     path = reference / "ours" / arch
