@@ -128,6 +128,8 @@ def test_sparsify_sae_and_transcoder(tmp_path, tiny):
         torch.testing.assert_close(sae.reconstruct(x), sparsify_formula(t, x, 7, False), atol=1e-5, rtol=1e-5)
         assert int((sae.encode(x) > 0).sum(-1).max()) <= 7
 
+    mlp_sae, _ = _sparsify_dir(tmp_path / "sae", "layers.2.mlp")  # an SAE (not a transcoder) reads the MLP output
+    assert load_sae(mlp_sae, tiny).hook_name == "blocks.2.hook_mlp_out"
     path, t = _sparsify_dir(tmp_path, "layers.2.mlp", transcode=True, skip=True)
     tc = load_sae(path, tiny)
     assert (tc.hook_name, tc.hook_name_out) == ("blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out")
@@ -226,6 +228,18 @@ def test_dictionary_learning_pickle_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- bad input
+def test_hugging_face_module_names_map_to_hook_points(tmp_path, tiny):
+    sae = random_sae("standard")
+    path = save_sae(sae, tmp_path / "hf_named")
+    cfg = json.loads((path / "cfg.json").read_text())
+    for module, hook in (("model.layers.2", "blocks.2.hook_resid_post"), ("model.layers.0.mlp", "blocks.0.hook_mlp_out"),
+                         ("model.layers.1.self_attn", "blocks.1.hook_attn_out"), ("blocks.1.hook_resid_pre",
+                                                                                  "blocks.1.hook_resid_pre")):
+        cfg["metadata"]["hook_name"] = module
+        (path / "cfg.json").write_text(json.dumps(cfg))
+        assert load_sae(path, tiny).hook_name == hook
+
+
 def test_bad_sae_inputs(tmp_path, tiny):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("hi")

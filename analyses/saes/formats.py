@@ -137,8 +137,8 @@ def _load_saelens(root: Path) -> SAE:
         if key not in c:
             raise LoadError(f"{root / 'cfg.json'} has no {key!r}; it is not a SAELens config")
     meta = c.get("metadata") or {}
-    hook_name = c.get("hook_name") or meta.get("hook_name")
-    hook_name_out = (c.get("hook_name_out") or meta.get("hook_name_out")) if transcoder else None
+    hook_name = _module_to_hook(c.get("hook_name") or meta.get("hook_name"), output=not transcoder)
+    hook_name_out = _module_to_hook(c.get("hook_name_out") or meta.get("hook_name_out")) if transcoder else None
     if transcoder and not hook_name_out:
         raise LoadError(f"{root / 'cfg.json'} is a transcoder without hook_name_out; add it to the config's metadata")
     k = c.get("k")
@@ -244,6 +244,17 @@ def _sparsify_hooks(name: str) -> tuple[str | None, str | None, bool]:
     return None, f"blocks.{i}.hook_attn_out", False
 
 
+def _module_to_hook(name: str | None, output: bool = True) -> str | None:
+    """Our hook name for a Hugging Face module path (``model.layers.6`` → ``blocks.6.hook_resid_post``,
+    ``model.layers.6.mlp`` → ``blocks.6.hook_mlp_out``, or its input when ``output`` is False);
+    TransformerLens names pass through."""
+    if not name or name.startswith(("blocks.", "hook_", "ln_final.")):
+        return name
+    read, write, _ = _sparsify_hooks(name)
+    mapped = (write or read) if output else (read or write)
+    return mapped or name
+
+
 def _load_sparsify(root: Path, model) -> SAE:
     c = _read_json(root / "cfg.json")
     t = _read_safetensors(root / "sae.safetensors")
@@ -256,8 +267,8 @@ def _load_sparsify(root: Path, model) -> SAE:
     d_out = t["W_dec"].shape[1]
     transcode = bool(c.get("transcode", False))
     read, write, reads_mlp_input = _sparsify_hooks(root.name)
-    if not transcode:
-        hook_name, hook_name_out = (write if read is None else read), None
+    if not transcode:  # an SAE reads the module's output
+        hook_name, hook_name_out = (write or read), None
     else:
         hook_name, hook_name_out = read, write
         if write is None:
