@@ -506,6 +506,22 @@ class HookedLlama(TokenizerMixin, nn.Module):
                 self.add_hook(name, fn, "bwd")
             yield self
 
+    def splice(self, hook_name: str, module, *, read: str | None = None):
+        """Context manager: ``module(x)`` replaces the tensor at ``hook_name``; the module's own hook
+        points become ``<hook_name>.<name>`` (see ``hooks.splice``)."""
+        from .splice import splice
+
+        return splice(self, hook_name, module, read=read)
+
+    def saes(self, modules: Sequence):
+        """Context manager splicing each module at its ``hook_name`` (a transcoder with ``hook_name_out``
+        reads ``hook_name`` and writes ``hook_name_out``), as SAELens's ``HookedSAETransformer.saes``."""
+        from .splice import splice_all
+
+        entries = [(m.hook_name_out, m, m.hook_name) if getattr(m, "hook_name_out", None) else (m.hook_name, m, None)
+                   for m in modules]
+        return splice_all(self, entries)
+
     def run_with_hooks(self, input, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
         """``forward`` with hooks attached for this call only."""
         with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
