@@ -10,7 +10,8 @@ and nnsight 0.8.1. One command writes every table::
 Method: each speed table is one process that runs every case once per round (the order rotated
 each round), so background load hits all cases alike; the ratio of a case is the median over rounds
 of its time divided by the baseline's time *in the same round* (paired ratios), and ms columns are
-medians. Peak memory (CPU) is measured in a fresh child process per case: the peak resident set
+medians. A second ratio uses the process's CPU time (user + system, all threads) instead of wall
+time: on a machine shared with other work it is the steadier of the two. Peak memory (CPU) is measured in a fresh child process per case: the peak resident set
 after the case minus the peak after one no-cache forward, so it is what the case adds on top of a
 plain forward; "held" is what the returned objects keep alive, each storage counted once. On CUDA
 the same quantities come from the allocator's peak statistics, in the table's process.
@@ -184,25 +185,42 @@ def forward_cases(b: Bench, ids, names: list[str] | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- timing
-def interleaved(b: Bench, cases: dict, rounds: int, base: str) -> dict[str, tuple[float, float]]:
-    """name -> (median ms, median of per-round ratios to ``base``)."""
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def interleaved(b: Bench, cases: dict, rounds: int, base: str) -> dict[str, tuple[float, float, float]]:
+    """name -> (median ms, median of per-round wall-time ratios to ``base``, same for process CPU time).
+
+    The CPU-time ratio (user + system time of this process, all threads) is steadier than wall time
+    when other processes compete for the cores; on a quiet machine the two agree.
+    """
     for fn in cases.values():  # warm-up
         out = fn()
         del out
     names = list(cases)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             gc.collect()
             b.sync()
-            t = time.perf_counter()
+            c, t = cpu_seconds(), time.perf_counter()
             out = cases[name]()
             b.sync()
-            times[name].append(time.perf_counter() - t)
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(cpu_seconds() - c)
             del out
-    return {n: (statistics.median(ts) * 1000, statistics.median(t / bt for t, bt in zip(ts, times[base])))
-            for n, ts in times.items()}
+
+    def ratio(xs, n):
+        return statistics.median(x / max(bx, 1e-9) for x, bx in zip(xs[n], xs[base]))
+    return {n: (statistics.median(wall[n]) * 1000, ratio(wall, n), ratio(cpu, n)) for n in names}
+
+
+def speed_rows(res: dict, per: float = 1.0) -> list[str]:
+    return [f"| {name} | {ms / per:.1f} | {r:.2f} | {c:.2f} |" for name, (ms, r, c) in res.items()]
 
 
 def held_bytes(obj) -> int | None:
@@ -279,8 +297,8 @@ def shape_table(args) -> str:
     cases = forward_cases(b, ids)
     res = interleaved(b, cases, args.rounds, BASE)
     lines = [f"#### b{B}×s{S}: speed ({args.rounds} interleaved rounds)", "",
-             "| case | ms | × HF sdpa (median of paired ratios) |", "|---|---|---|"]
-    lines += [f"| {name} | {ms:.1f} | {ratio:.2f} |" for name, (ms, ratio) in res.items()]
+             "| case | ms | × HF sdpa | × HF sdpa, CPU time |", "|---|---|---|---|"]
+    lines += speed_rows(res)
     if args.device.startswith("cuda"):
         lines += [""] + memory_lines(B, S, cuda_memory(b, cases))
     return "\n".join(lines) + "\n"
@@ -337,8 +355,8 @@ def workflow_table(args) -> str:
     lines = [f"#### Workflows ({args.wf_rounds} interleaved rounds)", "",
              f"IOI pair, {n_tok} tokens; sweep = every layer × position"
              + (" (quick: 2 layers)" if args.quick else "") + ".", "",
-             "| case | ms | × HF forward of the clean prompt |", "|---|---|---|"]
-    lines += [f"| {name} | {ms:.1f} | {ratio:.2f} |" for name, (ms, ratio) in res.items()]
+             "| case | ms | × HF forward of the clean prompt | same, CPU time |", "|---|---|---|---|"]
+    lines += speed_rows(res)
 
     n = args.gen_tokens
     prompt = b.ids(1, 64)
@@ -368,8 +386,8 @@ def workflow_table(args) -> str:
     with torch.no_grad():
         res = interleaved(b, gen, args.wf_rounds, "HF generate")
     lines += ["", f"Greedy generation, 64-token prompt, {n} new tokens:", "",
-              "| case | ms per token | × HF generate |", "|---|---|---|"]
-    lines += [f"| {name} | {ms / n:.1f} | {ratio:.2f} |" for name, (ms, ratio) in res.items()]
+              "| case | ms per token | × HF generate | same, CPU time |", "|---|---|---|---|"]
+    lines += speed_rows(res, per=n)
     return "\n".join(lines) + "\n"
 
 
