@@ -34,12 +34,29 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from _cli_inputs import CLIError
-from _cli_report import Output
+from _cli.commands import NAMES, execute
+from _cli.context import DEFAULT_MODEL, check_outputs, model_meta
+from _cli.inputs import CLIError
+from _cli.options import common
+from _cli.parser import HelpShown, build_parser
+from _cli.report import Output, write_report
+
+HELP = "run a whole experiment described in one YAML file"
+EXAMPLE = "scalpel run examples/ioi_heads.yaml --report ioi.html"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("experiment", metavar="EXPERIMENT.yaml")
+    p.add_argument("--dry-run", action="store_true", help="check the experiment file and print its steps only")
+    p.add_argument("--model", default=None, metavar="MODEL", help="override the experiment's model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--device", default=None)
+    common(p, model=False)
+
 
 TOP_KEYS = ("name", "description", "model", "dtype", "device", "prompts", "metric", "answers", "analyses",
             "ablations", "export", "report")
-STEP_COMMANDS = ("info", "generate", "lens", "heads", "patch", "sweep", "ablate", "edit", "verify")
+STEP_COMMANDS = tuple(n for n in NAMES if n != "run")
 POSITIONAL = {"generate": ["prompt"], "lens": ["prompt"], "edit": ["plan"], "verify": ["dir"]}
 RUN_LEVEL = ("model", "dtype", "device", "json", "report", "overwrite", "debug")
 REPEATED = ("prompts", "prompt", "target", "steer")  # flags given once per value
@@ -50,18 +67,13 @@ SHARED = {"prompts": ("ablate", "sweep"), "metric": ("ablate", "sweep"), "answer
 
 def load_experiment(path: str | Path) -> dict[str, Any]:
     """The experiment mapping of a YAML file, with its keys checked."""
-    import yaml
 
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"no such experiment file: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise CLIError(f"{path} is not valid YAML{where}: {problem}") from None
+    from surgery._files import parse, read_text
+
+    data = parse(read_text(path, CLIError, "experiment file"), path, CLIError, yaml_format=True)
     if not isinstance(data, dict):
         raise CLIError(f"{path}: an experiment is a mapping with keys such as model, prompts, analyses, ablations")
     unknown = [k for k in data if k not in TOP_KEYS]
@@ -187,29 +199,27 @@ def _relative_steer(base: Path, spec: str) -> str:
     return f"{layer}{sep}{_relative(base, rest)}" if sep else str(spec)
 
 
-def cmd_run(args, ctx) -> Output:
+def run(args, ctx) -> Output:
     """Run every step of an experiment file with one model; one JSON document and one report."""
-    import cli
-
     path = Path(args.experiment)
     data = load_experiment(path)
     steps = plan_steps(data, path)
-    parser = cli.build_parser()
+    parser = build_parser()
     parsed = []
     for where, argv in steps:
         try:
             step_args = parser.parse_args(argv)
-        except cli.HelpShown:
+        except HelpShown:
             raise CLIError(f"{where}: 'help' is not a step option") from None
         except CLIError as exc:
             raise CLIError(f"{where}: {exc}") from None
         step_args.overwrite = args.overwrite
         parsed.append((where, argv, step_args))
-    cli.check_outputs([(f"step output --{k}", getattr(a, k, None)) for _, _, a in parsed for k in ("out", "csv")],
-                      args.overwrite)
     report = args.report or data.get("report")
+    outputs = [(f"step {i} --{k}", getattr(a, k, None)) for i, (_, _, a) in enumerate(parsed, 1) for k in ("out", "csv")]
     if not args.report and report:
-        cli.check_outputs([("report", report)], args.overwrite)
+        outputs.append(("report", report))
+    check_outputs(outputs, args.overwrite)
     title = str(data.get("name") or f"experiment {path.name}")
     doc: dict[str, Any] = {"command": "run", "experiment": str(path), "name": title, "definition": data,
                            "steps": []}
@@ -220,19 +230,26 @@ def cmd_run(args, ctx) -> Output:
                   max_width=0)
         doc["steps"] = [{"argv": argv} for _, argv, _ in parsed]
         return out
-    spec = str(data.get("model") or cli.DEFAULT_MODEL)
-    if spec != cli.DEFAULT_MODEL and (path.parent / spec).exists():
+    spec = str(data.get("model") or DEFAULT_MODEL)
+    if spec != DEFAULT_MODEL and (path.parent / spec).exists():
         spec = _relative(path.parent, spec)  # a checkpoint beside the experiment file
     ctx.model_spec = args.model or spec
     ctx.dtype = args.dtype or data.get("dtype")
     ctx.device = args.device or data.get("device")
-    doc["model"] = cli.model_meta(ctx.model())
+    doc["model"] = model_meta(ctx.model())
     doc["environment"] = _environment()
-    from _cli_ablate import progress
+    from _cli.ablate import progress
+    from hooks.errors import ScalpelError
+
+    for where, _, step_args in parsed:  # every step's input, before step 1 writes anything
+        try:
+            check_step(step_args, ctx)
+        except ScalpelError as exc:
+            raise CLIError(f"{where}: {exc}") from None
 
     for i, (where, argv, step_args) in enumerate(progress(parsed, total=len(parsed), desc="steps"), start=1):
         try:
-            result = cli.execute(step_args, ctx)
+            result = execute(step_args, ctx)
         except CLIError as exc:
             raise CLIError(f"{where}: {exc}") from None
         result.command = f"step {i}: scalpel " + " ".join(shlex.quote(a) for a in argv)
@@ -242,8 +259,6 @@ def cmd_run(args, ctx) -> Output:
                        for b in result.blocks]
         out.files += result.files
     if report and not args.report:
-        from _cli_report import write_report
-
         write_report(report, out.sections, title=title, meta={"experiment": str(path), "model": ctx.model().source})
         out.files.append(str(report))
         doc.setdefault("files", []).append(str(report))
@@ -260,3 +275,28 @@ def _environment() -> dict[str, str]:
         except md.PackageNotFoundError:
             env[dist] = "dev" if dist == "llama-scalpel" else "missing"
     return env
+
+
+def check_step(args, ctx) -> None:
+    """The input checks of one step's command against the loaded model, without running it (every
+    step is checked this way before the first one writes anything)."""
+    import surgery
+
+    from _cli.ablate import Scorer
+    from _cli.inputs import check_answers, check_layers, gather_prompts, parse_layers
+
+    model = ctx.model()
+    if args.command in ("ablate", "sweep"):
+        if args.command == "ablate":
+            from _cli.commands.ablate import _units
+
+            _units(args, model)
+        elif args.layers:
+            check_layers(model, parse_layers(args.layers))
+        Scorer.build(model, args.metric, gather_prompts(args.prompt, args.prompts, check_answers(args.answers)))
+    elif args.command == "edit":
+        surgery.load_plan(args.plan).validate(model)
+    elif args.command == "generate":
+        from _cli.commands.generate import _plan_from
+
+        _plan_from(args, model)
