@@ -6,6 +6,7 @@ and nnsight 0.8.1. One command writes every table::
     python benchmarks/bench_core.py --out benchmarks/shapes.md                 # default model, CPU fp32
     python benchmarks/bench_core.py --quick                                    # smoke run (~3 min)
     python benchmarks/bench_core.py --device cuda --dtype bfloat16 --model llama-1b --out gpu.md
+    python benchmarks/bench_core.py --keep-freed-memory        # glibc keeps freed memory (docs/hooks.md)
 
 Method: each speed table is one process that runs every case once per round (the order rotated
 each round), so background load hits all cases alike; the ratio of a case is the median over rounds
@@ -396,7 +397,10 @@ def child(args, *extra: str) -> str:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--dtype", args.dtype,
            "--model", args.model, "--threads", str(args.threads), "--gen-tokens", str(args.gen_tokens),
            *(["--no-interop"] if args.no_interop else []), *(["--quick"] if args.quick else []), *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = dict(os.environ)
+    if args.keep_freed_memory:  # glibc keeps freed memory for reuse: no fresh pages to fault in per cache
+        env.update(MALLOC_TRIM_THRESHOLD_=str(1 << 40), MALLOC_MMAP_THRESHOLD_=str(32 << 20))
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode != 0:
         raise SystemExit(f"benchmark child {' '.join(extra)} failed:\n{done.stderr[-4000:]}")
     return done.stdout
@@ -415,7 +419,8 @@ def header(args) -> str:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     model = "SmolLM2-135M-Instruct" if args.model == "default" else "random Llama-3.2-1B-shaped model"
-    return (f"### {model}, {args.device} {args.dtype}, {args.threads} torch thread(s)\n\n"
+    alloc = ", glibc keeping freed memory (`--keep-freed-memory`)" if args.keep_freed_memory else ""
+    return (f"### {model}, {args.device} {args.dtype}, {args.threads} torch thread(s){alloc}\n\n"
             f"Machine: {where}; {', '.join(versions)}. Load average at start: "
             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n")
 
@@ -432,6 +437,9 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=20)
     ap.add_argument("--no-interop", action="store_true", help="skip TransformerLens and nnsight")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory tables")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="run every table with glibc told to keep freed memory (MALLOC_TRIM_THRESHOLD_, "
+                         "MALLOC_MMAP_THRESHOLD_): the docs' tuning for caching large activations on a CPU")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 rounds, 2-layer sweeps")
     ap.add_argument("--out", default=None, help="write the Markdown tables to this file")
     # internal: one table, or one memory case, per process
