@@ -11,8 +11,9 @@ Each edit is a small dataclass with
   round-trip float32 values bit-exactly).
 
 Shapes in comments: H query heads, G key/value heads, D head_dim, M d_model, F d_mlp, V vocab.
-The exported checkpoint of any edit is a plain ``LlamaForCausalLM`` directory: an edit that needs a
-bias turns on ``attention_bias`` / ``mlp_bias`` and adds zero biases everywhere else the flag applies.
+The exported checkpoint of any edit is a plain directory of the model's own class (``LlamaForCausalLM``,
+``Qwen2ForCausalLM`` …): an edit that needs a bias turns on ``attention_bias`` / ``mlp_bias`` and adds
+zero biases everywhere else the flag applies; a family whose class has no such flag refuses the edit.
 """
 
 from __future__ import annotations
@@ -63,10 +64,15 @@ class Edit:
     def apply(self, model):
         """Validate, then edit ``model``'s weights in place. Returns the model."""
         self.validate(model)
+        self._check_weights(model)
         with torch.no_grad():
             self._apply(model)
         _state.record(model, self.to_dict())
         return model
+
+    def _check_weights(self, model) -> None:
+        """Raise a one-line ``EditError`` if the weight form cannot live in the model's family class
+        (the hook form still runs)."""
 
     def as_hooks(self, model) -> HookList:
         """``[(hook_name, fn)]`` with the same effect at run time on the unedited ``model``."""
@@ -340,6 +346,9 @@ class MeanAblateHeads(Edit):
         _check_range(self.heads, model.n_heads, "head", self.who)
         _check_size(self.means, model.d_head, "means", self.who, "head_dim")
 
+    def _check_weights(self, model) -> None:
+        _state.check_bias_slot(model, "attention", "o_proj", self.who)
+
     def _apply(self, model) -> None:
         _state.enable_biases(model, attention=True)
         o, d = _attn(model, self.layer).o_proj, model.d_head
@@ -537,6 +546,9 @@ class AddSteering(Edit):
     def validate(self, model) -> None:
         _check_layer(model, self.layer, self.who)
         _check_size(self.vector, model.d_model, "vector", self.who, "d_model (hidden_size)")
+
+    def _check_weights(self, model) -> None:
+        _state.check_bias_slot(model, "mlp", "down_proj", self.who)
 
     def _apply(self, model) -> None:
         _state.enable_biases(model, mlp=True)

@@ -1,4 +1,5 @@
-"""Verified export: an edited ``HookedLlama`` as a plain Hugging Face ``LlamaForCausalLM`` directory
+"""Verified export: an edited ``HookedLlama`` as a plain Hugging Face directory of its own class
+(``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``)
 (or a GGUF file), reloaded with plain transformers and checked against the in-memory model.
 
 ``export(model, out_dir, edits=plan)`` applies ``plan`` to ``model`` for the export and restores
@@ -29,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from hooks import config as hooks_config
 from hooks.loading import plain_config, sha256_file
 
 from . import _state
@@ -181,29 +183,34 @@ def export_config(model):
     config = plain_config(model.config)
     layers = list(model.model.layers)
     config.num_hidden_layers = len(layers)
-    config.attention_bias = any(getattr(l.self_attn, n).bias is not None for l in layers for n in _state.ATTENTION_BIAS_MODULES)
-    config.mlp_bias = any(getattr(l.mlp, n).bias is not None for l in layers for n in _state.MLP_BIAS_MODULES)
+    for part, owner, names in (("attention", "self_attn", _state.ATTENTION_BIAS_MODULES),
+                               ("mlp", "mlp", _state.MLP_BIAS_MODULES)):
+        flag = hooks_config.bias_flag(config, part)  # None: the family's class fixes its biases
+        if flag is not None:
+            setattr(config, flag, any(getattr(getattr(l, owner), n).bias is not None for l in layers for n in names))
     config.tie_word_embeddings = model.lm_head.weight is model.model.embed_tokens.weight
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [hooks_config.family_class_name(config)]
     config.dtype = model.dtype
     return config
 
 
 def export_state(model, config) -> dict[str, torch.Tensor]:
-    """CPU tensors under HF names; zero biases filled in where a flag needs them; tied lm_head dropped."""
+    """CPU tensors under HF names; zero biases filled in where the config's class has them; tied lm_head
+    dropped. A bias the class cannot carry is an ``ExportError`` (edits refuse to create one)."""
     state = {}
     for name, t in model.state_dict().items():
         state[name] = t.detach().to("cpu").contiguous()
+    expected = {**hooks_config.attention_biases(config), **dict.fromkeys(_state.MLP_BIAS_MODULES, hooks_config.mlp_bias(config))}
     for i, layer in enumerate(model.model.layers):
-        for flag, part, names in ((config.attention_bias, "self_attn", _state.ATTENTION_BIAS_MODULES),
-                                  (config.mlp_bias, "mlp", _state.MLP_BIAS_MODULES)):
-            if not flag:
-                continue
+        for part, names in (("self_attn", _state.ATTENTION_BIAS_MODULES), ("mlp", _state.MLP_BIAS_MODULES)):
             for n in names:
                 key = f"model.layers.{i}.{part}.{n}.bias"
-                if key not in state:
+                if key not in state and expected[n]:
                     w = state[f"model.layers.{i}.{part}.{n}.weight"]
                     state[key] = torch.zeros(w.shape[0], dtype=w.dtype)
+                elif key in state and not expected[n]:
+                    raise ExportError(f"{key} cannot be saved: {hooks_config.family_class_name(config)} has no "
+                                      f"{n} bias; undo the edit that added it")
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     # tensors sharing storage cannot go to safetensors: give each its own copy
@@ -290,7 +297,7 @@ def _reload_hf(directory: Path, dtype: torch.dtype, **kwargs):
         k, v = next(iter(bad.items()))
         v = sorted(map(str, v))
         raise ParityError(f"transformers reloaded the checkpoint with {len(v)} {k.replace('_', ' ')} "
-                          f"({', '.join(v[:3])}{', …' if len(v) > 3 else ''}); it is not a complete LlamaForCausalLM")
+                          f"({', '.join(v[:3])}{', …' if len(v) > 3 else ''}); it is not a complete {type(hf).__name__}")
     return hf.eval()
 
 
@@ -528,8 +535,9 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
 
     ``dtype``: ``"f32"`` or ``"f16"`` (2-D weights; norms stay f32). The comparison is against the
     in-memory model with the same rounding applied (≤ 1e-4); the diff to the unrounded model is
-    reported too. GGUF (llama) carries no biases: exactly-zero biases are dropped, an edit that needs
-    a non-zero bias (MeanAblateHeads, AddSteering) is refused — export those as a HF checkpoint.
+    reported too. Llama and Mistral are written as GGUF ``llama``, Qwen2 as ``qwen2`` (with its q/k/v
+    biases), Qwen3 as ``qwen3``. GGUF carries no other biases: exactly-zero biases are dropped, an edit
+    that needs a non-zero bias (MeanAblateHeads, AddSteering) is refused — export those as a HF checkpoint.
     """
     from .gguf_export import write_gguf
 
@@ -546,13 +554,19 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
         plan.apply(model, atomic=False)
         config = export_config(model)
         state = export_state(model, config)
-        nonzero = sorted(k for k, t in state.items() if k.endswith(".bias") and bool(t.any()))
+        # Qwen2's q/k/v biases belong to its GGUF architecture; every other bias must be zero and is dropped
+        qwen2 = hooks_config.family(config) == "qwen2"
+        dropped = [k for k in state if k.endswith(".bias")
+                   and not (qwen2 and k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")))]
+        nonzero = sorted(k for k in dropped if bool(state[k].any()))
         if nonzero:
             raise ExportError(f"GGUF cannot carry the non-zero bias {nonzero[0]}"
                               f"{f' (and {len(nonzero) - 1} more)' if len(nonzero) > 1 else ''}, which an edit such "
                               "as MeanAblateHeads or AddSteering introduces; export a Hugging Face checkpoint instead")
-        state = {k: v for k, v in state.items() if not k.endswith(".bias")}
-        config.attention_bias = config.mlp_bias = False
+        state = {k: v for k, v in state.items() if k not in set(dropped)}
+        for part in ("attention", "mlp"):
+            if hooks_config.bias_flag(config, part):
+                setattr(config, hooks_config.bias_flag(config, part), False)
         unrounded = _logits(model, probes)
         if dtype == "f16":
             for p in model.parameters():
