@@ -76,7 +76,7 @@ class Bench:
             from transformers import LlamaConfig
 
             config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
                                  tie_word_embeddings=True, rms_norm_eps=1e-5,
                                  rope_parameters={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
