@@ -24,11 +24,11 @@ cat "$out/env.txt"
 
 # 1. every test module that has gpu-marked tests, gpu-marked tests only
 gpu_tests=$(grep -l "mark.gpu" tests/test_*.py)
-timeout 180 $PY -m pytest -q -rs -p no:cacheprovider -m gpu $gpu_tests 2>&1 | tee "$out/gpu_tests.txt"
+timeout 150 $PY -m pytest -q -rs -p no:cacheprovider -m gpu $gpu_tests 2>&1 | tee "$out/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 # 2. the benchmark: bf16, random 1B-shaped Llama, HF comparators (TransformerLens / nnsight are not needed)
-timeout 330 $PY benchmarks/bench_core.py --device cuda --dtype bfloat16 --model llama-1b --no-interop \
+timeout 300 $PY benchmarks/bench_core.py --device cuda --dtype bfloat16 --model llama-1b --no-interop \
   --rounds 10 --threads 4 --out "$out/bench_gpu.md" 2>&1 | tee "$out/bench_gpu.log"
 bench_rc=${PIPESTATUS[0]}
 
