@@ -426,11 +426,8 @@ class HookedLlama(TokenizerMixin, nn.Module):
         if return_type not in ("logits", "loss", "both", None):
             raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         prep = self._prepare(input, attention_mask, position_ids, kv_cache=kv_cache, resid=start_at_layer is not None)
-        self.ctx.positions = prep.positions
-        try:
+        with self.ctx.running(prep.positions):  # hooks added from inside a hook end with this pass
             x = self._run_layers(prep, start_at_layer, stop_at_layer, kv_cache)
-        finally:
-            self.ctx.positions = None
         if stop_at_layer is not None:
             return x
         logits = x
@@ -506,17 +503,31 @@ class HookedLlama(TokenizerMixin, nn.Module):
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = (),
               bwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = ()):
-        """Hooks active inside the ``with`` body only, removed on exit even after an exception."""
-        handles: list[HookHandles] = []
-        try:
+        """Hooks active inside the ``with`` body only, removed on exit even after an exception; so is
+        every hook added in this thread while the block runs (``add_hook`` in the body, or from a hook).
+        They run only on this thread's forward passes."""
+        with self.ctx.scope():
             for name, fn in fwd_hooks:
-                handles.append(self.add_hook(name, fn, "fwd"))
+                self.add_hook(name, fn, "fwd")
             for name, fn in bwd_hooks:
-                handles.append(self.add_hook(name, fn, "bwd"))
+                self.add_hook(name, fn, "bwd")
             yield self
-        finally:
-            for h in handles:
-                h.remove()
+
+    def splice(self, hook_name: str, module, *, read: str | None = None):
+        """Context manager: ``module(x)`` replaces the tensor at ``hook_name``; the module's own hook
+        points become ``<hook_name>.<name>`` (see ``hooks.splice``)."""
+        from .splice import splice
+
+        return splice(self, hook_name, module, read=read)
+
+    def saes(self, modules: Sequence):
+        """Context manager splicing each module at its ``hook_name`` (a transcoder with ``hook_name_out``
+        reads ``hook_name`` and writes ``hook_name_out``), as SAELens's ``HookedSAETransformer.saes``."""
+        from .splice import splice_all
+
+        entries = [(m.hook_name_out, m, m.hook_name) if getattr(m, "hook_name_out", None) else (m.hook_name, m, None)
+                   for m in modules]
+        return splice_all(self, entries)
 
     def run_with_hooks(self, input, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
         """``forward`` with hooks attached for this call only."""

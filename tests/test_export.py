@@ -425,7 +425,7 @@ def test_consistent_tampering_is_caught_by_reload_parity(exported, tmp_path):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     manifest = json.loads((out / E.MANIFEST).read_text())
     manifest["files"][shard.name] = E.sha256_file(shard)
-    (out / E.MANIFEST).write_text(json.dumps(manifest))
+    (out / E.MANIFEST).write_text(json.dumps(E.seal(manifest)))  # the manifest's own hash redone too
     with pytest.raises(S.ParityError, match="reloaded logits differ"):
         S.verify(out)
 
