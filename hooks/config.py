@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .errors import UnsupportedArchitectureError
+from .errors import LoadError, UnsupportedArchitectureError
 
 # model_type -> the family's own transformers class (the reference for every check)
 FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -146,3 +146,31 @@ def check_supported(config) -> None:
         )
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         raise UnsupportedArchitectureError("pretraining_tp > 1 is not supported; set it to 1 in config.json")
+
+
+# config.json fields the model is built from, with the type each must have (absent or null: the default).
+_POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim")
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+_OPTIONAL = ("num_key_value_heads", "head_dim", "rope_theta", "attention_bias", "mlp_bias", "tie_word_embeddings")
+
+
+def check_config_fields(raw: dict, file) -> None:
+    """A wrongly typed or out-of-domain value in config.json, as one line naming the field (before any work)."""
+    def bad(key: str, must: str) -> LoadError:
+        value = raw[key]
+        return LoadError(f"{file}: {key!r} is {value!r} ({type(value).__name__}) but must be {must}; "
+                         "fix it in config.json")
+
+    for key in _POSITIVE_INTS + _POSITIVE_FLOATS + _BOOLS:
+        if key not in raw or (raw[key] is None and key in _OPTIONAL):
+            continue
+        value = raw[key]
+        if key in _BOOLS:
+            if not isinstance(value, bool):
+                raise bad(key, "true or false")
+        elif isinstance(value, bool) or not isinstance(value, int if key in _POSITIVE_INTS else (int, float)):
+            raise bad(key, "an integer >= 1" if key in _POSITIVE_INTS else "a positive number")
+        elif not value > 0 or value != value or value in (float("inf"),):
+            raise bad(key, "an integer >= 1" if key in _POSITIVE_INTS else "a positive number")

@@ -82,15 +82,26 @@ def read_config(directory: Path) -> LlamaConfig:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise LoadError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is corrupt") from None
+    if not isinstance(raw, dict):
+        raise LoadError(f"{file} holds a JSON {type(raw).__name__}, not an object of config fields; the file is corrupt")
     model_type = raw.get("model_type")
     if model_type not in cfg.SUPPORTED_MODEL_TYPES:
         arch = ", ".join(raw.get("architectures") or []) or "unknown"
         raise UnsupportedArchitectureError(
             f"unsupported architecture {model_type!r} ({arch}) in {file}: llama-scalpel runs {cfg.SUPPORTED_TEXT}"
         )
-    config = cfg.config_class(model_type).from_pretrained(directory)
+    cfg.check_config_fields(raw, file)
+    try:
+        config = cfg.config_class(model_type).from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 - transformers' own validation, as one line
+        raise LoadError(f"{file}: transformers cannot read it ({_first_line(exc)}); fix config.json") from exc
     cfg.check_supported(config)
     return config
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' '.join(lines[:2])}" if lines else type(exc).__name__
 
 
 def read_state_dict(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -139,7 +150,44 @@ def load_tokenizer(directory: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the usual damage, named precisely
+        file = directory / name
+        if file.is_file():
+            try:
+                json.loads(file.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError:
+                raise LoadError(f"{file} is not UTF-8 text; the tokenizer is corrupt: re-download it, or remove "
+                                "the tokenizer files to load the model without one") from None
+            except json.JSONDecodeError as exc:
+                raise LoadError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); the tokenizer is "
+                                "corrupt: re-download it, or remove the tokenizer files to load the model without "
+                                "one") from None
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 - a tokenizer transformers cannot build, as one line
+        raise LoadError(f"cannot load the tokenizer in {directory} ({_first_line(exc)}); the tokenizer files are "
+                        "corrupt or incomplete: re-download them, or remove them to load the model without a "
+                        "tokenizer") from exc
+
+
+def check_weights(state: dict[str, torch.Tensor], where: str) -> None:
+    """Every weight floating point and finite (one fused pass per tensor; exact search only on a hit)."""
+    for name, tensor in state.items():
+        if tensor.device.type == "meta":
+            continue
+        if not tensor.is_floating_point():
+            raise LoadError(f"{where}: {name} holds {str(tensor.dtype).replace('torch.', '')} values, not floating "
+                            "point; llama-scalpel loads float32, bfloat16 or float16 weights (dequantise the "
+                            "checkpoint first)")
+        if torch.isfinite(tensor.sum(dtype=torch.float32)):
+            continue  # no NaN/inf (a sum overflowing from finite values falls through to the exact test)
+        bad = (~torch.isfinite(tensor)).nonzero()
+        if len(bad):
+            index = tuple(bad[0].tolist())
+            value = tensor[index].item()
+            raise LoadError(f"{where}: {name} holds a non-finite value ({value}) at index "
+                            f"{index if len(index) > 1 else index[0]}; the checkpoint is corrupt, re-download or "
+                            "re-export it")
 
 
 # --------------------------------------------------------------------------- building
@@ -173,6 +221,7 @@ def build(cls, config: LlamaConfig, state: dict[str, torch.Tensor], tokenizer=No
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise LoadError(f"{where}: {name} has shape {tuple(tensor.shape)}, the config implies "
                             f"{tuple(expected[name].shape)}; config.json and weights disagree")
+    check_weights(state, where)
     model.load_state_dict(state, strict=False, assign=True)
     _finish(model, config)
     if dtype is not None or device is not None:
@@ -280,6 +329,8 @@ def wrap_hf(cls, hf_model, tokenizer=None):
     if missing:
         raise UnsupportedArchitectureError(f"{type(hf_model).__name__} lacks {', '.join(missing[:3])}; "
                                            f"it is not a standard {cfg.family_class_name(config)}")
+    check_weights({name: p.detach() for name, p in theirs.items() if name in ours},
+                  getattr(hf_model, "name_or_path", None) or type(hf_model).__name__)
     for name, param in theirs.items():
         if name in ours:
             _set_param(model, name, param)

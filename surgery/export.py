@@ -33,14 +33,15 @@ import torch
 from hooks import config as hooks_config
 from hooks.loading import plain_config, sha256_file
 
+from hooks.errors import ScalpelError, takes_model
+
 from . import _state
 from ._atomic import (MANIFEST, MANIFEST_FORMAT, OLD_PREFIX, TMP_PREFIX, _clean_stale, _fsync, _new_file_mode,
                       _quiet_transformers, _writing, move_into_place, remove, replace_refusal)
+from ._manifest import MANIFEST_VERSION, PROBE_LOGITS, first_line, read_manifest, seal
 from .errors import ExportError, IntegrityError, ParityError
 from .plan import EditPlan, as_plan
 
-PROBE_LOGITS = "scalpel_probe_logits.safetensors"
-MANIFEST_VERSION = 1
 FP32_TOLERANCE = 1e-4
 PROBE_PROMPTS = (
     "The capital of France is",
@@ -224,6 +225,24 @@ def export_state(model, config) -> dict[str, torch.Tensor]:
     return state
 
 
+TEST_BARRIER_ENV = "SCALPEL_TEST_EXPORT_BARRIER"
+
+
+def _test_barrier(what: str) -> None:
+    """Test-only: when ``$SCALPEL_TEST_EXPORT_BARRIER`` names a file (a pipe), write ``what`` and a
+    newline to it, then wait 60 s, so that a test can interrupt an export at a known point of the
+    write (after its first shard) without watching the filesystem. Unset (always, outside tests):
+    nothing happens."""
+    path = os.environ.get(TEST_BARRIER_ENV)
+    if not path:
+        return
+    import time
+
+    with open(path, "w", encoding="utf-8") as barrier:
+        barrier.write(what + "\n")
+    time.sleep(60)
+
+
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -247,9 +266,11 @@ def write_shards(state: dict[str, torch.Tensor], directory: Path, max_bytes: int
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for shard_name, shard in zip(names, shards):
+    for i, (shard_name, shard) in enumerate(zip(names, shards)):
         _save_shard(shard, directory / shard_name)
         weight_map.update({k: shard_name for k in shard})
+        if i == 0:
+            _test_barrier(f"wrote {shard_name} of {len(names)}")
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -302,6 +323,7 @@ def _reload_hf(directory: Path, dtype: torch.dtype, **kwargs):
 
 
 # --------------------------------------------------------------------------- export
+@takes_model
 def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_size="2GB",
            probe_prompts: Sequence[str] | None = None, base_sha256: str | None = None,
            base_logits: Sequence[torch.Tensor] | None = None) -> ExportResult:
@@ -439,7 +461,7 @@ def _write_verified(model, out_dir: Path, config, state, dtype, probes, edited, 
                               f"(tolerance {tol:.1g}); nothing was written")
         with _writing(out_dir, needed):
             files = _sha_dir(tmp)
-            manifest = make_manifest(files, diff, tol)
+            manifest = seal(make_manifest(files, diff, tol))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
             mode = _new_file_mode()
             for p in tmp.iterdir():
@@ -474,49 +496,56 @@ def _check_target(target: Path, shown: str, overwrite: bool, *, gguf: bool) -> N
 
 # --------------------------------------------------------------------------- verify
 def verify(out_dir, *, reload: bool = True, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Re-check an exported directory: every file's sha256 against the manifest (a mismatch raises
-    ``IntegrityError`` naming the file), then reload with plain transformers and compare the probe
-    logits with those recorded at export (``ParityError`` past the recorded tolerance).
+    """Re-check an exported directory: the manifest's own hash (version 2: any change to its edit list,
+    probe records or file hashes), every file's sha256 against the manifest, no file the manifest does
+    not list (each an ``IntegrityError`` naming what changed), then reload with plain transformers and
+    compare the probe logits with those recorded at export (``ParityError`` past the recorded tolerance).
 
-    Returns ``{"ok": True, "files_checked", "unlisted_files", "max_abs_logit_diff", "tolerance",
-    "top5_match"}``.
+    Returns ``{"ok": True, "manifest_version", "note", "files_checked", "unlisted_files",
+    "max_abs_logit_diff", "tolerance", "top5_match"}``; ``note`` says what a version 1 manifest cannot
+    vouch for.
     """
-    out_dir = Path(out_dir)
-    mfile = out_dir / MANIFEST
-    if not out_dir.is_dir():
-        raise IntegrityError(f"{out_dir} is not a directory")
-    if not mfile.is_file():
-        raise IntegrityError(f"{out_dir} has no {MANIFEST}; it was not written by surgery.export")
-    try:
-        manifest = json.loads(mfile.read_text())
-        files: dict[str, str] = manifest["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-        raise IntegrityError(f"{MANIFEST} in {out_dir} is corrupt (not JSON or no 'files')") from None
+    if isinstance(out_dir, bytes) or not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
+        raise IntegrityError(f"verify takes the directory surgery.export wrote (a str or pathlib.Path), got "
+                             f"{out_dir!r:.40}")
+    out_dir = Path(out_dir).expanduser()
+    manifest, note = read_manifest(out_dir)
+    files: dict[str, str] = manifest["files"]
     for name, want in files.items():
         path = out_dir / name
         if not path.is_file():
-            raise IntegrityError(f"{name} is missing from {out_dir} (listed in {MANIFEST})")
-        got = sha256_file(path)
+            raise IntegrityError(f"{name} is missing from {out_dir} (listed in {MANIFEST}); restore it or re-export")
+        try:
+            got = sha256_file(path)
+        except OSError as exc:
+            raise IntegrityError(f"cannot read {path} ({exc.strerror or exc}); fix its permissions") from None
         if got != want:
             raise IntegrityError(f"{name}: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…); "
                                  "the file was modified or corrupted")
     unlisted = sorted(p.name for p in out_dir.iterdir() if p.name not in files and p.name != MANIFEST)
-    result: dict[str, Any] = {"ok": True, "out_dir": str(out_dir), "files_checked": len(files),
-                              "unlisted_files": unlisted}
+    if unlisted:
+        raise IntegrityError(f"{unlisted[0]} is in {out_dir} but not in its {MANIFEST}"
+                             f"{f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}; "
+                             "it was added after export, remove it or re-export")
+    result: dict[str, Any] = {"ok": True, "out_dir": str(out_dir), "manifest_version": manifest["version"],
+                              "note": note, "files_checked": len(files), "unlisted_files": []}
     if not reload:
         return result
-    from safetensors.torch import load_file
-
-    stored = load_file(str(out_dir / PROBE_LOGITS))
+    recorded = getattr(torch, manifest.get("dtype", "float32"))
+    dtype = recorded if dtype is None else dtype
     probes = [Probe(p.get("text"), torch.tensor([p["input_ids"]], dtype=torch.long)) for p in manifest["probes"]]
-    expected = [stored[f"probe_{i}"] for i in range(len(probes))]
-    if dtype is None:
-        dtype = getattr(torch, manifest.get("dtype", "float32"))
-    hf = _reload_hf(out_dir, dtype)
-    got = _hf_logits(hf, probes)
+    expected = _recorded_logits(out_dir, probes, manifest)
+    try:
+        hf = _reload_hf(out_dir, dtype)
+        got = _hf_logits(hf, probes)
+    except ScalpelError:
+        raise
+    except Exception as exc:  # the files match their hashes, so this is the environment: say so in one line
+        raise ParityError(f"{out_dir}: transformers could not reload and run it ({first_line(exc)}); check the "
+                          "transformers version (the manifest's \"libraries\" lists the one that wrote it)") from exc
     diff = _max_diff(got, expected)
     tol = float(manifest.get("verification", {}).get("tolerance", FP32_TOLERANCE))
-    if dtype != getattr(torch, manifest.get("dtype", "float32")):
+    if dtype != recorded:
         tol = max(tol, _tolerance(dtype, expected))
     top5 = all(g[-1].topk(5).indices.tolist() == [t["id"] for t in p["top5"]]
                for g, p in zip(got, manifest["probes"]))
@@ -527,7 +556,33 @@ def verify(out_dir, *, reload: bool = True, dtype: torch.dtype | None = None) ->
     return result
 
 
+def _recorded_logits(out_dir: Path, probes: list[Probe], manifest: dict) -> list[torch.Tensor]:
+    """The probe logits stored at export, one [positions, vocab] tensor per manifest probe."""
+    from safetensors.torch import load_file
+
+    try:
+        stored = load_file(str(out_dir / PROBE_LOGITS))
+    except Exception as exc:  # noqa: BLE001 - hashed, so only a foreign writer gets here
+        raise IntegrityError(f"{PROBE_LOGITS} in {out_dir} cannot be read ({first_line(exc)}); re-export") from None
+    vocab = None
+    out = []
+    for i, p in enumerate(probes):
+        t = stored.get(f"probe_{i}")
+        if t is None or t.dim() != 2 or t.shape[0] != p.ids.shape[1] or (vocab is not None and t.shape[1] != vocab):
+            shape = None if t is None else tuple(t.shape)
+            raise IntegrityError(f"{PROBE_LOGITS}: probe_{i} is {shape}, but the manifest's probe {i} has "
+                                 f"{p.ids.shape[1]} tokens; the logits and the manifest do not belong together, "
+                                 "re-export")
+        vocab = t.shape[1]
+        out.append(t)
+    if len(stored) != len(probes):
+        raise IntegrityError(f"{PROBE_LOGITS} holds {len(stored)} probes but the manifest lists {len(probes)}; "
+                             "the logits and the manifest do not belong together, re-export")
+    return out
+
+
 # --------------------------------------------------------------------------- GGUF
+@takes_model
 def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool = False,
                 probe_prompts: Sequence[str] | None = None) -> GGUFResult:
     """Write ``model`` (with ``edits`` applied, restored after) as a GGUF file for llama.cpp / ollama,

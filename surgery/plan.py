@@ -23,8 +23,12 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from hooks.errors import check_model
+
 from . import _state
 from .edits import Edit, HookList, RemoveLayers
+from hooks.errors import ScalpelError
+
 from .errors import EditError, PlanError
 
 FORMAT = "llama-scalpel-plan"
@@ -39,6 +43,11 @@ class EditPlan:
     def __init__(self, edits: Iterable[Edit | dict] = ()) -> None:
         self.edits: list[Edit] = []
         for i, e in enumerate(edits):
+            if not isinstance(e, (Edit, dict)) and callable(getattr(e, "to_edit", None)):
+                try:  # a run-time change that knows its weight edit (e.g. steering along an SAE feature)
+                    e = e.to_edit()
+                except ScalpelError as exc:
+                    raise EditError(f"edit #{i + 1}: {exc}") from None
             if isinstance(e, dict):
                 try:
                     e = Edit.from_dict(e)
@@ -137,6 +146,7 @@ class EditPlan:
     def apply(self, model, *, atomic: bool = True):
         """Apply every edit in order. ``atomic`` (default): all or nothing, an error restores the model
         and re-raises (this keeps a copy of every tensor the plan writes until it is done)."""
+        check_model(model, "EditPlan.apply")
         with (_state.transaction(model) if atomic else contextlib.nullcontext()):
             for i, e in enumerate(self.edits):
                 try:
@@ -192,16 +202,21 @@ def as_plan(edits) -> EditPlan:
         return EditPlan()
     if isinstance(edits, EditPlan):
         return edits
-    if isinstance(edits, Edit):
+    if isinstance(edits, Edit) or callable(getattr(edits, "to_edit", None)):
         return EditPlan([edits])
     if isinstance(edits, (str, os.PathLike)):
         return EditPlan.load(edits)
     if isinstance(edits, dict):
         return EditPlan.from_dict(edits)
+    if isinstance(edits, (bytes, bytearray)) or not hasattr(edits, "__iter__"):
+        raise PlanError(f"edits must be an EditPlan, an edit, a list of edits, a plan dict or a plan file path, "
+                        f"got {type(edits).__name__}")
     return EditPlan(edits)
 
 
 def load_plan(path: str | os.PathLike) -> EditPlan:
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise PlanError(f"load_plan takes the path of a plan file (str or pathlib.Path), got {type(path).__name__}")
     return EditPlan.load(path)
 
 
