@@ -419,3 +419,75 @@ def refusal_directions(model, harmful, harmless, *, positions: Sequence[int] = (
     sep = (pa.mean(0) - pb.mean(0)) / pooled
     return RefusalDirections(d.float(), norms.float(), sep.float(), ma.float(), mb.float(), list(positions),
                              project_harmless, system_prompt)
+
+
+# --------------------------------------------------------------------------- search result
+@dataclass
+class AbliterationResult(AnalysisResult):
+    """What ``surgery.abliterate`` found: every trial, the Pareto front, the chosen edit and plan.
+
+    ``trials``: ``[{"trial", "params", "refusal_proxy", "kl", "refusals"}]`` (``refusals``: the confirmed
+    count on the held-out harmful prompts, ``None`` where not generated); ``front``: trial indices on
+    the (proxy, KL) Pareto front, lowest KL first; ``chosen``: the trial taken; ``edit`` / ``plan``: its
+    ``Abliterate`` edit and a one-edit plan; ``before`` / ``after``: ``RefusalRate`` of the unedited
+    and edited model on the held-out harmful prompts; ``kl``: first-token KL(base ‖ edited) on the
+    held-out harmless prompts; ``provenance``: prompt-set hashes, seed, sampler and the chosen params
+    (for an export manifest); ``timings``: seconds.
+    """
+
+    trials: list[dict]
+    front: list[int]
+    chosen: int
+    edit: object
+    plan: object
+    directions: RefusalDirections
+    before: RefusalRate
+    after: RefusalRate
+    kl: float
+    provenance: dict
+    timings: dict
+
+    title = "abliteration search"
+
+    def rows(self) -> list[dict]:
+        out = []
+        for r in self.trials:
+            row = {"trial": r["trial"], "refusal_proxy": r["refusal_proxy"], "kl": r["kl"], "refusals": r["refusals"],
+                   "front": r["trial"] in self.front, "chosen": r["trial"] == self.chosen}
+            row.update({k: round(v, 4) for k, v in r["params"].items()})
+            out.append(row)
+        return out
+
+    def top_rows(self, n: int = 10) -> list[dict]:
+        rows = self.rows()
+        return [rows[i] for i in self.front][:n]
+
+    def summary(self) -> dict:
+        return {"refusals_before": self.before.count, "refusals_after": self.after.count, "n_eval_harmful": self.after.n,
+                "kl": self.kl, "chosen_trial": self.chosen, "params": self.trials[self.chosen]["params"],
+                "front": self.front, "timings": self.timings}
+
+    def to_dict(self) -> dict:
+        return jsonable({**self.summary(), "trials": self.trials, "provenance": self.provenance,
+                         "before": self.before.to_dict(), "after": self.after.to_dict()})
+
+    def figure(self):
+        """Every trial's refusal proxy against its KL; the Pareto front joined; confirmed counts labelled."""
+        import plotly.graph_objects as go
+
+        xs = [r["kl"] for r in self.trials]
+        ys = [r["refusal_proxy"] for r in self.trials]
+        fig = go.Figure()
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="trials", marker=dict(color="lightgray", size=8),
+                                 hovertext=[f"trial {r['trial']}" for r in self.trials]))
+        fig.add_trace(go.Scatter(x=[xs[i] for i in self.front], y=[ys[i] for i in self.front], mode="lines+markers+text",
+                                 name="Pareto front", text=[("" if self.trials[i]["refusals"] is None else
+                                                              f"{self.trials[i]['refusals']}/{self.after.n}")
+                                                             for i in self.front], textposition="top center"))
+        fig.add_trace(go.Scatter(x=[xs[self.chosen]], y=[ys[self.chosen]], mode="markers", name="chosen",
+                                 marker=dict(symbol="star", size=16, color="crimson")))
+        fig.update_layout(title=dict(text=f"abliteration: refusals {self.before.count}→{self.after.count}/{self.after.n}, "
+                                          f"KL {self.kl:.4f}"),
+                          xaxis=dict(title=dict(text="first-token KL(base ‖ edited) on harmless prompts"), type="log"),
+                          yaxis=dict(title=dict(text="refusal proxy (mean log-prob of the base refusals)")))
+        return fig
