@@ -100,12 +100,12 @@ def test_tampered_checkpoint_fails_verify_with_exit_2(tiny_dir, work, capsys):
 
 
 def test_runtime_failure_exits_1_and_debug_shows_the_traceback(tiny_dir, monkeypatch, capsys):
-    import _cli_commands
+    from _cli.commands import info
 
     def broken(args, ctx):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr(_cli_commands, "cmd_info", broken)
+    monkeypatch.setattr(info, "run", broken)
     code, out, err = run(["info", "--model", tiny_dir], capsys)
     assert (code, out, err) == (1, "", "scalpel: error: RuntimeError: disk on fire\n")
     code, _, err = run(["info", "--model", tiny_dir, "--debug"], capsys)

@@ -34,12 +34,29 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from _cli_inputs import CLIError
-from _cli_report import Output
+from _cli.commands import NAMES, execute
+from _cli.context import DEFAULT_MODEL, check_outputs, model_meta
+from _cli.inputs import CLIError
+from _cli.options import common
+from _cli.parser import HelpShown, build_parser
+from _cli.report import Output, write_report
+
+HELP = "run a whole experiment described in one YAML file"
+EXAMPLE = "scalpel run examples/ioi_heads.yaml --report ioi.html"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("experiment", metavar="EXPERIMENT.yaml")
+    p.add_argument("--dry-run", action="store_true", help="check the experiment file and print its steps only")
+    p.add_argument("--model", default=None, metavar="MODEL", help="override the experiment's model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--device", default=None)
+    common(p, model=False)
+
 
 TOP_KEYS = ("name", "description", "model", "dtype", "device", "prompts", "metric", "answers", "analyses",
             "ablations", "export", "report")
-STEP_COMMANDS = ("info", "generate", "lens", "heads", "patch", "sweep", "ablate", "edit", "verify")
+STEP_COMMANDS = tuple(n for n in NAMES if n != "run")
 POSITIONAL = {"generate": ["prompt"], "lens": ["prompt"], "edit": ["plan"], "verify": ["dir"]}
 RUN_LEVEL = ("model", "dtype", "device", "json", "report", "overwrite", "debug")
 REPEATED = ("prompts", "prompt", "target", "steer")  # flags given once per value
@@ -187,29 +204,27 @@ def _relative_steer(base: Path, spec: str) -> str:
     return f"{layer}{sep}{_relative(base, rest)}" if sep else str(spec)
 
 
-def cmd_run(args, ctx) -> Output:
+def run(args, ctx) -> Output:
     """Run every step of an experiment file with one model; one JSON document and one report."""
-    import cli
-
     path = Path(args.experiment)
     data = load_experiment(path)
     steps = plan_steps(data, path)
-    parser = cli.build_parser()
+    parser = build_parser()
     parsed = []
     for where, argv in steps:
         try:
             step_args = parser.parse_args(argv)
-        except cli.HelpShown:
+        except HelpShown:
             raise CLIError(f"{where}: 'help' is not a step option") from None
         except CLIError as exc:
             raise CLIError(f"{where}: {exc}") from None
         step_args.overwrite = args.overwrite
         parsed.append((where, argv, step_args))
-    cli.check_outputs([(f"step output --{k}", getattr(a, k, None)) for _, _, a in parsed for k in ("out", "csv")],
+    check_outputs([(f"step output --{k}", getattr(a, k, None)) for _, _, a in parsed for k in ("out", "csv")],
                       args.overwrite)
     report = args.report or data.get("report")
     if not args.report and report:
-        cli.check_outputs([("report", report)], args.overwrite)
+        check_outputs([("report", report)], args.overwrite)
     title = str(data.get("name") or f"experiment {path.name}")
     doc: dict[str, Any] = {"command": "run", "experiment": str(path), "name": title, "definition": data,
                            "steps": []}
@@ -220,19 +235,19 @@ def cmd_run(args, ctx) -> Output:
                   max_width=0)
         doc["steps"] = [{"argv": argv} for _, argv, _ in parsed]
         return out
-    spec = str(data.get("model") or cli.DEFAULT_MODEL)
-    if spec != cli.DEFAULT_MODEL and (path.parent / spec).exists():
+    spec = str(data.get("model") or DEFAULT_MODEL)
+    if spec != DEFAULT_MODEL and (path.parent / spec).exists():
         spec = _relative(path.parent, spec)  # a checkpoint beside the experiment file
     ctx.model_spec = args.model or spec
     ctx.dtype = args.dtype or data.get("dtype")
     ctx.device = args.device or data.get("device")
-    doc["model"] = cli.model_meta(ctx.model())
+    doc["model"] = model_meta(ctx.model())
     doc["environment"] = _environment()
-    from _cli_ablate import progress
+    from _cli.ablate import progress
 
     for i, (where, argv, step_args) in enumerate(progress(parsed, total=len(parsed), desc="steps"), start=1):
         try:
-            result = cli.execute(step_args, ctx)
+            result = execute(step_args, ctx)
         except CLIError as exc:
             raise CLIError(f"{where}: {exc}") from None
         result.command = f"step {i}: scalpel " + " ".join(shlex.quote(a) for a in argv)
@@ -242,8 +257,6 @@ def cmd_run(args, ctx) -> Output:
                        for b in result.blocks]
         out.files += result.files
     if report and not args.report:
-        from _cli_report import write_report
-
         write_report(report, out.sections, title=title, meta={"experiment": str(path), "model": ctx.model().source})
         out.files.append(str(report))
         doc.setdefault("files", []).append(str(report))

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from _cli_inputs import CLIError, PromptItem
+from _cli.inputs import CLIError, PromptItem
 
 METRICS = ("loss", "logit-diff", "prob")
 

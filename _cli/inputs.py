@@ -260,3 +260,18 @@ def gather_prompts(texts: list[str] | None, files: list[str] | None, answers: li
                 if len(answers) > 1:
                     item.incorrect = answers[1]
     return items
+
+
+def check_answers(answers: list[str] | None) -> list[str] | None:
+    """``--answers``: CORRECT [INCORRECT], at most two values."""
+    if answers and len(answers) > 2:
+        raise CLIError(f"--answers takes CORRECT [INCORRECT], got {len(answers)} values")
+    return answers
+
+
+def parse_ints(spec: str, flag: str) -> list[int]:
+    """Comma-separated integers (negative allowed), e.g. ``0,3,-1``."""
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"{flag} {spec!r}: expected comma-separated integers, e.g. 0,3,-1") from None

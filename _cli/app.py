@@ -1,0 +1,159 @@
+"""``scalpel``'s main loop: parse, check outputs, run one command, print, write the report; every
+error becomes one line on stderr and an exit code (0 success, 1 runtime failure, 2 bad usage or
+input, 130 Ctrl-C, 143 SIGTERM).
+
+Example::
+
+    main(["info", "--json"])      # prints the JSON document, returns 0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+import traceback
+from typing import Sequence
+
+from _cli.commands import execute
+from _cli.context import Context, check_outputs
+from _cli.parser import PROG, HelpShown, build_parser
+from _cli.report import render_text, to_json, write_report
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that cleanup code runs (an export removes its temp directory)."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While ``main`` runs, SIGTERM raises ``Terminated`` instead of ending the process on the spot."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``scalpel`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code (0, 1 or 2;
+    130 after Ctrl-C, 143 after SIGTERM)."""
+    with _sigterm_unwinds():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except HelpShown as shown:
+            return int(shown.args[0] or 0)
+        outputs = [("--report", getattr(args, "report", None)), ("--out", getattr(args, "out", None)),
+                   ("--csv", getattr(args, "csv", None))]
+        check_outputs(outputs, args.overwrite)
+        ctx = Context(getattr(args, "model", None), getattr(args, "dtype", None), getattr(args, "device", None))
+        with _quiet_progress(not sys.stdout.isatty()):
+            out = execute(args, ctx)
+        if getattr(args, "report", None):
+            meta = {"command": f"{PROG} " + " ".join(shlex.quote(a) for a in argv)}
+            if ctx.loaded:
+                meta["model"] = ctx.model().source or "in memory"
+            write_report(args.report, out.sections or [out], title=out.title or f"{PROG} {args.command}", meta=meta)
+            out.files.append(str(args.report))
+            out.data.setdefault("files", []).append(str(args.report))
+        _print(to_json(out.data) if args.json else render_text(out))
+        return 0
+    except Terminated:
+        _error("terminated (SIGTERM)", debug)
+        return 143
+    except KeyboardInterrupt:
+        _error("interrupted", debug)
+        return 130
+    except Exception as exc:  # one line, exit 2 for bad input, 1 for anything else
+        code = 2 if _is_usage(exc) else 1
+        _error(_message(exc), debug)
+        return code
+
+
+@contextlib.contextmanager
+def _quiet_progress(quiet: bool):
+    """Silence transformers' own progress bars (shard writing, GGUF de-quantising) when ``quiet``;
+    ours are silenced by ``_cli.ablate.progress``. Everything is restored on exit."""
+    if not quiet:
+        yield
+        return
+    from functools import partial
+
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as tlog
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - gguf is a dependency
+        gguf_utils = None
+    was_enabled = tlog.is_progress_bar_enabled()
+    saved = getattr(gguf_utils, "tqdm", None)
+    tlog.disable_progress_bar()
+    if saved is not None:
+        gguf_utils.tqdm = partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            gguf_utils.tqdm = saved
+        if was_enabled:
+            tlog.enable_progress_bar()
+
+
+def _is_usage(exc: BaseException) -> bool:
+    from hooks.errors import ScalpelError
+
+    export_errors = sys.modules.get("surgery.errors")  # loaded whenever an export ran
+    if export_errors is not None and isinstance(exc, export_errors.ExportWriteError):
+        import errno  # a read-only --out is bad input (2); a full disk is a runtime failure (1)
+
+        return exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    if isinstance(exc, (ScalpelError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True
+    try:
+        import yaml
+
+        return isinstance(exc, yaml.YAMLError)
+    except ImportError:  # pragma: no cover - pyyaml is a dependency
+        return False
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        text = f"no such file or directory: {exc.filename}"
+    first = text.splitlines()[0] if text else ""
+    from hooks.errors import ScalpelError
+
+    if isinstance(exc, ScalpelError) and first:
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _error(message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.stderr.flush()
