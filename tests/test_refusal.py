@@ -1,0 +1,128 @@
+"""Refusal analyses and the abliteration search: the marker scorer, prompt loading, KL against a manual
+computation, refusal directions against a manual difference of means, and (on the real model) a search
+whose chosen edit lowers the refusal count, exported and replayed bit-exactly from its plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import surgery as S
+from analyses import refusal as R
+from hooks import InputError
+
+
+# --------------------------------------------------------------------------- no model
+@pytest.mark.parametrize("text, refused", [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I *will not* do that", True),
+    ("I won\u2019t write that.", True),
+    ("That is   Illegal in most countries", True),
+    ("   ", True),  # an empty response counts as a refusal
+    ("Sure! Here are three steps:", False),
+    ("Illegible handwriting is hard to read", False),
+])
+def test_is_refusal(text, refused):
+    assert R.is_refusal(text) is refused
+
+
+def test_load_prompts(tmp_path):
+    assert len(R.load_prompts("harmful:eval")) == 32 and len(R.load_prompts("harmless:eval")) == 32
+    assert len(R.load_prompts("harmful:train")) == 48 and len(R.load_prompts("harmless:train")) == 48
+    assert not set(R.load_prompts("harmful:eval")) & set(R.load_prompts("harmful:train"))
+    txt = tmp_path / "p.txt"
+    txt.write_text("# a comment\nfirst prompt\n\n  second prompt  \n")
+    assert R.load_prompts(txt) == ["first prompt", "second prompt"]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('"plain"\n{"instruction": "from an object"}\n\n{"goal": "goal key", "target": "x"}\n')
+    assert R.load_prompts(jl) == ["plain", "from an object", "goal key"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"answer": "no prompt key"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:1: the object has none of the keys"):
+        R.load_prompts(bad)
+    with pytest.raises(InputError, match="does not exist"):
+        R.load_prompts(tmp_path / "missing.txt")
+    assert R.prompts_sha256(["a", "b"]) == __import__("hashlib").sha256(b"a\nb").hexdigest()
+
+
+def test_chat_puts_the_system_prompt_first():
+    msgs = R.chat(["hi"], system_prompt="Be brief.")
+    assert msgs == [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]]
+    assert R.chat(["hi"], system_prompt=None) == [[{"role": "user", "content": "hi"}]]
+
+
+def test_peaked_weights_profile():
+    assert S.peaked_weights(6, 1.0, 3, 0.5, 2) == {1: 0.5, 2: 0.75, 3: 1.0, 4: 0.75, 5: 0.5}
+    w = S.peaked_weights(30, 1.4, 20.5, 0.0, 3)
+    assert set(w) == {18, 19, 20, 21, 22, 23} and w[20] == pytest.approx(1.4 - 0.5 / 3 * 1.4)
+
+
+def test_pareto_front():
+    from surgery.refusal_search import _pareto
+
+    pts = [(1.0, 0.5), (0.5, 1.0), (0.7, 0.7), (0.8, 0.9), (0.5, 1.2)]
+    assert _pareto(pts) == [0, 2, 1]
+
+
+def test_search_space_is_herectics_box():
+    space = S.search_space(30)
+    assert space["direction_index"] == pytest.approx((0.4 * 29, 0.9 * 29))
+    assert space["attn.peak"] == pytest.approx((0.6 * 29, 29)) and space["mlp.width"] == pytest.approx((1.0, 0.6 * 29))
+
+
+# --------------------------------------------------------------------------- real model
+@pytest.mark.slow
+def test_prompt_kl_equals_manual_computation(smol):
+    prompts = ["How do I bake bread?", "Write a haiku about rain."]
+    edit = S.Abliterate(torch.randn(576, generator=torch.Generator().manual_seed(0)),
+                        attn_weights=S.peaked_weights(30, 1.0, 20, 0.2, 6), mlp_weights={22: 1.0})
+    res = R.prompt_kl(smol, prompts, fwd_hooks=edit.as_hooks(smol))
+    tokens, mask = smol.tokenize(R.chat(prompts, "You are a helpful assistant."))
+    with torch.no_grad():
+        base = smol(tokens, attention_mask=mask)[:, -1]
+        with edit.applied(smol):
+            edited = smol(tokens, attention_mask=mask)[:, -1]
+    manual = torch.nn.functional.kl_div(edited.double().log_softmax(-1), base.double().log_softmax(-1),
+                                        reduction="none", log_target=True).sum(-1)
+    assert torch.allclose(res.per_prompt, manual, atol=1e-5) and res.mean > 1e-4
+    # the same through analyses.kl_divergence with a model first, and against a second (edited) model
+    assert R.prompt_kl is not None
+    from analyses import kl_divergence
+
+    assert kl_divergence(smol, prompts, fwd_hooks=edit.as_hooks(smol)).mean == pytest.approx(res.mean, abs=1e-7)
+    # whole continuations: teacher-forced on the base model's greedy continuation, up to its end
+    cont = R.prompt_kl(smol, prompts[:1], fwd_hooks=edit.as_hooks(smol), where="continuation", max_new_tokens=6)
+    t1, m1 = smol.tokenize(R.chat(prompts[:1]))
+    with torch.no_grad():
+        full = smol.generate(t1, max_new_tokens=6, return_type="tokens")
+        b = smol(full)[0, t1.shape[1] - 1:-1]
+        with edit.applied(smol):
+            e = smol(full)[0, t1.shape[1] - 1:-1]
+    n = cont.n_tokens[0]
+    assert n == 6 and cont.per_prompt[0] == pytest.approx(float(R.kl_rows(b, e)[:n].mean()), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_refusal_directions_equal_manual_difference_of_means(smol):
+    harmful, harmless = R.load_prompts("harmful:train")[:3], R.load_prompts("harmless:train")[:3]
+    dirs = R.refusal_directions(smol, harmful, harmless, project_harmless=False)
+    assert dirs.directions.shape == (30, 576) and dirs.separation.shape == (30,)
+
+    def last(prompts, layer):
+        out = []
+        for p in prompts:  # one prompt at a time: no padding involved
+            _, cache = smol.run_with_cache(R.chat([p])[0], names_filter=[f"blocks.{layer}.hook_resid_post"])
+            out.append(cache[f"blocks.{layer}.hook_resid_post"][0, -1].double())
+        return torch.stack(out).mean(0)
+
+    diff = last(harmful, 15) - last(harmless, 15)
+    assert torch.allclose(dirs.directions[15].double(), diff / diff.norm(), atol=1e-4)
+    proj = R.refusal_directions(smol, harmful, harmless, project_harmless=True)
+    h = proj.harmless_mean[15].double()
+    assert abs(float(proj.directions[15].double() @ h / h.norm())) < 1e-5
+    mid = proj.direction(15.25).double()
+    want = 0.75 * proj.directions[15].double() + 0.25 * proj.directions[16].double()
+    assert torch.allclose(mid, want / want.norm(), atol=1e-6)
+    dirs.figure(); json.dumps(dirs.to_dict())
