@@ -126,3 +126,51 @@ def test_refusal_directions_equal_manual_difference_of_means(smol):
     want = 0.75 * proj.directions[15].double() + 0.25 * proj.directions[16].double()
     assert torch.allclose(mid, want / want.norm(), atol=1e-6)
     dirs.figure(); json.dumps(dirs.to_dict())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: S.Abliterate(d), "Abliterate: nothing to edit; give attn_weights and/or mlp_weights (or embeddings=True)"),
+    (lambda d: S.Abliterate(torch.stack([d, d]), direction_index=1.5, mlp_weights={0: 1.0}),
+     "Abliterate: direction_index 1.5 is out of range 0..1"),
+    (lambda d: S.Abliterate(d, direction_index=0.5, mlp_weights={0: 1.0}),
+     "Abliterate: direction_index needs a stack of directions [K, d_model]; a single direction is used as given"),
+    (lambda d: S.Abliterate(d, attn_weights={"x": 1.0}), "Abliterate: attn_weights has a key 'x' that is not a layer index"),
+])
+def test_abliterate_bad_arguments(make, message):
+    with pytest.raises(S.EditError) as err:
+        make(torch.ones(8))
+    assert str(err.value) == message
+
+
+def test_abliterate_records_round_trip_through_json():
+    e = S.Abliterate.peaked(torch.randn(8), 6, attn=(1.2, 3, 0.4, 2), mlp=None, norm_preserve=True)
+    again = S.Edit.from_dict(json.loads(json.dumps(e.to_dict())))
+    assert again == e and again.attn_weights == e.attn_weights and torch.equal(again.direction, e.direction)
+
+
+def test_cli_abliterate_missing_prompt_file_exits_2(tmp_path, capsys):
+    from _cli.app import main
+
+    code = main(["abliterate", "--harmful", str(tmp_path / "nope.txt"), "--harmless", "harmless:train"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nope.txt does not exist" in err[0]
+
+
+@pytest.mark.slow
+def test_search_on_the_real_model_exports_and_replays_bit_exactly(smol, tmp_path):
+    harmful, harmless = R.load_prompts("harmful:train")[:4], R.load_prompts("harmless:train")[:4]
+    res = S.abliterate(smol, harmful, harmless, eval_harmful=R.load_prompts("harmful:eval")[:2],
+                       eval_harmless=R.load_prompts("harmless:eval")[:3], trials=3, max_new_tokens=4, sampler="sobol")
+    assert len(res.trials) == 3 and res.chosen in res.front and res.trials[res.chosen]["refusals"] == res.after.count
+    # the recorded KL is the first-token KL of the chosen edit, recomputed independently
+    kl = R.prompt_kl(smol, R.load_prompts("harmless:eval")[:3], fwd_hooks=res.edit.as_hooks(smol))
+    assert kl.mean == pytest.approx(res.kl, rel=1e-3, abs=1e-6)
+    res.figure(); json.dumps(res.to_dict())
+    # the plan file replays the chosen edit's weights bit-exactly
+    path = res.plan.save(tmp_path / "plan.yaml")
+    with res.edit.applied(smol):
+        want = {k: v.clone() for k, v in smol.state_dict().items()}
+    with S.load_plan(path).applied(smol):
+        for k, v in smol.state_dict().items():
+            assert torch.equal(v, want[k]), k
+    assert res.provenance["prompts_sha256"]["harmful"] == R.prompts_sha256(harmful)
