@@ -174,3 +174,31 @@ def test_search_on_the_real_model_exports_and_replays_bit_exactly(smol, tmp_path
         for k, v in smol.state_dict().items():
             assert torch.equal(v, want[k]), k
     assert res.provenance["prompts_sha256"]["harmful"] == R.prompts_sha256(harmful)
+
+
+@pytest.mark.slow
+def test_cli_abliterate_exports_and_scalpel_edit_replays_bit_exactly(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from _cli.app import main
+
+    files = {}
+    for name, src, n in [("hf", "harmful:train", 4), ("hl", "harmless:train", 4), ("ehf", "harmful:eval", 2),
+                         ("ehl", "harmless:eval", 2)]:
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(R.load_prompts(src)[:n]) + "\n")
+    out, again = tmp_path / "ablit", tmp_path / "again"
+    code = main(["abliterate", "--harmful", str(files["hf"]), "--harmless", str(files["hl"]),
+                 "--eval-harmful", str(files["ehf"]), "--eval-harmless", str(files["ehl"]), "--trials", "2",
+                 "--max-new-tokens", "4", "--out", str(out), "--report", str(tmp_path / "r.html"), "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["export"]["max_abs_logit_diff"] <= 1e-4 and data["front"] and data["chosen_trial"] in data["front"]
+    manifest = json.loads((out / "scalpel_manifest.json").read_text())
+    prov = manifest["provenance"]
+    assert prov["seed"] == 0 and prov["prompts_sha256"]["eval_harmful"] == R.prompts_sha256(R.load_prompts(files["ehf"]))
+    assert prov["params"] == data["params"]
+    assert "Pareto front" in (tmp_path / "r.html").read_text()
+    assert main(["edit", data["export"]["plan"], "--out", str(again), "--json"]) == 0
+    a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
