@@ -16,7 +16,7 @@ import traceback
 from typing import Sequence
 
 from _cli.commands import execute
-from _cli.context import Context, check_outputs
+from _cli.context import Context, check_ignored, check_outputs
 from _cli.parser import PROG, HelpShown, build_parser
 from _cli.report import render_text, to_json, write_report
 
@@ -40,7 +40,12 @@ def _sigterm_unwinds():
         yield
         return
 
+    fired = []
+
     def handler(signum, frame):
+        if fired:  # a second SIGTERM while the first unwinds: the cleanup under way must finish
+            return
+        fired.append(signum)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -67,7 +72,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return int(shown.args[0] or 0)
         outputs = [("--report", getattr(args, "report", None)), ("--out", getattr(args, "out", None)),
                    ("--csv", getattr(args, "csv", None))]
-        check_outputs(outputs, args.overwrite)
+        check_ignored(args)
+        check_outputs(outputs, args.overwrite, gguf=getattr(args, "format", None) == "gguf")
         ctx = Context(getattr(args, "model", None), getattr(args, "dtype", None), getattr(args, "device", None))
         with _quiet_progress(not sys.stdout.isatty()):
             out = execute(args, ctx)
@@ -148,8 +154,15 @@ def _message(exc: BaseException) -> str:
     from hooks.errors import ScalpelError
 
     if isinstance(exc, ScalpelError) and first:
+        for python, flag in PYTHON_TO_FLAGS:  # the command line names its flags, not Python arguments
+            first = first.replace(python, flag)
         return first
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+PYTHON_TO_FLAGS = (("pass overwrite=True", "pass --overwrite"), ("max_new_tokens=", "--max-new-tokens "),
+                   ("lower max_new_tokens", "lower --max-new-tokens"),
+                   ("use do_sample=False for greedy decoding", "leave out --sample for greedy decoding"))
 
 
 def _error(message: str, debug: bool) -> None:

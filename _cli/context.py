@@ -56,21 +56,90 @@ def model_meta(model) -> dict[str, Any]:
             "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)}
 
 
-def check_outputs(paths: Sequence[tuple[str, str | None]], overwrite: bool) -> None:
-    """Refuse (exit 2, before any work) to replace an existing output unless ``--overwrite``, or to
-    write where the directory does not let us (probed by creating and removing an empty directory)."""
-    for flag, path in paths:
-        if path and Path(path).expanduser().exists() and not overwrite:
+def check_outputs(paths: Sequence[tuple[str, str | None]], overwrite: bool, *, gguf: bool = False) -> None:
+    """Refuse (exit 2, before any work): an empty output path, two outputs naming the same path (or one
+    inside another), an existing output without ``--overwrite``, an ``--out`` that is not ours to replace
+    (see surgery's overwrite rule), or a directory that does not let us write (probed by creating and
+    removing an empty directory). ``gguf``: ``--out`` names a .gguf file."""
+    given = [(flag, path) for flag, path in paths if path is not None]
+    for flag, path in given:
+        if not str(path).strip():
+            raise CLIError(f"{flag} is empty; name the file or directory to write")
+    seen: list[tuple[str, str, str]] = []
+    for flag, path in given:
+        real = os.path.realpath(os.path.expanduser(path))
+        for other_flag, other, other_real in seen:
+            if real == other_real:
+                raise CLIError(f"{flag} {path} and {other_flag} {other} name the same path; give each output its own")
+            inner, outer = ((flag, path), (other_flag, other)) if real.startswith(other_real + os.sep) else \
+                ((other_flag, other), (flag, path)) if other_real.startswith(real + os.sep) else (None, None)
+            if inner is not None:
+                raise CLIError(f"{inner[0]} {inner[1]} is inside {outer[0]} {outer[1]}; write it elsewhere")
+        seen.append((flag, path, real))
+    for flag, path in given:
+        target = Path(path).expanduser()
+        if os.path.lexists(target) and not overwrite:
             raise CLIError(f"{flag} {path} already exists; pass --overwrite to replace it")
-        if path and Path(path).expanduser().exists() and flag == "--report" and Path(path).is_dir():
-            raise CLIError(f"--report {path} is a directory; name an .html file")
-        if path:
-            where = Path(path).expanduser().parent
-            while not where.exists() and where != where.parent:
-                where = where.parent
-            try:
-                os.rmdir(tempfile.mkdtemp(prefix=".scalpel-probe-", dir=where))
-            except OSError as exc:
-                reason = (exc.strerror or str(exc)).lower()
-                raise CLIError(f"{flag} {path}: cannot write in {where} ({reason}); pick a writable location "
-                               "or fix the directory's permissions") from None
+        if os.path.lexists(target) and flag.endswith("--out"):
+            from surgery._atomic import replace_refusal
+
+            problem = replace_refusal(Path(os.path.abspath(target)), f"{flag} {path}", gguf=gguf)
+            if problem:
+                raise CLIError(problem)
+        elif target.is_dir():
+            raise CLIError(f"{flag} {path} is a directory; name a file")
+        where = target.parent
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".scalpel-probe-", dir=where))
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise CLIError(f"{flag} {path}: cannot write in {where} ({reason}); pick a writable location "
+                           "or fix the directory's permissions") from None
+
+
+# flags a command would silently ignore: (command, flag attribute, shown flag, condition that makes it ignored, fix)
+IGNORED = (
+    ("generate", "temperature", "--temperature", lambda a: not a.sample and a.temperature != 1.0, "add --sample"),
+    ("generate", "top_p", "--top-p", lambda a: not a.sample and a.top_p is not None, "add --sample"),
+    ("generate", "seed", "--seed", lambda a: not a.sample and a.seed != 0, "add --sample"),
+    ("edit", "gguf_dtype", "--gguf-dtype", lambda a: a.format != "gguf" and a.gguf_dtype != "f32",
+     "add --format gguf"),
+    ("edit", "max_shard_size", "--max-shard-size", lambda a: a.format == "gguf" and a.max_shard_size != "2GB",
+     "leave it out (a GGUF is one file)"),
+    ("ablate", "mean", "--mean", lambda a: a.mean and not a.heads, "add --heads (--mean applies to heads)"),
+    ("ablate", "answers", "--answers", lambda a: a.answers and a.metric == "loss",
+     "add --metric logit-diff or prob"),
+    ("sweep", "answers", "--answers", lambda a: a.answers and a.metric == "loss", "add --metric logit-diff or prob"),
+)
+
+
+def check_ignored(args) -> None:
+    """Refuse a flag that this command line would ignore (no silent acceptance)."""
+    for command, _, flag, ignored, fix in IGNORED:
+        if args.command == command and ignored(args):
+            raise CLIError(f"{flag} has no effect here; {fix}, or leave {flag} out")
+    outputs = [getattr(args, k, None) for k in ("out", "csv", "report")]
+    if args.overwrite and args.command not in ("run",) and not any(o is not None for o in outputs):
+        raise CLIError("--overwrite has no effect: this command line writes no output (--out, --report or --csv)")
+    device = getattr(args, "device", None)
+    if device is not None:
+        check_device(device)
+
+
+def check_device(device: str) -> None:
+    """``--device``: a torch device that exists here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CLIError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                       "pick one of them")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {device}: MPS is not available here; use --device cpu")

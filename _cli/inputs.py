@@ -202,13 +202,14 @@ class PromptItem:
 
 def read_prompts(path: str | Path) -> list[PromptItem]:
     """Prompts from a ``.jsonl`` or text/TSV file (see the module docstring)."""
+    if not str(path).strip():
+        raise CLIError("--prompts is empty; name a prompts file")
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"no such prompts file: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (UnicodeDecodeError, OSError) as exc:
-        raise CLIError(f"cannot read {path}: {exc}") from None
+    from surgery._files import read_text
+
+    lines = read_text(path, CLIError, "prompts file").splitlines()  # UTF-8; a leading BOM is not part of a prompt
     items: list[PromptItem] = []
     jsonl = path.suffix.lower() == ".jsonl"
     for i, line in enumerate(lines, start=1):
@@ -259,6 +260,10 @@ def gather_prompts(texts: list[str] | None, files: list[str] | None, answers: li
                 item.correct = answers[0]
                 if len(answers) > 1:
                     item.incorrect = answers[1]
+    for item in items:
+        if item.correct is not None and item.correct == item.incorrect:
+            raise CLIError(f"{item.where}: the correct and incorrect answers are the same ({item.correct!r}), which "
+                           "makes every logit difference 0; give two different answers")
     return items
 
 

@@ -45,12 +45,32 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    """The domains of generate's numeric arguments (one-line ``InputError`` naming the fix)."""
+    import math
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise InputError(f"temperature must be a finite number > 0, got {temperature!r}; use do_sample=False for "
+                         "greedy decoding")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise InputError(f"top_k must be an integer >= 1 (or 0/None for no top-k filtering), got {top_k!r}")
+    if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
+        raise InputError(f"top_p must be a number in (0, 1], got {top_p!r}")
+
+
 def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sample: bool, temperature: float, top_k, top_p,
              stop_at_eos: bool, return_type: str, seed: int | None, verbose: bool):
     if return_type not in ("input", "str", "tokens", "completion"):
         raise InputError(f"return_type must be 'input', 'str', 'tokens' or 'completion', got {return_type!r}")
-    if max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(input, (str, list, tuple, torch.Tensor)):
+        raise InputError(f"generate takes a prompt string, a list of prompts, chat messages or a token tensor, "
+                         f"got {type(input).__name__}")
     text_in = not isinstance(input, torch.Tensor)
     single_text = isinstance(input, str) or (text_in and input and isinstance(input[0], dict))
     if text_in:
@@ -61,6 +81,13 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
         if mask.shape != tokens.shape:
             raise InputError(f"attention_mask has shape {tuple(mask.shape)} but the tokens have shape "
                              f"{tuple(tokens.shape)}; pass one 0/1 entry per token (0 = padding)")
+    limit = model.config.max_position_embeddings
+    n_prompt = tokens.shape[-1]
+    if n_prompt <= limit < n_prompt + max_new_tokens - 1:  # checked up front: no work is thrown away at the limit
+        raise InputError(f"the prompt ({n_prompt} tokens) plus max_new_tokens={max_new_tokens} needs "
+                         f"{n_prompt + max_new_tokens - 1} positions but the model supports {limit} "
+                         f"(max_position_embeddings); lower max_new_tokens to at most {limit - n_prompt + 1} or "
+                         "shorten the prompt")
     device = model.device
     tokens, mask = tokens.to(device), mask.to(device)
     generator = None

@@ -144,7 +144,13 @@ def load_tokenizer(directory: Path):
 # --------------------------------------------------------------------------- building
 def build(cls, config: LlamaConfig, state: dict[str, torch.Tensor], tokenizer=None, *, dtype=None, device=None,
           where: str = "checkpoint"):
-    """A model from a state dict with HF names; tensors are used as they are (no copy unless cast)."""
+    """A model from a state dict with HF names; tensors are used as they are (no copy unless cast).
+
+    A config with ``tie_word_embeddings: true`` whose file also holds an ``lm_head.weight`` that differs
+    from the embeddings is loaded untied, as transformers does (it keeps the file's ``lm_head``)."""
+    if (config.tie_word_embeddings and "lm_head.weight" in state and "model.embed_tokens.weight" in state
+            and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])):
+        config.tie_word_embeddings = False
     with torch.device("meta"):
         model = cls(config, tokenizer)
     expected = dict(model.state_dict(keep_vars=True))
@@ -259,10 +265,13 @@ def wrap_hf(cls, hf_model, tokenizer=None):
             "from_hf takes a transformers LlamaForCausalLM"
         )
     config = plain_config(config)
+    theirs = dict(hf_model.named_parameters(remove_duplicate=False))
+    head, embed = theirs.get("lm_head.weight"), theirs.get("model.embed_tokens.weight")
+    if config.tie_word_embeddings and head is not None and head is not embed:
+        config.tie_word_embeddings = False  # transformers left them untied (they differ in the file): so do we
     with torch.device("meta"):
         model = cls(config, tokenizer)
     ours = dict(model.named_parameters(remove_duplicate=False))
-    theirs = dict(hf_model.named_parameters(remove_duplicate=False))
     if config.tie_word_embeddings:
         theirs.setdefault("lm_head.weight", theirs["model.embed_tokens.weight"])
     missing = sorted(set(ours) - set(theirs))

@@ -6,7 +6,9 @@ the model afterwards (so the unedited logits, the base hash and the edited weigh
 call); edits applied before the call are recorded too (``model.scalpel_history``).
 
 Atomicity: everything is written into ``.scalpel-tmp-<name>-<pid>-<random>`` beside ``out_dir``,
-reloaded and compared there, and only then renamed to ``out_dir``. A handled failure removes the
+reloaded and compared there, and only then renamed to ``out_dir`` (exclusively: an ``out_dir`` that
+appeared meanwhile is never replaced). ``overwrite=True`` replaces only a previous export of
+llama-scalpel or an empty directory (see ``_atomic``). A handled failure removes the
 temporary directory; after a SIGKILL it may remain, and the next export to the same target removes
 stale ones whose process is gone. ``out_dir`` is never half-written. A filesystem failure (read-only
 directory, disk full) is an ``ExportWriteError`` naming the directory and the fix.
@@ -21,7 +23,6 @@ import os
 import platform
 import re
 import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,13 +32,12 @@ import torch
 from hooks.loading import plain_config, sha256_file
 
 from . import _state
-from ._atomic import OLD_PREFIX, TMP_PREFIX, _clean_stale, _fsync, _new_file_mode, _quiet_transformers, _writing
+from ._atomic import (MANIFEST, MANIFEST_FORMAT, OLD_PREFIX, TMP_PREFIX, _clean_stale, _fsync, _new_file_mode,
+                      _quiet_transformers, _writing, move_into_place, remove, replace_refusal)
 from .errors import ExportError, IntegrityError, ParityError
 from .plan import EditPlan, as_plan
 
-MANIFEST = "scalpel_manifest.json"
 PROBE_LOGITS = "scalpel_probe_logits.safetensors"
-MANIFEST_FORMAT = "llama-scalpel-manifest"
 MANIFEST_VERSION = 1
 FP32_TOLERANCE = 1e-4
 PROBE_PROMPTS = (
@@ -317,12 +317,9 @@ def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_siz
             json.dumps(provenance, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ExportError(f"provenance must be a JSON-ready dict ({exc})") from None
-    out_dir = Path(out_dir).expanduser()
+    out_dir = _target(out_dir, "out_dir")
     out_abs = Path(os.path.abspath(out_dir))
-    if out_abs.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    if out_abs.exists() and not out_abs.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory; remove it or pick another out_dir")
+    _check_target(out_abs, str(out_dir), overwrite, gguf=False)
     max_bytes = parse_size(max_shard_size)
     if any(p.is_meta for p in model.parameters()):
         raise ExportError("the model has weights on the meta device; load real weights before exporting")
@@ -382,9 +379,9 @@ def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_siz
         })
     try:
         with _writing(out_dir):
-            _move_into_place(tmp, out_abs)
+            move_into_place(tmp, out_abs, str(out_dir), overwrite=overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     manifest = json.loads((out_abs / MANIFEST).read_text())
     return ExportResult(out_dir=out_dir, files=manifest["files"],
@@ -450,26 +447,29 @@ def _write_verified(model, out_dir: Path, config, state, dtype, probes, edited, 
                 _fsync(p)
             _fsync(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove(tmp)
         raise
     return tmp
 
 
-def _move_into_place(tmp: Path, out_abs: Path) -> None:
-    """Rename ``tmp`` to ``out_abs``; an existing ``out_abs`` (overwrite) is moved aside first."""
-    old = None
-    if out_abs.exists():
-        old = out_abs.parent / f"{OLD_PREFIX}{out_abs.name}-{os.getpid()}-{secrets.token_hex(4)}"
-        os.rename(out_abs, old)
-    try:
-        os.rename(tmp, out_abs)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out_abs)
-        raise
-    _fsync(out_abs.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _target(value, name: str) -> Path:
+    """``out_dir`` / ``path`` as a ``Path``: a non-empty string or path-like, else ``ExportError``."""
+    if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)):
+        raise ExportError(f"{name} must be a path (str or pathlib.Path), got {type(value).__name__}")
+    if not str(value).strip():
+        raise ExportError(f"{name} is empty; name the file or directory to write")
+    return Path(value).expanduser()
+
+
+def _check_target(target: Path, shown: str, overwrite: bool, *, gguf: bool) -> None:
+    """Refuse an existing target unless ``overwrite`` and it is ours to replace (before any work)."""
+    if not os.path.lexists(target):
+        return
+    if not overwrite:
+        raise ExportError(f"{shown} already exists; pass overwrite=True to replace it")
+    problem = replace_refusal(target, shown, gguf=gguf)
+    if problem:
+        raise ExportError(problem)
 
 
 # --------------------------------------------------------------------------- verify
@@ -540,11 +540,8 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
     """
     from .gguf_export import write_gguf
 
-    path = Path(os.path.abspath(Path(path).expanduser()))
-    if path.exists() and not overwrite:
-        raise ExportError(f"{path} already exists; pass overwrite=True to replace it")
-    if path.exists() and not path.is_file():
-        raise ExportError(f"{path} exists and is not a file")
+    path = Path(os.path.abspath(_target(path, "path")))
+    _check_target(path, str(path), overwrite, gguf=True)
     if dtype not in ("f32", "f16"):
         raise ExportError(f"GGUF dtype must be 'f32' or 'f16', got {dtype!r}")
     if model.tokenizer is None:
@@ -598,10 +595,9 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
             with _writing(path):
                 os.chmod(tmp, _new_file_mode())
                 _fsync(tmp)
-                os.replace(tmp, path)
-                _fsync(path.parent)
+                move_into_place(tmp, path, str(path), overwrite=overwrite, gguf=True)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            remove(tmp)
             raise
     return GGUFResult(path=path, dtype=dtype, sha256=digest, max_abs_logit_diff=diff,
                       max_abs_logit_diff_unrounded=diff_unrounded, tolerance=FP32_TOLERANCE,

@@ -431,7 +431,10 @@ def _find_first(node: Any, key: str) -> Any:
 
 
 def _write_metadata(writer: Any, hp: _Hparams, vocab: _Vocab, file_type: int, name: str) -> None:
+    from ._atomic import GGUF_MARK, GGUF_MARK_VALUE
+
     writer.add_name(name)
+    writer.add_string(GGUF_MARK, GGUF_MARK_VALUE)  # what lets an overwrite replace this file later
     writer.add_file_type(file_type)
     writer.add_context_length(hp.context_length)
     writer.add_embedding_length(hp.hidden)

@@ -78,6 +78,9 @@ class EditPlan:
             return cls(data)
         if not isinstance(data, dict) or "edits" not in data:
             raise PlanError("an edit plan is a mapping with an 'edits' list (or a bare list of edit records)")
+        unknown = [k for k in data if k not in ("format", "version", "edits")]
+        if unknown:
+            raise PlanError(f"unknown key {unknown[0]!r} in the plan; a plan has only format, version and edits")
         fmt, version = data.get("format", FORMAT), data.get("version", VERSION)
         if fmt != FORMAT:
             raise PlanError(f"not an edit plan: format is {fmt!r}, expected {FORMAT!r}")
@@ -110,21 +113,10 @@ class EditPlan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"no such plan file: {path}")
-        text = path.read_text()
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
+        from ._files import parse, read_text
 
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError: say where, as the parser does
-            mark = getattr(exc, "problem_mark", None)
-            line = getattr(exc, "lineno", None) or (mark.line + 1 if mark is not None else None)
-            problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or \
-                (str(exc).splitlines() or [type(exc).__name__])[0]
-            kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
-            raise PlanError(f"{path} is not valid {kind}{f' at line {line}' if line else ''}: {problem}") from None
+        text = read_text(path, PlanError, "plan file")
+        data = parse(text, path, PlanError, yaml_format=path.suffix.lower() in (".yaml", ".yml"))
         try:
             plan = cls.from_dict(data)
         except EditError as exc:

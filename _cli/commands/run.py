@@ -67,18 +67,13 @@ SHARED = {"prompts": ("ablate", "sweep"), "metric": ("ablate", "sweep"), "answer
 
 def load_experiment(path: str | Path) -> dict[str, Any]:
     """The experiment mapping of a YAML file, with its keys checked."""
-    import yaml
 
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"no such experiment file: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise CLIError(f"{path} is not valid YAML{where}: {problem}") from None
+    from surgery._files import parse, read_text
+
+    data = parse(read_text(path, CLIError, "experiment file"), path, CLIError, yaml_format=True)
     if not isinstance(data, dict):
         raise CLIError(f"{path}: an experiment is a mapping with keys such as model, prompts, analyses, ablations")
     unknown = [k for k in data if k not in TOP_KEYS]
@@ -220,11 +215,11 @@ def run(args, ctx) -> Output:
             raise CLIError(f"{where}: {exc}") from None
         step_args.overwrite = args.overwrite
         parsed.append((where, argv, step_args))
-    check_outputs([(f"step output --{k}", getattr(a, k, None)) for _, _, a in parsed for k in ("out", "csv")],
-                      args.overwrite)
     report = args.report or data.get("report")
+    outputs = [(f"step {i} --{k}", getattr(a, k, None)) for i, (_, _, a) in enumerate(parsed, 1) for k in ("out", "csv")]
     if not args.report and report:
-        check_outputs([("report", report)], args.overwrite)
+        outputs.append(("report", report))
+    check_outputs(outputs, args.overwrite)
     title = str(data.get("name") or f"experiment {path.name}")
     doc: dict[str, Any] = {"command": "run", "experiment": str(path), "name": title, "definition": data,
                            "steps": []}
@@ -244,6 +239,13 @@ def run(args, ctx) -> Output:
     doc["model"] = model_meta(ctx.model())
     doc["environment"] = _environment()
     from _cli.ablate import progress
+    from hooks.errors import ScalpelError
+
+    for where, _, step_args in parsed:  # every step's input, before step 1 writes anything
+        try:
+            check_step(step_args, ctx)
+        except ScalpelError as exc:
+            raise CLIError(f"{where}: {exc}") from None
 
     for i, (where, argv, step_args) in enumerate(progress(parsed, total=len(parsed), desc="steps"), start=1):
         try:
@@ -273,3 +275,28 @@ def _environment() -> dict[str, str]:
         except md.PackageNotFoundError:
             env[dist] = "dev" if dist == "llama-scalpel" else "missing"
     return env
+
+
+def check_step(args, ctx) -> None:
+    """The input checks of one step's command against the loaded model, without running it (every
+    step is checked this way before the first one writes anything)."""
+    import surgery
+
+    from _cli.ablate import Scorer
+    from _cli.inputs import check_answers, check_layers, gather_prompts, parse_layers
+
+    model = ctx.model()
+    if args.command in ("ablate", "sweep"):
+        if args.command == "ablate":
+            from _cli.commands.ablate import _units
+
+            _units(args, model)
+        elif args.layers:
+            check_layers(model, parse_layers(args.layers))
+        Scorer.build(model, args.metric, gather_prompts(args.prompt, args.prompts, check_answers(args.answers)))
+    elif args.command == "edit":
+        surgery.load_plan(args.plan).validate(model)
+    elif args.command == "generate":
+        from _cli.commands.generate import _plan_from
+
+        _plan_from(args, model)
