@@ -73,6 +73,7 @@ def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int) -> dict:
         f"good_evaluation_prompts = {spec('harmless_eval.txt')}", f"bad_evaluation_prompts = {spec('harmful_eval.txt')}",
     ]) + "\n")
     env = {**os.environ, "COLAB_GPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NO_COLOR": "1",
+           "PYTHONUNBUFFERED": "1",
            "TERM": "dumb", "COLUMNS": "200"}
     log = cwd / "heretic.log"
     t0 = time.perf_counter()
