@@ -129,13 +129,12 @@ def _quiet_progress(quiet: bool):
 
 
 def _is_usage(exc: BaseException) -> bool:
-    from hooks.errors import ScalpelError
+    from hooks.errors import LoadError, ScalpelError
 
-    export_errors = sys.modules.get("surgery.errors")  # loaded whenever an export ran
-    if export_errors is not None and isinstance(exc, export_errors.ExportWriteError):
-        import errno  # a read-only --out is bad input (2); a full disk is a runtime failure (1)
+    if isinstance(exc, ScalpelError) and isinstance(exc, OSError) and not isinstance(exc, LoadError):
+        import errno  # an export or report that could not be written: a read-only place is bad input (2),
 
-        return exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        return exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)  # a full disk a runtime failure (1)
     if isinstance(exc, (ScalpelError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return True
     try:

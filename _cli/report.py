@@ -15,7 +15,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import html
 import json
 import math
@@ -23,6 +25,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from hooks.errors import ScalpelError
 
 
 # --------------------------------------------------------------------------- the output of a command
@@ -217,16 +221,40 @@ def report_html(outputs: Sequence[Output], *, title: str, meta: dict[str, Any] |
             + "\n".join(parts) + "\n</body></html>\n")
 
 
+class ReportWriteError(ScalpelError, OSError):
+    """A report, CSV or JSON file could not be written (``errno`` as the system gave it); nothing was left."""
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file beside it and a rename (never half-written)."""
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename (never half-written).
+
+    A filesystem failure is a one-line ``ReportWriteError`` naming the path (a full disk: exit 1 from
+    ``scalpel``, as for exports; a read-only place: exit 2)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(tmp, text.encode("utf-8"))
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            why = (f"no space left on the device of {path.parent} (it needs about "
+                   f"{len(text.encode()) // 1024 + 1} KB); free some space or write it to another disk")
+        else:
+            why = f"{(exc.strerror or str(exc)).lower()}; pick a writable location"
+        error = ReportWriteError(f"cannot write {path}: {why}; nothing was written")
+        error.errno = exc.errno
+        raise error from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from hooks.errors import takes_model
 from hooks import InputError
 
 from .components import Component, get_component
@@ -140,6 +141,7 @@ class AttributionResults(AnalysisResult):
         return self.results[name].figure(**kwargs)
 
 
+@takes_model
 def attribution_patching(model, clean, corrupted, metric: Metric | str | None = None, *, answers=None,
                          components: str | Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
                          per_position: bool = True, layers: Sequence[int] | None = None,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hooks.errors import takes_model
 from hooks import act_name
 
 from .engine import _tokens
@@ -114,6 +115,7 @@ class DLAResult(AnalysisResult):
         return fig
 
 
+@takes_model
 def direct_logit_attribution(model, prompt, answer, wrong=None, *, pos: int = -1, neurons: bool = True,
                              attention_mask=None) -> DLAResult:
     """Direct contributions of embeddings, heads, attention / MLP layers and neurons to a logit difference.

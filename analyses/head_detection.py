@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from hooks.errors import takes_model
 from hooks import InputError, act_name
 
 from .heads import HeadRef, head_ref
@@ -138,6 +139,7 @@ class HeadDetectionResult(AnalysisResult):
         return fig
 
 
+@takes_model
 def detect_heads(model, *, seq_len: int = 20, n_seqs: int = 8, seed: int = 0, layers: Sequence[int] | None = None,
                  prepend_bos: bool = True, tokens: torch.Tensor | None = None) -> HeadDetectionResult:
     """Previous-token, duplicate-token and induction scores of every head on repeated random sequences.

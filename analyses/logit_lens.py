@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from hooks.errors import takes_model
 from hooks import InputError, act_name
 from hooks.tokens import is_messages
 
@@ -104,6 +105,7 @@ def _stage_names(n_layers: int, kinds: Sequence[str], layers: Sequence[int]) -> 
     return out
 
 
+@takes_model
 def logit_lens(model, prompt, targets=None, *, k: int = 5, stages: str | Sequence[str] = _KINDS,
                layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
                prepend_bos: bool | None = None) -> LogitLensResult:

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from hooks.errors import takes_model
 from hooks import InputError, act_name
 
 from .results import AnalysisResult, jsonable
@@ -104,6 +105,7 @@ def _batches(model, corpus, batch_size: int, max_tokens: int):
         yield start, tokens, mask
 
 
+@takes_model
 def top_activating(model, layer: int, neurons: Sequence[int] | int | None = None, corpus=None, k: int = 10, *,
                    batch_size: int = 16, max_tokens: int = 64, context: int = 6) -> NeuronTopActivations:
     """The ``k`` corpus tokens on which each neuron of ``layer`` is most active.

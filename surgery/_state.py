@@ -17,8 +17,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-ATTENTION_BIAS_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_BIAS_MODULES = ("gate_proj", "up_proj", "down_proj")
+from hooks import config as cfg
+
+from .errors import EditError
+
+ATTENTION_BIAS_MODULES = cfg.ATTENTION_PROJECTIONS
+MLP_BIAS_MODULES = cfg.MLP_PROJECTIONS
 
 
 class Journal:
@@ -102,18 +106,31 @@ def set_param(module: nn.Module, name: str, value: torch.Tensor, like: torch.Ten
     return param
 
 
+def check_bias_slot(model, part: str, module: str, who: str) -> None:
+    """Raise a one-line ``EditError`` when ``module`` ("o_proj", "down_proj") of the model's family
+    cannot carry a bias in its own transformers class (so the edit could not be exported exactly)."""
+    if cfg.bias_flag(model.config, part) is None:
+        raise EditError(f"{who} needs a bias on {module}, which {cfg.family_class_name(model.config)} cannot carry "
+                        f"(only {'Llama and Qwen3' if part == 'attention' else 'Llama'} have one); run it at run "
+                        "time with edit.as_hooks(model), or use an edit without a bias (ZeroHeads, Orthogonalize)")
+
+
 def enable_biases(model, *, attention: bool = False, mlp: bool = False) -> None:
     """Give every module a ``attention_bias`` / ``mlp_bias`` flag governs a (zero) bias, and set the flag.
 
-    HF builds q/k/v/o (attention_bias) or gate/up/down (mlp_bias) with biases in every layer when the
-    flag is on, so an exported checkpoint needs all of them; zeros keep the maths unchanged.
+    HF builds q/k/v/o (attention_bias, Llama and Qwen3) or gate/up/down (mlp_bias, Llama) with biases
+    in every layer when the flag is on, so an exported checkpoint needs all of them; zeros keep the
+    maths unchanged. Families without the flag are refused earlier by ``check_bias_slot``.
     """
-    for flag, on, names, part in (("attention_bias", attention, ATTENTION_BIAS_MODULES, "self_attn"),
-                                  ("mlp_bias", mlp, MLP_BIAS_MODULES, "mlp")):
+    for part, on, names, owner_name in (("attention", attention, ATTENTION_BIAS_MODULES, "self_attn"),
+                                        ("mlp", mlp, MLP_BIAS_MODULES, "mlp")):
+        flag = cfg.bias_flag(model.config, part)
         if not on:
             continue
+        if flag is None:
+            raise EditError(f"{cfg.family_class_name(model.config)} has no {part} bias flag")
         for layer in model.model.layers:
-            owner = getattr(layer, part)
+            owner = getattr(layer, owner_name)
             for name in names:
                 linear = getattr(owner, name)
                 if linear.bias is None:
@@ -134,6 +151,9 @@ def remove_layers(model, layers: list[int]) -> None:
     keep = [layer for i, layer in enumerate(model.model.layers) if i not in set(layers)]
     model.model.layers = nn.ModuleList(keep)
     model.config.num_hidden_layers = len(keep)
+    types = getattr(model.config, "layer_types", None)
+    if types:  # Qwen2/Qwen3: each kept layer keeps its full / sliding attention
+        model.config.layer_types = [t for i, t in enumerate(types) if i not in set(layers)]
     model._index_hooks()
 
 

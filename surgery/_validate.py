@@ -90,6 +90,21 @@ def _check_size(t: torch.Tensor, size: int, what: str, who: str, expected: str) 
         raise EditError(f"{who}: {what} has size {t.shape[-1]} but the model's {expected} is {size}")
 
 
+def _check_fits(who: str, what: str, value: float, weights: torch.Tensor, where: str, *, add=None) -> None:
+    """``value * weights`` (plus ``add``) must stay finite in the weights' dtype; else a one-line EditError."""
+    limit = torch.finfo(weights.dtype).max
+    kind = str(weights.dtype).replace("torch.", "")
+    if not abs(value) <= limit:
+        raise EditError(f"{who}: {what} {value:g} overflows {kind} (the largest {kind} is {limit:.3g}); "
+                        f"use a smaller {what}")
+    peak = abs(value) * weights.detach().abs().max().double().item()
+    if add is not None:
+        peak = abs(value) * add.detach().abs().max().double().item() + weights.detach().abs().max().double().item()
+    if not peak <= limit:
+        raise EditError(f"{who}: {what} {value:g} overflows {kind}: {where} would reach {peak:.3g}, past the "
+                        f"largest {kind} {limit:.3g}; use a smaller {what}")
+
+
 def _vec_list(t: torch.Tensor) -> list:
     return t.tolist()
 

@@ -11,8 +11,9 @@ Each edit is a small dataclass with
   round-trip float32 values bit-exactly).
 
 Shapes in comments: H query heads, G key/value heads, D head_dim, M d_model, F d_mlp, V vocab.
-The exported checkpoint of any edit is a plain ``LlamaForCausalLM`` directory: an edit that needs a
-bias turns on ``attention_bias`` / ``mlp_bias`` and adds zero biases everywhere else the flag applies.
+The exported checkpoint of any edit is a plain directory of the model's own class (``LlamaForCausalLM``,
+``Qwen2ForCausalLM`` …): an edit that needs a bias turns on ``attention_bias`` / ``mlp_bias`` and adds
+zero biases everywhere else the flag applies; a family whose class has no such flag refuses the edit.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
+from hooks.errors import check_model
 from . import _state
-from ._validate import _check_layer, _check_range, _check_size, _float, _int, _ints, _short, _tensor, _vec_list
+from ._validate import (_check_fits, _check_layer, _check_range, _check_size, _float, _int, _ints, _short, _tensor,
+                        _vec_list)
 from .errors import EditError
 
 HookList = list  # list[tuple[str, HookFn]]
@@ -62,11 +65,17 @@ class Edit:
 
     def apply(self, model):
         """Validate, then edit ``model``'s weights in place. Returns the model."""
+        check_model(model, f"{self.who}.apply")
         self.validate(model)
+        self._check_weights(model)
         with torch.no_grad():
             self._apply(model)
         _state.record(model, self.to_dict())
         return model
+
+    def _check_weights(self, model) -> None:
+        """Raise a one-line ``EditError`` if the weight form cannot live in the model's family class
+        (the hook form still runs)."""
 
     def as_hooks(self, model) -> HookList:
         """``[(hook_name, fn)]`` with the same effect at run time on the unedited ``model``."""
@@ -238,6 +247,9 @@ class ScaleHeads(Edit):
     def validate(self, model) -> None:
         _check_layer(model, self.layer, self.who)
         _check_range(self.heads, model.n_heads, "head", self.who)
+        w = _attn(model, self.layer).o_proj.weight
+        _check_fits(self.who, "factor", self.factor, w[:, _head_cols(self.heads, model.d_head).to(w.device)],
+                    f"the o_proj columns of heads {list(self.heads)}")
 
     def _apply(self, model) -> None:
         o = _attn(model, self.layer).o_proj
@@ -340,6 +352,9 @@ class MeanAblateHeads(Edit):
         _check_range(self.heads, model.n_heads, "head", self.who)
         _check_size(self.means, model.d_head, "means", self.who, "head_dim")
 
+    def _check_weights(self, model) -> None:
+        _state.check_bias_slot(model, "attention", "o_proj", self.who)
+
     def _apply(self, model) -> None:
         _state.enable_biases(model, attention=True)
         o, d = _attn(model, self.layer).o_proj, model.d_head
@@ -404,6 +419,9 @@ class ScaleNeurons(Edit):
     def validate(self, model) -> None:
         _check_layer(model, self.layer, self.who)
         _check_range(self.neurons, model.d_mlp, "neuron", self.who)
+        w = _mlp(model, self.layer).down_proj.weight
+        _check_fits(self.who, "factor", self.factor, w[:, torch.tensor(self.neurons, device=w.device)],
+                    f"the down_proj columns of neurons {list(self.neurons)}")
 
     def _apply(self, model) -> None:
         w = _state.writable(model, _mlp(model, self.layer).down_proj.weight)
@@ -537,6 +555,13 @@ class AddSteering(Edit):
     def validate(self, model) -> None:
         _check_layer(model, self.layer, self.who)
         _check_size(self.vector, model.d_model, "vector", self.who, "d_model (hidden_size)")
+        bias = _mlp(model, self.layer).down_proj.bias
+        _check_fits(self.who, "scale", self.scale,
+                    bias if bias is not None else torch.zeros(1, dtype=model.dtype), "the down_proj bias",
+                    add=self.vector)
+
+    def _check_weights(self, model) -> None:
+        _state.check_bias_slot(model, "mlp", "down_proj", self.who)
 
     def _apply(self, model) -> None:
         _state.enable_biases(model, mlp=True)

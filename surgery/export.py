@@ -1,4 +1,5 @@
-"""Verified export: an edited ``HookedLlama`` as a plain Hugging Face ``LlamaForCausalLM`` directory
+"""Verified export: an edited ``HookedLlama`` as a plain Hugging Face directory of its own class
+(``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``)
 (or a GGUF file), reloaded with plain transformers and checked against the in-memory model.
 
 ``export(model, out_dir, edits=plan)`` applies ``plan`` to ``model`` for the export and restores
@@ -29,16 +30,18 @@ from typing import Any, Sequence
 
 import torch
 
+from hooks import config as hooks_config
 from hooks.loading import plain_config, sha256_file
+
+from hooks.errors import ScalpelError, takes_model
 
 from . import _state
 from ._atomic import (MANIFEST, MANIFEST_FORMAT, OLD_PREFIX, TMP_PREFIX, _clean_stale, _fsync, _new_file_mode,
                       _quiet_transformers, _writing, move_into_place, remove, replace_refusal)
+from ._manifest import MANIFEST_VERSION, PROBE_LOGITS, first_line, read_manifest, seal
 from .errors import ExportError, IntegrityError, ParityError
 from .plan import EditPlan, as_plan
 
-PROBE_LOGITS = "scalpel_probe_logits.safetensors"
-MANIFEST_VERSION = 1
 FP32_TOLERANCE = 1e-4
 PROBE_PROMPTS = (
     "The capital of France is",
@@ -181,29 +184,34 @@ def export_config(model):
     config = plain_config(model.config)
     layers = list(model.model.layers)
     config.num_hidden_layers = len(layers)
-    config.attention_bias = any(getattr(l.self_attn, n).bias is not None for l in layers for n in _state.ATTENTION_BIAS_MODULES)
-    config.mlp_bias = any(getattr(l.mlp, n).bias is not None for l in layers for n in _state.MLP_BIAS_MODULES)
+    for part, owner, names in (("attention", "self_attn", _state.ATTENTION_BIAS_MODULES),
+                               ("mlp", "mlp", _state.MLP_BIAS_MODULES)):
+        flag = hooks_config.bias_flag(config, part)  # None: the family's class fixes its biases
+        if flag is not None:
+            setattr(config, flag, any(getattr(getattr(l, owner), n).bias is not None for l in layers for n in names))
     config.tie_word_embeddings = model.lm_head.weight is model.model.embed_tokens.weight
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [hooks_config.family_class_name(config)]
     config.dtype = model.dtype
     return config
 
 
 def export_state(model, config) -> dict[str, torch.Tensor]:
-    """CPU tensors under HF names; zero biases filled in where a flag needs them; tied lm_head dropped."""
+    """CPU tensors under HF names; zero biases filled in where the config's class has them; tied lm_head
+    dropped. A bias the class cannot carry is an ``ExportError`` (edits refuse to create one)."""
     state = {}
     for name, t in model.state_dict().items():
         state[name] = t.detach().to("cpu").contiguous()
+    expected = {**hooks_config.attention_biases(config), **dict.fromkeys(_state.MLP_BIAS_MODULES, hooks_config.mlp_bias(config))}
     for i, layer in enumerate(model.model.layers):
-        for flag, part, names in ((config.attention_bias, "self_attn", _state.ATTENTION_BIAS_MODULES),
-                                  (config.mlp_bias, "mlp", _state.MLP_BIAS_MODULES)):
-            if not flag:
-                continue
+        for part, names in (("self_attn", _state.ATTENTION_BIAS_MODULES), ("mlp", _state.MLP_BIAS_MODULES)):
             for n in names:
                 key = f"model.layers.{i}.{part}.{n}.bias"
-                if key not in state:
+                if key not in state and expected[n]:
                     w = state[f"model.layers.{i}.{part}.{n}.weight"]
                     state[key] = torch.zeros(w.shape[0], dtype=w.dtype)
+                elif key in state and not expected[n]:
+                    raise ExportError(f"{key} cannot be saved: {hooks_config.family_class_name(config)} has no "
+                                      f"{n} bias; undo the edit that added it")
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     # tensors sharing storage cannot go to safetensors: give each its own copy
@@ -290,11 +298,12 @@ def _reload_hf(directory: Path, dtype: torch.dtype, **kwargs):
         k, v = next(iter(bad.items()))
         v = sorted(map(str, v))
         raise ParityError(f"transformers reloaded the checkpoint with {len(v)} {k.replace('_', ' ')} "
-                          f"({', '.join(v[:3])}{', …' if len(v) > 3 else ''}); it is not a complete LlamaForCausalLM")
+                          f"({', '.join(v[:3])}{', …' if len(v) > 3 else ''}); it is not a complete {type(hf).__name__}")
     return hf.eval()
 
 
 # --------------------------------------------------------------------------- export
+@takes_model
 def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_size="2GB",
            probe_prompts: Sequence[str] | None = None, base_sha256: str | None = None,
            base_logits: Sequence[torch.Tensor] | None = None, provenance: dict | None = None) -> ExportResult:
@@ -439,7 +448,7 @@ def _write_verified(model, out_dir: Path, config, state, dtype, probes, edited, 
                               f"(tolerance {tol:.1g}); nothing was written")
         with _writing(out_dir, needed):
             files = _sha_dir(tmp)
-            manifest = make_manifest(files, diff, tol)
+            manifest = seal(make_manifest(files, diff, tol))
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
             mode = _new_file_mode()
             for p in tmp.iterdir():
@@ -474,49 +483,56 @@ def _check_target(target: Path, shown: str, overwrite: bool, *, gguf: bool) -> N
 
 # --------------------------------------------------------------------------- verify
 def verify(out_dir, *, reload: bool = True, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Re-check an exported directory: every file's sha256 against the manifest (a mismatch raises
-    ``IntegrityError`` naming the file), then reload with plain transformers and compare the probe
-    logits with those recorded at export (``ParityError`` past the recorded tolerance).
+    """Re-check an exported directory: the manifest's own hash (version 2: any change to its edit list,
+    probe records or file hashes), every file's sha256 against the manifest, no file the manifest does
+    not list (each an ``IntegrityError`` naming what changed), then reload with plain transformers and
+    compare the probe logits with those recorded at export (``ParityError`` past the recorded tolerance).
 
-    Returns ``{"ok": True, "files_checked", "unlisted_files", "max_abs_logit_diff", "tolerance",
-    "top5_match"}``.
+    Returns ``{"ok": True, "manifest_version", "note", "files_checked", "unlisted_files",
+    "max_abs_logit_diff", "tolerance", "top5_match"}``; ``note`` says what a version 1 manifest cannot
+    vouch for.
     """
-    out_dir = Path(out_dir)
-    mfile = out_dir / MANIFEST
-    if not out_dir.is_dir():
-        raise IntegrityError(f"{out_dir} is not a directory")
-    if not mfile.is_file():
-        raise IntegrityError(f"{out_dir} has no {MANIFEST}; it was not written by surgery.export")
-    try:
-        manifest = json.loads(mfile.read_text())
-        files: dict[str, str] = manifest["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-        raise IntegrityError(f"{MANIFEST} in {out_dir} is corrupt (not JSON or no 'files')") from None
+    if isinstance(out_dir, bytes) or not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
+        raise IntegrityError(f"verify takes the directory surgery.export wrote (a str or pathlib.Path), got "
+                             f"{out_dir!r:.40}")
+    out_dir = Path(out_dir).expanduser()
+    manifest, note = read_manifest(out_dir)
+    files: dict[str, str] = manifest["files"]
     for name, want in files.items():
         path = out_dir / name
         if not path.is_file():
-            raise IntegrityError(f"{name} is missing from {out_dir} (listed in {MANIFEST})")
-        got = sha256_file(path)
+            raise IntegrityError(f"{name} is missing from {out_dir} (listed in {MANIFEST}); restore it or re-export")
+        try:
+            got = sha256_file(path)
+        except OSError as exc:
+            raise IntegrityError(f"cannot read {path} ({exc.strerror or exc}); fix its permissions") from None
         if got != want:
             raise IntegrityError(f"{name}: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…); "
                                  "the file was modified or corrupted")
     unlisted = sorted(p.name for p in out_dir.iterdir() if p.name not in files and p.name != MANIFEST)
-    result: dict[str, Any] = {"ok": True, "out_dir": str(out_dir), "files_checked": len(files),
-                              "unlisted_files": unlisted}
+    if unlisted:
+        raise IntegrityError(f"{unlisted[0]} is in {out_dir} but not in its {MANIFEST}"
+                             f"{f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}; "
+                             "it was added after export, remove it or re-export")
+    result: dict[str, Any] = {"ok": True, "out_dir": str(out_dir), "manifest_version": manifest["version"],
+                              "note": note, "files_checked": len(files), "unlisted_files": []}
     if not reload:
         return result
-    from safetensors.torch import load_file
-
-    stored = load_file(str(out_dir / PROBE_LOGITS))
+    recorded = getattr(torch, manifest.get("dtype", "float32"))
+    dtype = recorded if dtype is None else dtype
     probes = [Probe(p.get("text"), torch.tensor([p["input_ids"]], dtype=torch.long)) for p in manifest["probes"]]
-    expected = [stored[f"probe_{i}"] for i in range(len(probes))]
-    if dtype is None:
-        dtype = getattr(torch, manifest.get("dtype", "float32"))
-    hf = _reload_hf(out_dir, dtype)
-    got = _hf_logits(hf, probes)
+    expected = _recorded_logits(out_dir, probes, manifest)
+    try:
+        hf = _reload_hf(out_dir, dtype)
+        got = _hf_logits(hf, probes)
+    except ScalpelError:
+        raise
+    except Exception as exc:  # the files match their hashes, so this is the environment: say so in one line
+        raise ParityError(f"{out_dir}: transformers could not reload and run it ({first_line(exc)}); check the "
+                          "transformers version (the manifest's \"libraries\" lists the one that wrote it)") from exc
     diff = _max_diff(got, expected)
     tol = float(manifest.get("verification", {}).get("tolerance", FP32_TOLERANCE))
-    if dtype != getattr(torch, manifest.get("dtype", "float32")):
+    if dtype != recorded:
         tol = max(tol, _tolerance(dtype, expected))
     top5 = all(g[-1].topk(5).indices.tolist() == [t["id"] for t in p["top5"]]
                for g, p in zip(got, manifest["probes"]))
@@ -527,7 +543,33 @@ def verify(out_dir, *, reload: bool = True, dtype: torch.dtype | None = None) ->
     return result
 
 
+def _recorded_logits(out_dir: Path, probes: list[Probe], manifest: dict) -> list[torch.Tensor]:
+    """The probe logits stored at export, one [positions, vocab] tensor per manifest probe."""
+    from safetensors.torch import load_file
+
+    try:
+        stored = load_file(str(out_dir / PROBE_LOGITS))
+    except Exception as exc:  # noqa: BLE001 - hashed, so only a foreign writer gets here
+        raise IntegrityError(f"{PROBE_LOGITS} in {out_dir} cannot be read ({first_line(exc)}); re-export") from None
+    vocab = None
+    out = []
+    for i, p in enumerate(probes):
+        t = stored.get(f"probe_{i}")
+        if t is None or t.dim() != 2 or t.shape[0] != p.ids.shape[1] or (vocab is not None and t.shape[1] != vocab):
+            shape = None if t is None else tuple(t.shape)
+            raise IntegrityError(f"{PROBE_LOGITS}: probe_{i} is {shape}, but the manifest's probe {i} has "
+                                 f"{p.ids.shape[1]} tokens; the logits and the manifest do not belong together, "
+                                 "re-export")
+        vocab = t.shape[1]
+        out.append(t)
+    if len(stored) != len(probes):
+        raise IntegrityError(f"{PROBE_LOGITS} holds {len(stored)} probes but the manifest lists {len(probes)}; "
+                             "the logits and the manifest do not belong together, re-export")
+    return out
+
+
 # --------------------------------------------------------------------------- GGUF
+@takes_model
 def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool = False,
                 probe_prompts: Sequence[str] | None = None) -> GGUFResult:
     """Write ``model`` (with ``edits`` applied, restored after) as a GGUF file for llama.cpp / ollama,
@@ -535,8 +577,9 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
 
     ``dtype``: ``"f32"`` or ``"f16"`` (2-D weights; norms stay f32). The comparison is against the
     in-memory model with the same rounding applied (≤ 1e-4); the diff to the unrounded model is
-    reported too. GGUF (llama) carries no biases: exactly-zero biases are dropped, an edit that needs
-    a non-zero bias (MeanAblateHeads, AddSteering) is refused — export those as a HF checkpoint.
+    reported too. Llama and Mistral are written as GGUF ``llama``, Qwen2 as ``qwen2`` (with its q/k/v
+    biases), Qwen3 as ``qwen3``. GGUF carries no other biases: exactly-zero biases are dropped, an edit
+    that needs a non-zero bias (MeanAblateHeads, AddSteering) is refused — export those as a HF checkpoint.
     """
     from .gguf_export import write_gguf
 
@@ -553,13 +596,19 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
         plan.apply(model, atomic=False)
         config = export_config(model)
         state = export_state(model, config)
-        nonzero = sorted(k for k, t in state.items() if k.endswith(".bias") and bool(t.any()))
+        # Qwen2's q/k/v biases belong to its GGUF architecture; every other bias must be zero and is dropped
+        qwen2 = hooks_config.family(config) == "qwen2"
+        dropped = [k for k in state if k.endswith(".bias")
+                   and not (qwen2 and k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")))]
+        nonzero = sorted(k for k in dropped if bool(state[k].any()))
         if nonzero:
             raise ExportError(f"GGUF cannot carry the non-zero bias {nonzero[0]}"
                               f"{f' (and {len(nonzero) - 1} more)' if len(nonzero) > 1 else ''}, which an edit such "
                               "as MeanAblateHeads or AddSteering introduces; export a Hugging Face checkpoint instead")
-        state = {k: v for k, v in state.items() if not k.endswith(".bias")}
-        config.attention_bias = config.mlp_bias = False
+        state = {k: v for k, v in state.items() if k not in set(dropped)}
+        for part in ("attention", "mlp"):
+            if hooks_config.bias_flag(config, part):
+                setattr(config, hooks_config.bias_flag(config, part), False)
         unrounded = _logits(model, probes)
         if dtype == "f16":
             for p in model.parameters():

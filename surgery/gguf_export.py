@@ -1,12 +1,15 @@
-"""Write a Llama model (Hugging Face state dict + config + tokenizer) as a GGUF file.
+"""Write a Llama-family model (Hugging Face state dict + config + tokenizer) as a GGUF file.
 
 The file follows the layout llama.cpp's own converter produces for the ``llama`` architecture
-(metadata keys, tensor names, the Q/K row permutation, token types), and round-trips through
+(metadata keys, tensor names, the Q/K row permutation, token types) -- Mistral is written as
+``llama`` too -- and for ``qwen2`` (q/k/v biases, no permutation: llama.cpp runs Qwen's RoPE in
+HF's rotate-half layout) and ``qwen3`` (plus ``attn_q_norm`` / ``attn_k_norm``). It round-trips through
 transformers' GGUF loader (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)``). It is
 tested against that loader, not against llama.cpp itself.
 
-Only what both readers can read back is written. Anything else -- bias tensors, rope scaling,
-non-SiLU activations, tensors of unknown name -- raises ``ValueError`` instead of being dropped.
+Only what both readers can read back is written. Anything else -- bias tensors (but Qwen2's q/k/v
+biases), rope scaling, sliding windows shorter than the context, non-SiLU activations, tensors of
+unknown name -- raises ``ValueError`` instead of being dropped.
 """
 
 from __future__ import annotations
@@ -51,6 +54,20 @@ _LAYER_TENSORS: dict[str, tuple[str, str]] = {
     "mlp.up_proj.weight": ("ffn_up.weight", "matrix"),
     "mlp.down_proj.weight": ("ffn_down.weight", "matrix"),
 }
+# What the qwen2 / qwen3 architectures add (transformers' GGUF loader maps these names back).
+_QKV_BIASES: dict[str, tuple[str, str]] = {
+    "self_attn.q_proj.bias": ("attn_q.bias", "vector"),
+    "self_attn.k_proj.bias": ("attn_k.bias", "vector"),
+    "self_attn.v_proj.bias": ("attn_v.bias", "vector"),
+}
+_QK_NORMS: dict[str, tuple[str, str]] = {
+    "self_attn.q_norm.weight": ("attn_q_norm.weight", "norm"),
+    "self_attn.k_norm.weight": ("attn_k_norm.weight", "norm"),
+}
+# model_type -> GGUF general.architecture
+_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# transformers' GGUF loader reads no head_dim for qwen3 and keeps Qwen3Config's default
+_QWEN3_HEAD_DIM = 128
 _EMBED, _FINAL_NORM, _LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Buffers derived from the config; older transformers versions put them in the state dict.
@@ -69,6 +86,7 @@ def _cannot(what: str) -> ValueError:
 
 @dataclass(frozen=True)
 class _Hparams:
+    arch: str  # GGUF general.architecture
     n_layers: int
     hidden: int
     n_heads: int
@@ -81,11 +99,25 @@ class _Hparams:
     rope_theta: float
     tied: bool
 
+    def layer_tensors(self) -> dict[str, tuple[str, str]]:
+        """Per-layer HF suffix -> (GGUF suffix, kind) for this architecture."""
+        if self.arch == "qwen2":
+            return {**_LAYER_TENSORS, **_QKV_BIASES}
+        if self.arch == "qwen3":
+            return {**_LAYER_TENSORS, **_QK_NORMS}
+        return _LAYER_TENSORS
+
+    @property
+    def permutes_qk(self) -> bool:
+        """Only llama stores Q/K rows interleaved; qwen2/qwen3 keep HF's rotate-half order."""
+        return self.arch == "llama"
+
 
 def _hparams(config: Any) -> _Hparams:
     model_type = getattr(config, "model_type", None)
-    if model_type != "llama":
-        raise ValueError(f"GGUF export supports Llama configs only, got model_type={model_type!r}")
+    if model_type not in _ARCHITECTURES:
+        raise ValueError(f"GGUF export supports Llama, Mistral, Qwen2 and Qwen3 configs, got model_type={model_type!r}")
+    arch = _ARCHITECTURES[model_type]
 
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
@@ -113,8 +145,22 @@ def _hparams(config: Any) -> _Hparams:
         raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
     if n_heads % n_kv:
         raise ValueError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+    if arch == "qwen2" and head_dim != hidden // n_heads:
+        raise _cannot(f"a qwen2 head_dim={head_dim} other than hidden_size / heads (transformers' loader derives it)")
+    if arch == "qwen3" and head_dim != _QWEN3_HEAD_DIM:
+        raise _cannot(f"a qwen3 head_dim={head_dim} (transformers' GGUF loader reads none and assumes "
+                      f"{_QWEN3_HEAD_DIM})")
+    context = int(config.max_position_embeddings)
+    from hooks import config as hooks_config  # the family switches: which layers are windowed
+
+    windows = [hooks_config.sliding_window(config, i) for i in range(int(config.num_hidden_layers))]
+    short = [(i, w) for i, w in enumerate(windows) if w is not None and w < context]
+    if short:
+        raise _cannot(f"a sliding window of {short[0][1]} tokens (layer {short[0][0]}, context {context}); "
+                      f"GGUF {arch} attends to the whole context")
 
     return _Hparams(
+        arch=arch,
         n_layers=int(config.num_hidden_layers),
         hidden=hidden,
         n_heads=n_heads,
@@ -138,13 +184,18 @@ def _hparams(config: Any) -> _Hparams:
 class _TensorPlan:
     gguf_name: str
     hf_name: str
-    kind: str  # "norm" | "matrix" | "q" | "k"
+    kind: str  # "norm" | "matrix" | "q" | "k" | "vector" (a bias, kept f32 like norms)
     shape: tuple[int, ...]
 
 
 def _expected_shapes(hp: _Hparams) -> dict[str, tuple[int, ...]]:
     q_out, kv_out = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
     return {
+        "self_attn.q_proj.bias": (q_out,),
+        "self_attn.k_proj.bias": (kv_out,),
+        "self_attn.v_proj.bias": (kv_out,),
+        "self_attn.q_norm.weight": (hp.head_dim,),
+        "self_attn.k_norm.weight": (hp.head_dim,),
         "input_layernorm.weight": (hp.hidden,),
         "post_attention_layernorm.weight": (hp.hidden,),
         "self_attn.q_proj.weight": (q_out, hp.hidden),
@@ -165,11 +216,13 @@ def _summarize(names: list[str]) -> str:
 def _plan_tensors(state_dict: Mapping[str, torch.Tensor], hp: _Hparams) -> list[_TensorPlan]:
     """Map every state-dict entry to its GGUF tensor, or raise for one the loaders cannot read back."""
     keys = [k for k in state_dict if not _DERIVED.search(k)]
+    layer_tensors = hp.layer_tensors()
 
     # transformers' GGUF loader builds the model from the file's metadata, which has no
-    # attention_bias / mlp_bias flag for llama: the model it builds has no bias parameters and any
-    # bias tensor in the file is skipped without a word. So no bias can be exported.
-    biases = [k for k in keys if k.endswith(".bias")]
+    # attention_bias / mlp_bias flag: the model it builds has only its class's fixed biases (Qwen2's
+    # q/k/v) and any other bias tensor in the file is skipped without a word. So no other bias can
+    # be exported.
+    biases = [k for k in keys if k.endswith(".bias") and _LAYER_KEY.sub(r"\2", k) not in layer_tensors]
     if biases:
         raise _cannot(f"bias tensors such as {_summarize(biases)}")
 
@@ -178,7 +231,7 @@ def _plan_tensors(state_dict: Mapping[str, torch.Tensor], hp: _Hparams) -> list[
         if key in (_EMBED, _FINAL_NORM, _LM_HEAD):
             continue
         m = _LAYER_KEY.fullmatch(key)
-        if not (m and m.group(2) in _LAYER_TENSORS and int(m.group(1)) < hp.n_layers):
+        if not (m and m.group(2) in layer_tensors and int(m.group(1)) < hp.n_layers):
             unknown.append(key)
     if unknown:
         raise _cannot(f"tensor {_summarize(unknown)}")
@@ -187,7 +240,7 @@ def _plan_tensors(state_dict: Mapping[str, torch.Tensor], hp: _Hparams) -> list[
     plan = [_TensorPlan("token_embd.weight", _EMBED, "matrix", embed_shape)]
     shapes = _expected_shapes(hp)
     for i in range(hp.n_layers):
-        for suffix, (gguf_suffix, kind) in _LAYER_TENSORS.items():
+        for suffix, (gguf_suffix, kind) in layer_tensors.items():
             plan.append(_TensorPlan(f"blk.{i}.{gguf_suffix}", f"model.layers.{i}.{suffix}", kind, shapes[suffix]))
     plan.append(_TensorPlan("output_norm.weight", _FINAL_NORM, "norm", (hp.hidden,)))
 
@@ -226,11 +279,11 @@ def _convert(tensor: torch.Tensor, plan: _TensorPlan, hp: _Hparams, dtype: torch
     if t.is_meta:
         raise ValueError(f"{name} is on the meta device and has no data to export")
     t = t.to(device="cpu", dtype=torch.float32)
-    if plan.kind == "q":
+    if plan.kind == "q" and hp.permutes_qk:
         t = _permute_rotary(t, hp.n_heads)
-    elif plan.kind == "k":
+    elif plan.kind == "k" and hp.permutes_qk:
         t = _permute_rotary(t, hp.n_kv_heads)
-    if plan.kind != "norm" and dtype != torch.float32:
+    if plan.kind not in ("norm", "vector") and dtype != torch.float32:
         converted = t.to(dtype)
         if not torch.isfinite(converted).all() and torch.isfinite(t).all():
             raise ValueError(f"{name} has values outside the float16 range; export with dtype='f32'")
@@ -500,7 +553,8 @@ def write_gguf(
     *,
     dtype: str = "f32",
 ) -> None:
-    """Write a Llama model as a GGUF file (architecture ``llama``).
+    """Write a Llama-family model as a GGUF file (architecture ``llama`` for Llama and Mistral,
+    ``qwen2``, ``qwen3``).
 
     Args:
         state_dict: tensors under ``LlamaForCausalLM`` names (``model.embed_tokens.weight``,
@@ -530,16 +584,18 @@ def write_gguf(
 
     path = Path(path)
     name = Path(str(getattr(config, "name_or_path", "") or "")).name or path.stem
+    if name == "mistral":  # transformers' loader would read a llama file named exactly this as Mistral and fail
+        name = "Mistral"
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = gguf.GGUFWriter(tmp, arch="llama")
+        writer = gguf.GGUFWriter(tmp, arch=hp.arch)
         try:
             _write_metadata(writer, hp, vocab, file_type, name)
             for p in plan:
-                out_dtype = np.dtype(np.float32 if p.kind == "norm" else np_dtype)
+                out_dtype = np.dtype(np.float32 if p.kind in ("norm", "vector") else np_dtype)
                 nbytes = int(np.prod(p.shape)) * out_dtype.itemsize
                 writer.add_tensor_info(p.gguf_name, p.shape, out_dtype, nbytes)
             writer.write_header_to_file()

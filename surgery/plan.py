@@ -23,6 +23,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from hooks.errors import check_model
+
 from . import _state
 from .edits import Edit, HookList, RemoveLayers
 from .errors import EditError, PlanError
@@ -137,6 +139,7 @@ class EditPlan:
     def apply(self, model, *, atomic: bool = True):
         """Apply every edit in order. ``atomic`` (default): all or nothing, an error restores the model
         and re-raises (this keeps a copy of every tensor the plan writes until it is done)."""
+        check_model(model, "EditPlan.apply")
         with (_state.transaction(model) if atomic else contextlib.nullcontext()):
             for i, e in enumerate(self.edits):
                 try:
@@ -198,10 +201,15 @@ def as_plan(edits) -> EditPlan:
         return EditPlan.load(edits)
     if isinstance(edits, dict):
         return EditPlan.from_dict(edits)
+    if isinstance(edits, (bytes, bytearray)) or not hasattr(edits, "__iter__"):
+        raise PlanError(f"edits must be an EditPlan, an edit, a list of edits, a plan dict or a plan file path, "
+                        f"got {type(edits).__name__}")
     return EditPlan(edits)
 
 
 def load_plan(path: str | os.PathLike) -> EditPlan:
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)):
+        raise PlanError(f"load_plan takes the path of a plan file (str or pathlib.Path), got {type(path).__name__}")
     return EditPlan.load(path)
 
 

@@ -6,13 +6,13 @@ import torch
 
 from analyses import direct_logit_attribution
 from hooks import HookedLlama
-from tests.conftest import IOI_CLEAN, tiny_hf
+from tests.conftest import FAMILY_VARIANTS, IOI_CLEAN, tiny_hf
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("variant", ["gqa", "bias", "tied"])
+@pytest.mark.parametrize("variant", ["gqa", "bias", "tied"] + FAMILY_VARIANTS)
 def test_contributions_sum_to_the_logit_difference(variant):
     model = HookedLlama.from_hf(tiny_hf(variant, initializer_range=0.1))
     tokens = torch.randint(3, 128, (3, 10), generator=torch.Generator().manual_seed(0))
@@ -27,6 +27,8 @@ def test_contributions_sum_to_the_logit_difference(variant):
     assert (res.neurons.sum(1) + res.mlp_bias - res.mlp).abs().max() <= 1e-5
     if variant == "bias":
         assert res.attn_bias.abs().max() > 0 and res.mlp_bias.abs().max() > 0
+    if variant == "qwen3_window":  # o_proj bias
+        assert res.attn_bias.abs().max() > 0
     # per-head values equal the core ActivationCache.logit_attrs on stacked head results
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)

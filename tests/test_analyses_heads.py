@@ -44,8 +44,9 @@ def _one_hot_rows(P, target):
     return pat
 
 
-def test_planted_patterns_get_exact_scores():
-    model = HookedLlama.from_hf(tiny_hf("gqa"))
+@pytest.mark.parametrize("variant", ["gqa", "mistral", "qwen3"])
+def test_planted_patterns_get_exact_scores(variant):
+    model = HookedLlama.from_hf(tiny_hf(variant))
     n = 6
     tokens = repeated_random_tokens(model, seq_len=n, n_seqs=3, seed=0)
     assert tokens.shape == (3, 1 + 2 * n) and tokens[0, 0] == model.config.bos_token_id

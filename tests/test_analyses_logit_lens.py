@@ -6,7 +6,7 @@ import torch
 
 from analyses import logit_lens
 from hooks import HookedLlama, InputError
-from tests.conftest import tiny_hf
+from tests.conftest import FAMILY_VARIANTS, tiny_hf
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,8 +19,9 @@ def by_hand(model, resid):
     return (x * model.model.norm.weight) @ model.lm_head.weight.T
 
 
-def test_every_stage_equals_hand_decoding():
-    model = HookedLlama.from_hf(tiny_hf("gqa", initializer_range=0.1))
+@pytest.mark.parametrize("variant", ["gqa"] + FAMILY_VARIANTS)
+def test_every_stage_equals_hand_decoding(variant):
+    model = HookedLlama.from_hf(tiny_hf(variant, initializer_range=0.1))
     tokens = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
     lens = logit_lens(model, tokens, targets=[5, 17], k=3)
     assert lens.stages[:4] == ["0_pre", "0_mid", "0_post", "1_pre"] and len(lens.stages) == 9

@@ -9,7 +9,7 @@ import torch
 from analyses import activation_patching, get_component, kl_divergence, logit_diff
 from analyses.metrics import LogitDiff, TargetProb
 from hooks import HookedLlama, InputError
-from tests.conftest import IOI_CLEAN, IOI_CORRUPT, tiny_hf
+from tests.conftest import FAMILY_VARIANTS, IOI_CLEAN, IOI_CORRUPT, tiny_hf
 
 ALL = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "result", "q", "k", "v", "pattern",
        "neurons"]
@@ -85,7 +85,7 @@ def test_chunking_and_prefix_reuse_do_not_change_numbers(model, component):
     assert base.stats.n_skipped > 0 and other.stats.n_skipped == 0
 
 
-@pytest.mark.parametrize("variant", ["mha", "mqa", "bias", "head_dim"])
+@pytest.mark.parametrize("variant", ["mha", "mqa", "bias", "head_dim"] + FAMILY_VARIANTS)
 def test_head_components_on_other_attention_layouts(variant):
     m = HookedLlama.from_hf(tiny_hf(variant, initializer_range=0.1))
     clean, corrupted = pair(seed=3)
@@ -96,7 +96,10 @@ def test_head_components_on_other_attention_layouts(variant):
         assert res.values.shape[-1] == (m.n_heads if component == "z" else m.n_kv_heads)
 
 
-def test_left_padded_batch_equals_naive_loop(model):
+@pytest.mark.parametrize("variant", ["gqa"] + FAMILY_VARIANTS)
+def test_left_padded_batch_equals_naive_loop(model, variant):
+    if variant != "gqa":
+        model = HookedLlama.from_hf(tiny_hf(variant, initializer_range=0.1))
     clean, corrupted = pair(seed=4, seq=8, at=5)
     mask = torch.ones_like(clean)
     mask[0, :3] = 0  # row 0 is a shorter prompt, left-padded

@@ -15,9 +15,9 @@ METRIC = LogitDiff(torch.tensor([5, 6]), torch.tensor([7, 8]))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = HookedLlama.from_hf(tiny_hf("gqa", num_hidden_layers=4, initializer_range=0.1))
+@pytest.fixture(scope="module", params=["gqa", "mistral", "qwen3"])
+def setup(request):
+    model = HookedLlama.from_hf(tiny_hf(request.param, num_hidden_layers=4, initializer_range=0.1))
     g = torch.Generator().manual_seed(1)
     clean = torch.randint(3, 128, (2, 9), generator=g)
     corrupted = clean.clone()

@@ -12,9 +12,9 @@ from tests.conftest import tiny_hf
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model():
-    return HookedLlama.from_hf(tiny_hf("gqa", initializer_range=0.1))
+@pytest.fixture(scope="module", params=["gqa", "qwen2"])
+def model(request):
+    return HookedLlama.from_hf(tiny_hf(request.param, initializer_range=0.1))
 
 
 def test_direction_is_normalised_difference_of_means(model):

@@ -27,9 +27,15 @@ IOI = [("When Mary and John went to the store, John gave a drink to", " Mary", "
        ("The capital of France is", " Sarah", " Tom")]
 
 
-def build_tiny(directory: Path) -> Path:
-    """A tiny GQA Llama (3 layers, 4 heads / 2 kv, vocab 320) plus a byte-level BPE tokenizer trained on
-    a few sentences, saved with ``save_pretrained`` (names like " Mary" are single tokens)."""
+# other families the info / ablate / edit commands run unchanged: Mistral and Qwen2 with 4-token
+# sliding windows (shorter than the prompts), Qwen3 with q/k norms (head_dim 128, which GGUF can carry)
+FAMILY_DIRS = {"mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 128}}
+
+
+def build_tiny(directory: Path, variant: str = "gqa") -> Path:
+    """A tiny GQA Llama (3 layers, 4 heads / 2 kv, vocab 320) -- or the tiny ``variant`` of another family --
+    plus a byte-level BPE tokenizer trained on a few sentences, saved with ``save_pretrained`` (names like
+    " Mary" are single tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,16 +49,21 @@ def build_tiny(directory: Path) -> Path:
                                                         show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<pad>")
-    hf = tiny_hf("gqa", 0, vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=0, pad_token_id=1,
-                 max_position_embeddings=128, initializer_range=0.1)
+    hf = tiny_hf(variant, 0, vocab_size=tok.get_vocab_size(), bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                 max_position_embeddings=128, initializer_range=0.1, **FAMILY_DIRS.get(variant, {}))
     hf.save_pretrained(directory)
     fast.save_pretrained(directory)
     return directory
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+def tiny_dir(tmp_path_factory, request) -> Path:
+    """The tiny Llama directory; tests parametrised indirectly get another family's (``FAMILY_DIRS``)."""
+    variant = getattr(request, "param", "gqa")
+    return build_tiny(tmp_path_factory.mktemp("tiny") / f"tiny-{variant}", variant)
+
+
+ALL_FAMILIES = pytest.mark.parametrize("tiny_dir", ["gqa", *FAMILY_DIRS], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +124,7 @@ def hf_metric(model, tok, prompt: str, correct: str | None, incorrect: str | Non
 def zero_heads(model: LlamaForCausalLM, layer: int, heads) -> LlamaForCausalLM:
     """A copy with the heads' o_proj input columns zeroed, by hand."""
     model = copy.deepcopy(model)
-    d = model.config.hidden_size // model.config.num_attention_heads
+    d = model.model.layers[layer].self_attn.head_dim
     with torch.no_grad():
         for h in heads:
             model.model.layers[layer].self_attn.o_proj.weight[:, h * d:(h + 1) * d] = 0
@@ -136,6 +147,7 @@ def skip_layer(model: LlamaForCausalLM, layer: int) -> LlamaForCausalLM:
 
 
 # --------------------------------------------------------------------------- info / generate
+@ALL_FAMILIES
 def test_info_json_matches_the_model(tiny_dir, hf, capsys):
     doc = run_json(["info", "--model", tiny_dir], capsys)
     assert doc["parameters"] == sum(p.numel() for p in hf.parameters())
@@ -143,9 +155,22 @@ def test_info_json_matches_the_model(tiny_dir, hf, capsys):
     assert (doc["config"]["n_layers"], doc["config"]["n_heads"], doc["config"]["n_kv_heads"], doc["config"]["d_mlp"]) == \
         (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
     assert doc["dtype"] == "float32" and doc["device"] == "cpu"
+    assert doc["config"]["architecture"] == type(hf).__name__
+    assert doc["config"]["attention_bias"] == (hf.model.layers[0].self_attn.q_proj.bias is not None)
+    if c.model_type == "llama":
+        window = None
+    elif c.model_type == "mistral":
+        window = [c.sliding_window] * c.num_hidden_layers
+    else:
+        window = [c.sliding_window if t == "sliding_attention" else None for t in c.layer_types]
+    assert doc["config"]["sliding_window"] == (window if any(window or []) else None)
+    assert doc["config"]["qk_norm"] == hasattr(hf.model.layers[0].self_attn, "q_norm")
     shapes = {h["name"]: h["shape"] for h in doc["hooks"]}
-    P, M, H, G, D, F = 4, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads, c.intermediate_size
-    assert len(shapes) == 1 + 2 + c.num_hidden_layers * 22 + 1
+    P, M, H, G, D, F = 4, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, hf.model.layers[0].self_attn.head_dim, c.intermediate_size
+    qk_norm = c.model_type == "qwen3"  # attn.q_ln / attn.k_ln hook_scale and hook_normalized
+    assert len(shapes) == 1 + 2 + c.num_hidden_layers * (22 + 4 * qk_norm) + 1
+    if qk_norm:
+        assert shapes["blocks.1.attn.q_ln.hook_scale"] == [1, P, H, 1] and shapes["blocks.1.attn.k_ln.hook_normalized"] == [1, P, G, D]
     assert shapes["hook_embed"] == [1, P, M] and shapes["hook_logits"] == [1, P, c.vocab_size]
     assert shapes["blocks.2.attn.hook_k"] == [1, P, G, D] and shapes["blocks.2.attn.hook_q"] == [1, P, H, D]
     assert shapes["blocks.0.attn.hook_pattern"] == [1, H, P, P] and shapes["blocks.1.attn.hook_result"] == [1, P, H, M]
@@ -253,6 +278,7 @@ def test_patch_json_matches_a_hand_patched_transformers_run(tiny_dir, hf, tok, c
 
 # --------------------------------------------------------------------------- ablate / sweep
 @pytest.mark.parametrize("metric", ["logit-diff", "prob", "loss"])
+@ALL_FAMILIES
 def test_ablate_json_matches_transformers_with_heads_zeroed_by_hand(tiny_dir, hf, tok, prompts_file, metric, capsys):
     doc = run_json(["ablate", "--model", tiny_dir, "--heads", "1.0,1.3,2.1", "--prompts", prompts_file,
                     "--metric", metric, "--batch-size", 2], capsys)
@@ -334,6 +360,7 @@ def test_sweep_mean_ablation_matches_surgery_mean_ablate(tiny_dir, prompts_file,
 
 
 # --------------------------------------------------------------------------- edit / verify / run
+@ALL_FAMILIES
 def test_edit_exports_hf_and_gguf_that_transformers_reloads(tiny_dir, hf, tok, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
     plan.write_text("edits:\n  - {edit: ZeroHeads, layer: 2, heads: [3]}\n  - {edit: ZeroNeurons, layer: 0, neurons: [1, 2]}\n")
@@ -344,8 +371,14 @@ def test_edit_exports_hf_and_gguf_that_transformers_reloads(tiny_dir, hf, tok, t
     doc = run_json(["edit", plan, "--model", tiny_dir, "--out", tmp_path / "hf-out"], capsys)
     assert doc["export"]["max_abs_logit_diff"] <= 1e-4 and len(doc["edits"]["edits"]) == 2
     with torch.no_grad():
-        got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-out").eval()(x).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-out").eval()
+        got = reloaded(x).logits
+    assert type(reloaded) is type(hf)  # the family's own class
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-4)
+    if getattr(hf.config, "sliding_window", None) is not None:  # GGUF has no sliding window: refused, nothing written
+        code, _, err = run(["edit", plan, "--model", tiny_dir, "--out", tmp_path / "m.gguf", "--format", "gguf"], capsys)
+        assert code == 2 and "sliding window of 4 tokens" in err and not (tmp_path / "m.gguf").exists()
+        return
     doc = run_json(["edit", plan, "--model", tiny_dir, "--out", tmp_path / "m.gguf", "--format", "gguf"], capsys)
     assert doc["export"]["max_abs_logit_diff"] <= 1e-4
     with torch.no_grad():

@@ -203,7 +203,17 @@ API = {
         "unknown dtype 'float8'; use one of float32, bfloat16, float16"),
     "from_hf of something else": (
         lambda c: HookedLlama.from_hf("HuggingFaceTB/SmolLM2-135M"), UnsupportedArchitectureError,
-        "from_hf takes a transformers LlamaForCausalLM, got str; for a path or hub id use from_pretrained"),
+        "from_hf takes a transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM, "
+        "got str; for a path or hub id use from_pretrained"),
+    "weight edit needing a bias the family lacks": (
+        lambda c: S.MeanAblateHeads(1, [0], torch.zeros(1, 16)).apply(HookedLlama.from_hf(tiny_hf("qwen2"))), S.EditError,
+        "MeanAblateHeads needs a bias on o_proj, which Qwen2ForCausalLM cannot carry (only Llama and Qwen3 have one); "
+        "run it at run time with edit.as_hooks(model), or use an edit without a bias (ZeroHeads, Orthogonalize)"),
+    "GGUF export of a sliding window": (
+        lambda c: S.export_gguf(HookedLlama.from_hf(tiny_hf("mistral", vocab_size=320, max_position_embeddings=128),
+                                                    c.tok_model.tokenizer), "exports/m.gguf"), S.ExportError,
+        "GGUF export refused: GGUF export cannot represent a sliding window of 4 tokens (layer 0, context 128); "
+        "GGUF llama attends to the whole context; export as a Hugging Face checkpoint instead"),
     "truncated shard": (
         lambda c: HookedLlama.from_pretrained(str(sharded_with_truncated_shard(c.work).name)), LoadError,
         "cannot read sharded/model-00002-of-00010.safetensors: not a complete safetensors file; the file is "
@@ -250,7 +260,8 @@ CLI = {
                                       "empty has no config.json; point at a Hugging Face checkpoint directory"),
     "unsupported architecture": (["info", "--model", "gpt2"], 2,
                                  "unsupported architecture 'gpt2' (GPT2LMHeadModel) in gpt2/config.json: llama-scalpel "
-                                 "runs LlamaForCausalLM checkpoints (model_type 'llama')"),
+                                 "runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM "
+                                 "checkpoints (model_type 'llama', 'mistral', 'qwen2' or 'qwen3')"),
     "pickle-only checkpoint": (["info", "--model", "pickled"], 2,
                                "pickled has only pickle weights (pytorch_model.bin), which can run code when loaded; "
                                "convert it to safetensors, or pass allow_pickle=True if you trust the file"),

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 
 import surgery as S
 from hooks import HookedLlama
-from tests.conftest import tiny_hf
+from hooks import config as hooks_config
+from tests.conftest import FAMILY_VARIANTS, tiny_hf
 from tests.test_edits import EDIT_NAMES, assert_same, ids, make_edit, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,10 @@ def hf_logits(path, x, **kw) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize("name, variant", [(n, "gqa") for n in EDIT_NAMES]
-                         + [(n, "tied") for n in ("ZeroHeads", "RemoveLayers", "Orthogonalize", "MergeLora")])
+                         + [(n, "tied") for n in ("ZeroHeads", "RemoveLayers", "Orthogonalize", "MergeLora")]
+                         # other families reload in their own class (RemoveLayers keeps each layer's window)
+                         + [("RemoveLayers", v) for v in FAMILY_VARIANTS]
+                         + [("MeanAblateHeads", "qwen3"), ("Orthogonalize", "qwen2_tied"), ("MergeLora", "qwen2")])
 def test_export_round_trip_per_edit(name, variant, tmp_path):
     model = HookedLlama.from_hf(tiny_hf(variant))
     edit = make_edit(name, model, tmp_path)
@@ -53,13 +57,23 @@ def test_export_round_trip_per_edit(name, variant, tmp_path):
     assert (hf_logits(out, x) - want).abs().max() <= 1e-4  # plain transformers, independently of export's check
     assert (HookedLlama.from_pretrained(str(out))(x) - want).abs().max() <= 1e-4
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"]
-    assert config["attention_bias"] == (name == "MeanAblateHeads")
-    assert config["mlp_bias"] == (name == "AddSteering")
+    base = model.config.to_dict()
+    family = hooks_config.family(model.config)
+    assert config["architectures"] == [type(tiny_hf(variant)).__name__]
+    assert config["model_type"] == family
+    if family in ("llama", "qwen3"):
+        assert config["attention_bias"] == (name == "MeanAblateHeads" or base["attention_bias"])
+    else:  # Mistral / Qwen2: biases fixed by the class, no flag written
+        assert "attention_bias" not in config and "mlp_bias" not in config
+    if family == "llama":
+        assert config["mlp_bias"] == (name == "AddSteering")
     assert config["num_hidden_layers"] == (2 if name == "RemoveLayers" else 3)
-    assert config["tie_word_embeddings"] == (variant == "tied" and name != "Orthogonalize")
-    for key in ("rms_norm_eps", "rope_parameters", "num_key_value_heads", "bos_token_id", "initializer_range"):
-        assert config[key] == model.config.to_dict()[key]
+    if "layer_types" in base:
+        assert config["layer_types"] == [t for i, t in enumerate(base["layer_types"]) if name != "RemoveLayers" or i != 1]
+    assert config["tie_word_embeddings"] == (base["tie_word_embeddings"] and name != "Orthogonalize")
+    for key in ("rms_norm_eps", "rope_parameters", "num_key_value_heads", "bos_token_id", "initializer_range",
+                "sliding_window", "head_dim"):
+        assert config.get(key) == base.get(key)
     manifest = json.loads((out / E.MANIFEST).read_text())
     assert manifest["edits"] == [edit.to_dict()]
     assert manifest["base"]["sha256"] and manifest["base"]["sha256_of"] == "state dict tensors"
@@ -411,7 +425,7 @@ def test_consistent_tampering_is_caught_by_reload_parity(exported, tmp_path):
     save_file(tensors, str(shard), metadata={"format": "pt"})
     manifest = json.loads((out / E.MANIFEST).read_text())
     manifest["files"][shard.name] = E.sha256_file(shard)
-    (out / E.MANIFEST).write_text(json.dumps(manifest))
+    (out / E.MANIFEST).write_text(json.dumps(E.seal(manifest)))  # the manifest's own hash redone too
     with pytest.raises(S.ParityError, match="reloaded logits differ"):
         S.verify(out)
 
@@ -488,6 +502,32 @@ def test_gguf_refuses_a_bias_edit_before_writing(vocab_model, tmp_path):
     with pytest.raises(S.ExportError, match=r"GGUF cannot carry the non-zero bias model\.layers\.1\.mlp\.down_proj\.bias"):
         S.export_gguf(vocab_model, tmp_path / "s.gguf", edits=[S.AddSteering(1, torch.ones(64))])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("variant, overrides", [("qwen2", {"use_sliding_window": False}), ("qwen3", {"head_dim": 128})])
+def test_gguf_round_trip_of_other_families(variant, overrides, tmp_path):
+    from tests.test_gguf_export import small_sentencepiece_tokenizer
+
+    tok = small_sentencepiece_tokenizer()
+    model = HookedLlama.from_hf(tiny_hf(variant, vocab_size=len(tok), **overrides), tok)
+    plan = S.EditPlan([S.ZeroHeads(1, [0]), S.RemoveLayers([2])])
+    result = S.export_gguf(model, tmp_path / "m.gguf", edits=plan)
+    assert result.max_abs_logit_diff <= 1e-4
+    x = model.to_tokens("The quick brown fox")
+    with torch.no_grad(), plan.applied(model):
+        want = model(x)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == type(model.to_hf()).__name__
+    back = HookedLlama.from_pretrained(str(tmp_path / "m.gguf"))
+    with torch.no_grad():
+        assert (hf(x).logits - want).abs().max() <= 1e-4 and (back(x) - want).abs().max() <= 1e-4
+    if variant == "qwen2":  # the q/k/v biases travel with the file
+        assert back.model.layers[0].self_attn.q_proj.bias.abs().max() > 0
+    # a bias the architecture cannot carry is refused before anything is written
+    if variant == "qwen3":
+        with pytest.raises(S.ExportError, match=r"GGUF cannot carry the non-zero bias model\.layers\.1\.self_attn\.o_proj\.bias"):
+            S.export_gguf(model, tmp_path / "b.gguf", edits=[make_edit("MeanAblateHeads", model, tmp_path)])
+        assert not (tmp_path / "b.gguf").exists()
 
 
 def test_gguf_needs_a_tokenizer(tmp_path):

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from hooks import HookedLlama, InputError, KVCache
-from tests.conftest import tiny_hf
+from tests.conftest import FAMILY_VARIANTS, tiny_hf
 
 
-@pytest.mark.parametrize("variant", ["gqa", "mqa", "bias", "rope_llama3"])
+# prompts of 6 tokens + 12 new ones run well past the families' 4-token sliding windows
+@pytest.mark.parametrize("variant", ["gqa", "mqa", "bias", "rope_llama3"] + FAMILY_VARIANTS)
 def test_greedy_matches_hf_generate(variant):
     hf = tiny_hf(variant)
     model = HookedLlama.from_hf(hf)
@@ -17,7 +18,9 @@ def test_greedy_matches_hf_generate(variant):
     assert ours.tolist() == ref.tolist()
 
 
-def test_kv_cache_logits_equal_full_forward(tiny):
+@pytest.mark.parametrize("variant", ["gqa"] + FAMILY_VARIANTS)
+def test_kv_cache_logits_equal_full_forward(variant):
+    tiny = HookedLlama.from_hf(tiny_hf(variant))
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
     full = tiny(ids)
     cache = KVCache(tiny.n_layers)
@@ -60,6 +63,19 @@ def test_left_padded_batch_generates_like_single_prompts(tiny):
     mask[1, :3] = 0
     out = tiny.generate(batch, max_new_tokens=5, attention_mask=mask, stop_at_eos=False)
     assert out[:, -5:].tolist() == singles
+
+
+@pytest.mark.parametrize("variant", ["gqa"] + FAMILY_VARIANTS)
+def test_left_padded_batch_matches_hf_generate(variant):
+    hf = tiny_hf(variant)
+    model = HookedLlama.from_hf(hf)
+    batch = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    batch[1, :3] = 0
+    ours = model.generate(batch, max_new_tokens=8, attention_mask=mask, stop_at_eos=False)
+    ref = hf.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours.tolist() == ref.tolist()
 
 
 def test_sampling_is_seeded_and_respects_top_k(tiny):

@@ -205,6 +205,50 @@ def test_qk_permutation_matches_llama_cpp_layout():
     assert torch.equal(undone, weight)
 
 
+# --------------------------------------------------------------- other families (small tokenizer, fast)
+# Mistral is written as llama, Qwen2 as qwen2 (q/k/v biases), Qwen3 as qwen3 (q/k norms; transformers'
+# loader assumes head_dim 128 for qwen3). Sliding windows are off: GGUF has none (refused below).
+FAMILY_GGUF = {"mistral": ({"sliding_window": None}, "LlamaForCausalLM"),
+               "qwen2": ({"use_sliding_window": False}, "Qwen2ForCausalLM"),
+               "qwen2_tied": ({"use_sliding_window": False, "layer_types": None}, "Qwen2ForCausalLM"),
+               "qwen3": ({"head_dim": 128}, "Qwen3ForCausalLM")}
+
+
+@pytest.mark.parametrize("variant", list(FAMILY_GGUF))
+def test_family_round_trip_and_hooked_load(tmp_path, sp_tokenizer, variant):
+    from hooks import HookedLlama
+    from tests.conftest import tiny_hf
+
+    overrides, cls = FAMILY_GGUF[variant]
+    model = tiny_hf(variant, vocab_size=len(sp_tokenizer), **overrides)
+    write_gguf(model.state_dict(), model.config, sp_tokenizer, tmp_path / "m.gguf")
+    loaded = reload(tmp_path, "m.gguf")
+    assert type(loaded).__name__ == cls
+    assert loaded.config.tie_word_embeddings == model.config.tie_word_embeddings
+    ids = [sp_tokenizer(text).input_ids for text in SAMPLE_TEXTS]
+    assert max_logit_diff(model, loaded, ids) <= F32_TOLERANCE
+    hooked = HookedLlama.from_pretrained(str(tmp_path / "m.gguf"))  # our own GGUF loading of the architecture
+    with torch.no_grad():
+        x = torch.tensor([ids[0]])
+        assert (hooked(x) - model(x).logits).abs().max() <= F32_TOLERANCE
+
+
+@pytest.mark.parametrize("variant, overrides, what", [
+    ("mistral", {}, "sliding window of 4 tokens"),
+    ("qwen2", {}, "sliding window of 4 tokens"),
+    ("qwen3", {}, "qwen3 head_dim=24"),
+    ("qwen3", {"head_dim": 128, "attention_bias": True}, "bias tensors"),
+])
+def test_family_features_gguf_cannot_carry_are_refused(tmp_path, sp_tokenizer, variant, overrides, what):
+    from tests.conftest import tiny_hf
+
+    model = tiny_hf(variant, vocab_size=len(sp_tokenizer), **overrides)
+    with pytest.raises(ValueError, match=CANNOT) as info:
+        write_gguf(model.state_dict(), model.config, sp_tokenizer, tmp_path / "m.gguf")
+    assert what in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------------------ refusals
 
 

@@ -5,7 +5,7 @@ import torch
 
 import hooks.model as hm
 from hooks import HookError, HookedLlama, InputError, act_name
-from tests.conftest import tiny_hf
+from tests.conftest import FAMILY_VARIANTS, tiny_hf
 
 B, P = 2, 7
 
@@ -29,13 +29,16 @@ def expected_shapes(m: HookedLlama, i: int) -> dict[str, tuple]:
         "mlp.hook_pre": (B, P, F), "mlp.hook_gate": (B, P, F), "mlp.hook_pre_linear": (B, P, F),
         "mlp.hook_post": (B, P, F),
     }
+    if m.model.layers[i].self_attn.q_norm is not None:  # Qwen3's per-head q/k RMSNorm
+        per_layer.update({"attn.q_ln.hook_scale": (B, P, H, 1), "attn.q_ln.hook_normalized": (B, P, H, D),
+                          "attn.k_ln.hook_scale": (B, P, G, 1), "attn.k_ln.hook_normalized": (B, P, G, D)})
     shapes = {f"blocks.{i}.{k}": v for k, v in per_layer.items()}
     shapes.update({"hook_embed": (B, P, M), "ln_final.hook_scale": (B, P, 1), "ln_final.hook_normalized": (B, P, M),
                    "hook_logits": (B, P, V)})
     return shapes
 
 
-@pytest.mark.parametrize("variant", ["mha", "gqa", "mqa", "head_dim"])
+@pytest.mark.parametrize("variant", ["mha", "gqa", "mqa", "head_dim"] + FAMILY_VARIANTS)
 def test_every_documented_hook_exists_with_its_shape(variant, ids):
     m = HookedLlama.from_hf(tiny_hf(variant))
     _, cache = m.run_with_cache(ids, names_filter=lambda n: True)
@@ -47,8 +50,9 @@ def test_every_documented_hook_exists_with_its_shape(variant, ids):
         assert tuple(cache[name].shape) == shape, name
 
 
-def test_hook_values_equal_hf_hidden_states_and_attentions(ids):
-    hf = tiny_hf("gqa")
+@pytest.mark.parametrize("variant", ["gqa"] + FAMILY_VARIANTS)
+def test_hook_values_equal_hf_hidden_states_and_attentions(variant, ids):
+    hf = tiny_hf(variant)
     hf.config._attn_implementation = "eager"
     m = HookedLlama.from_hf(hf)
     with torch.no_grad():
@@ -57,8 +61,14 @@ def test_hook_values_equal_hf_hidden_states_and_attentions(ids):
     assert (cache["hook_embed"] - out.hidden_states[0]).abs().max() == 0
     for i in range(m.n_layers - 1):  # HF's last hidden state is after the final norm
         assert (cache["resid_post", i] - out.hidden_states[i + 1]).abs().max() <= 1e-6
+    for i in range(m.n_layers):
         assert (cache["pattern", i] - out.attentions[i]).abs().max() <= 1e-6
-    assert (cache["ln_final_normalized"] * m.model.norm.weight - out.hidden_states[-1]).abs().max() <= 1e-6
+        # the pattern shows the sliding window: query p sees keys p - window < k <= p only
+        window = m.model.layers[i].self_attn.sliding_window or P
+        q, k = torch.arange(P)[:, None], torch.arange(P)[None, :]
+        assert (cache["pattern", i][..., (k > q) | (k <= q - window)] == 0).all()
+        assert (cache["pattern", i][..., (k <= q) & (k > q - window)] > 0).all()
+    assert (cache["ln_final_normalized"] * m.model.norm.weight - out.hidden_states[-1]).abs().max() <= 1e-5
 
 
 def test_act_name():
@@ -68,6 +78,24 @@ def test_act_name():
     assert act_name("embed") == "hook_embed"
     with pytest.raises(HookError, match="closest: pattern"):
         act_name("patern", 1)
+
+
+def test_qk_norm_hooks_are_qwen3s_norms(ids):
+    hf = tiny_hf("qwen3")
+    m = HookedLlama.from_hf(hf)
+    _, cache = m.run_with_cache(ids)
+    for i, layer in enumerate(hf.model.layers):
+        for name, norm in (("q", layer.self_attn.q_norm), ("k", layer.self_attn.k_norm)):
+            x = cache[f"blocks.{i}.attn.hook_{name}"]  # the projection, [B, P, heads, D]
+            scale = (x.pow(2).mean(-1, keepdim=True) + hf.config.rms_norm_eps).sqrt()
+            assert torch.allclose(cache[f"blocks.{i}.attn.{name}_ln.hook_scale"], scale, atol=1e-6)
+            normalized = cache[f"blocks.{i}.attn.{name}_ln.hook_normalized"]
+            assert torch.allclose(normalized, x / scale, atol=1e-6)
+            with torch.no_grad():
+                assert (normalized * norm.weight - norm(x)).abs().max() <= 1e-6  # HF's own module
+    # editing the normalised keys changes the output (the hook is live, not a copy)
+    changed = m.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.k_ln.hook_normalized", lambda t, h: t * 0)])
+    assert (changed - m(ids)).abs().max() > 1e-3
 
 
 def test_rmsnorm_hooks_are_the_maths(tiny, ids):

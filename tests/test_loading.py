@@ -84,16 +84,29 @@ def test_hub_id_from_local_cache(monkeypatch, tmp_path):
         assert (model(ids) - hf(ids).logits).abs().max() <= 1e-5
 
 
-def test_unsupported_architecture_names_what_is_supported(tmp_path):
-    path = tmp_path / "gpt2"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'gpt2'.*LlamaForCausalLM"):
-        HookedLlama.from_pretrained(str(path))
-    from transformers import GPT2Config, GPT2LMHeadModel
+SUPPORTED = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM"
 
-    with pytest.raises(UnsupportedArchitectureError, match="from_hf takes a transformers LlamaForCausalLM"):
-        HookedLlama.from_hf(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=10)))
+
+@pytest.mark.parametrize("model_type, arch", [("gpt2", "GPT2LMHeadModel"), ("gemma", "GemmaForCausalLM"),
+                                              ("phi3", "Phi3ForCausalLM"), ("olmo", "OlmoForCausalLM")])
+def test_unsupported_architecture_names_what_is_supported(tmp_path, model_type, arch):
+    path = tmp_path / model_type
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": model_type, "architectures": [arch]}))
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        HookedLlama.from_pretrained(str(path))
+    assert str(info.value) == (f"unsupported architecture {model_type!r} ({arch}) in {path / 'config.json'}: "
+                               f"llama-scalpel runs {SUPPORTED} checkpoints (model_type 'llama', 'mistral', 'qwen2' "
+                               "or 'qwen3')")
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type, num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                                               num_attention_heads=2, num_key_value_heads=2, vocab_size=10, head_dim=8,
+                                               n_layer=1, n_embd=16, n_head=2, pad_token_id=0, bos_token_id=1,
+                                               eos_token_id=2)
+    hf = getattr(transformers, arch)(config)
+    with pytest.raises(UnsupportedArchitectureError, match=f"from_hf takes a transformers {SUPPORTED}$"):
+        HookedLlama.from_hf(hf)
 
 
 def test_corrupt_and_truncated_safetensors(hf_dir):

@@ -1,10 +1,11 @@
-"""HookedLlama gives HF LlamaForCausalLM's logits, for every supported config variant."""
+"""HookedLlama gives the logits of each family's own HF class (LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM), for every supported config variant."""
 
 import pytest
 import torch
 
 from hooks import HookedLlama
-from tests.conftest import VARIANTS, tiny_hf
+from tests.conftest import FAMILY_VARIANTS, VARIANTS, tiny_hf
 
 
 def _inputs(vocab: int, seq: int = 12, batch: int = 2, seed: int = 1):
@@ -48,15 +49,16 @@ def test_left_padding_matches_hf_with_same_positions(variant):
     assert torch.isfinite(ours).all()
 
 
+@pytest.mark.parametrize("variant", ["gqa"] + FAMILY_VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_within_rounding(dtype):
-    hf = tiny_hf("gqa").to(dtype)
+def test_half_precision_within_rounding(dtype, variant):
+    hf = tiny_hf(variant).to(dtype)
     model = HookedLlama.from_hf(hf)
     ids = _inputs(hf.config.vocab_size, 12)
     with torch.no_grad():
         ref = hf(ids).logits.float()
         ours = model(ids).float()
-        exact = tiny_hf("gqa")(ids).logits
+        exact = tiny_hf(variant)(ids).logits
     # within two units of rounding of the logits' magnitude, and no further from fp32 than HF is
     ulp = torch.finfo(dtype).eps * ref.abs().max()
     assert (ours - ref).abs().max() <= 2 * ulp
@@ -74,23 +76,24 @@ def test_state_dict_is_hf_state_dict(variant):
         assert ours[k].data_ptr() == theirs[k].data_ptr()  # shared, not copied
 
 
-def test_state_dict_loads_into_fresh_hf_model():
-    from transformers import LlamaForCausalLM
-
-    hf = tiny_hf("bias")
+@pytest.mark.parametrize("variant", ["bias"] + FAMILY_VARIANTS)
+def test_state_dict_loads_into_fresh_hf_model(variant):
+    hf = tiny_hf(variant)
     model = HookedLlama.from_config(hf.config, seed=3)
-    fresh = LlamaForCausalLM(hf.config).eval()
+    fresh = type(hf)(hf.config).eval()  # the family's own class
     fresh.load_state_dict(model.state_dict())
     ids = _inputs(hf.config.vocab_size)
     with torch.no_grad():
         assert (fresh(ids).logits - model(ids)).abs().max() <= 1e-5
 
 
-def test_to_hf_shares_weights_and_matches():
-    model = HookedLlama.from_config(tiny_hf("tied").config, seed=4)
+@pytest.mark.parametrize("variant", ["tied"] + FAMILY_VARIANTS)
+def test_to_hf_shares_weights_and_matches(variant):
+    model = HookedLlama.from_config(tiny_hf(variant).config, seed=4)
     hf = model.to_hf()
+    assert type(hf).__name__ == type(tiny_hf(variant)).__name__
     assert hf.model.embed_tokens.weight is model.model.embed_tokens.weight
-    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == model.config.tie_word_embeddings
     ids = _inputs(model.d_vocab)
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)).abs().max() <= 1e-5
@@ -98,7 +101,9 @@ def test_to_hf_shares_weights_and_matches():
 
 def test_all_variants_listed():
     assert {"mha", "gqa", "mqa", "tied", "bias", "head_dim", "rope_linear", "rope_dynamic", "rope_llama3",
-            "rope_yarn"} <= set(VARIANTS)
+            "rope_yarn", "mistral", "qwen2", "qwen2_tied", "qwen3", "qwen3_window"} <= set(VARIANTS)
+    kinds = {VARIANTS[v].get("family", "llama") for v in VARIANTS}
+    assert kinds == {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def test_float64_padded_eager_path_is_finite_and_exact():

@@ -37,15 +37,21 @@ def run(args, ctx) -> Output:
     """Architecture, parameter count, dtype/device and the hook map (names x shapes)."""
     model = ctx.model()
     c = model.config
-    from hooks.config import rope_parameters
+    from hooks import config as hooks_config
 
-    rope = rope_parameters(c)
-    arch = {"architecture": "LlamaForCausalLM", "n_layers": model.n_layers, "d_model": model.d_model,
+    rope = hooks_config.rope_parameters(c)
+    attn = [layer.self_attn for layer in model.model.layers]
+    windows = [a.sliding_window for a in attn]
+    arch = {"architecture": hooks_config.family_class_name(c), "n_layers": model.n_layers, "d_model": model.d_model,
             "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "d_head": model.d_head, "d_mlp": model.d_mlp,
             "d_vocab": model.d_vocab, "max_positions": c.max_position_embeddings, "activation": c.hidden_act,
             "rms_norm_eps": c.rms_norm_eps, "rope_type": rope.get("rope_type", "default"),
             "rope_theta": rope.get("rope_theta"), "tied_embeddings": model.lm_head.weight is model.model.embed_tokens.weight,
-            "attention_bias": bool(c.attention_bias), "mlp_bias": bool(c.mlp_bias)}
+            "attention_bias": any(getattr(a, n).bias is not None for a in attn for n in hooks_config.ATTENTION_PROJECTIONS),
+            "mlp_bias": any(getattr(layer.mlp, n).bias is not None for layer in model.model.layers
+                            for n in hooks_config.MLP_PROJECTIONS),
+            "sliding_window": windows if any(w is not None for w in windows) else None,  # keys per query, per layer
+            "qk_norm": hooks_config.qk_norm(c)}
     n_params = sum(p.numel() for p in model.parameters())
     shapes = hook_shapes(model)
     data = {"command": "info", "model": model_meta(model), "config": arch, "parameters": n_params,

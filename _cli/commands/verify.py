@@ -24,8 +24,9 @@ def run(args, ctx) -> Output:
     out = Output("verify", data)
     rows = [["directory", res.get("out_dir", args.dir)], ["ok", bool(res.get("ok"))],
             ["files checked (sha256)", res.get("files_checked")]]
-    if res.get("unlisted_files"):
-        rows.append(["files not in the manifest", ", ".join(res["unlisted_files"])])
+    rows.append(["manifest version", res.get("manifest_version")])
+    if res.get("note"):
+        rows.append(["note", res["note"]])
     if "max_abs_logit_diff" in res:
         rows += [["reload max |logit diff|", res["max_abs_logit_diff"]], ["tolerance", res["tolerance"]],
                  ["top-5 tokens match", bool(res.get("top5_match"))]]
