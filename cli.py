@@ -24,11 +24,12 @@ from _cli.app import main
 from _cli.commands import execute, help_texts
 from _cli.context import DEFAULT_MODEL, Context, check_outputs, model_meta
 from _cli.parser import PROG, HelpShown, UsageError, build_parser
+from _cli.parser import version as parser_version
 
 COMMAND_HELP = help_texts()
 
 __all__ = ["main", "build_parser", "execute", "Context", "check_outputs", "model_meta", "COMMAND_HELP",
-           "DEFAULT_MODEL", "PROG", "HelpShown", "UsageError"]
+           "DEFAULT_MODEL", "PROG", "HelpShown", "UsageError", "parser_version"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,6 +15,7 @@ import sys
 import traceback
 from typing import Sequence
 
+from _cli import progress
 from _cli.commands import execute
 from _cli.context import Context, check_ignored, check_outputs
 from _cli.parser import PROG, HelpShown, build_parser
@@ -75,7 +76,8 @@ def _main(argv: Sequence[str] | None) -> int:
         check_ignored(args)
         check_outputs(outputs, args.overwrite, gguf=getattr(args, "format", None) == "gguf")
         ctx = Context(getattr(args, "model", None), getattr(args, "dtype", None), getattr(args, "device", None))
-        with _quiet_progress(not sys.stdout.isatty()):
+        on_terminal = sys.stdout.isatty() and sys.stderr.isatty() and not args.json
+        with _quiet_transformers_bars(), progress.session(on_terminal):
             out = execute(args, ctx)
         if getattr(args, "report", None):
             meta = {"command": f"{PROG} " + " ".join(shlex.quote(a) for a in argv)}
@@ -84,7 +86,7 @@ def _main(argv: Sequence[str] | None) -> int:
             write_report(args.report, out.sections or [out], title=out.title or f"{PROG} {args.command}", meta=meta)
             out.files.append(str(args.report))
             out.data.setdefault("files", []).append(str(args.report))
-        _print(to_json(out.data) if args.json else render_text(out))
+        _print(to_json(out.data) if args.json else render_text(out, color=sys.stdout.isatty()))
         return 0
     except Terminated:
         _error("terminated (SIGTERM)", debug)
@@ -99,12 +101,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_progress(quiet: bool):
-    """Silence transformers' own progress bars (shard writing, GGUF de-quantising) when ``quiet``;
-    ours are silenced by ``_cli.ablate.progress``. Everything is restored on exit."""
-    if not quiet:
-        yield
-        return
+def _quiet_transformers_bars():
+    """Silence transformers' own tqdm bars (shard writing, GGUF de-quantising): our progress display
+    (``_cli.progress``) shows those steps on a terminal. Everything is restored on exit."""
     from functools import partial
 
     from tqdm.auto import tqdm
@@ -165,7 +164,15 @@ PYTHON_TO_FLAGS = (("pass overwrite=True", "pass --overwrite"), ("max_new_tokens
 
 
 def _error(message: str, debug: bool) -> None:
+    """One line on stderr, ``scalpel: error: MESSAGE`` (in red on a terminal, never wrapped)."""
     if debug:
         traceback.print_exc()
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.text import Text
+
+        Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble((f"{PROG}: error:", "bold red"),
+                                                                                  " " + message))
+        return
     sys.stderr.write(f"{PROG}: error: {message}\n")
     sys.stderr.flush()

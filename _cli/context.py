@@ -40,7 +40,9 @@ class Context:
 
             from hooks import HookedLlama
 
-            with warnings.catch_warnings():
+            from _cli.progress import task
+
+            with warnings.catch_warnings(), task(f"loading the model ({self.model_spec})"):
                 warnings.simplefilter("ignore")
                 if self.model_spec == DEFAULT_MODEL:
                     self._model = HookedLlama.default(dtype=self.dtype, device=self.device)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from analyses.ablation import Prompt
 from hooks.errors import ScalpelError
 
 
@@ -190,14 +191,7 @@ def load_vector(path: str | Path) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- prompts
-@dataclass
-class PromptItem:
-    """One prompt and (optionally) its answer pair; ``where`` names its file and line for errors."""
-
-    text: str
-    correct: str | None = None
-    incorrect: str | None = None
-    where: str = ""
+PromptItem = Prompt  # one prompt and (optionally) its answers; ``where`` names its file and line for errors
 
 
 def read_prompts(path: str | Path) -> list[PromptItem]:

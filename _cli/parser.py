@@ -41,18 +41,47 @@ class Parser(argparse.ArgumentParser):
         raise HelpShown(status)
 
 
+def _formatter():
+    from rich_argparse import RawDescriptionRichHelpFormatter
+
+    return RawDescriptionRichHelpFormatter
+
+
 def build_parser() -> Parser:
-    """The ``scalpel`` argument parser (one sub-parser per command of ``commands.NAMES``)."""
-    parser = Parser(prog=PROG, description="Open up and modify Llama models: hooks, analyses, weight surgery, "
-                                            "verified export.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
+    """The ``scalpel`` argument parser (one sub-parser per command of ``commands.NAMES``); help is
+    formatted by rich-argparse and ends with a worked example on the default model."""
+    import shtab
+
+    fmt = _formatter()
+    parser = Parser(prog=PROG, formatter_class=fmt,
+                    description="Open up and modify Llama models: hooks, analyses, weight surgery, verified export.",
+                    epilog="examples (the default model, SmolLM2-135M-Instruct):\n"
+                           + "\n".join(f"  {commands.load(n).EXAMPLE}" for n in ("info", "ablate")) +
+                           f"\n\nshell completion: eval \"$({PROG} --print-completion bash)\" (zsh, tcsh, fish, powershell: likewise)")
+    parser.add_argument("--version", action="version", version=version_line(),
+                        help="print the llama-scalpel, torch and transformers versions")
+    shtab.add_argument_to(parser, "--print-completion", help="print a shell completion script for that shell")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     for name in commands.NAMES:
         module = commands.load(name)
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=fmt,
+                           epilog=f"example (the default model):\n  {module.EXAMPLE}")
         module.add_arguments(p)
     return parser
+
+
+def version_line() -> str:
+    """``scalpel 0.1.0 (torch 2.13.0, transformers 5.24.0)`` (read from the installed metadata)."""
+    import importlib.metadata as md
+
+    def of(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    return f"{PROG} {version()} (torch {of('torch')}, transformers {of('transformers')})"
 
 
 def version() -> str:

@@ -106,40 +106,55 @@ def _numeric(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 48) -> str:
-    """Aligned plain-text table: numbers right-aligned, text left-aligned, cells cut at ``max_width``.
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 48,
+                 color: bool = False) -> str:
+    """Aligned table (rich): numbers right-aligned, text left-aligned, cells cut at ``max_width``;
+    ``color`` adds terminal styles (bold header).
 
     Example::
 
         >>> print(format_table(["unit", "effect"], [["L5H3", -1.25], ["L9H1", 0.5]]))
         unit  effect
-        ----  ------
+        ────────────
         L5H3   -1.25
         L9H1     0.5
     """
+    from rich import box
+    from rich.table import Table
+
     cells = [[fmt(c) for c in r] for r in rows]
     if max_width:
         cells = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in r] for r in cells]
     numeric = [bool(rows) and all(_numeric(r[i]) or r[i] is None for r in rows) for i in range(len(headers))]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-
-    def line(values: Sequence[str], is_header: bool = False) -> str:
-        parts = [v.rjust(w) if numeric[i] and not is_header else v.ljust(w)
-                 for i, (v, w) in enumerate(zip(values, widths))]
-        return "  ".join(parts).rstrip()
-
-    out = [line(list(headers), True), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in cells]
-    return "\n".join(out)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True,
+                  header_style="bold" if color else "", highlight=False)
+    for header, right in zip(headers, numeric):
+        table.add_column(header, justify="right" if right else "left", no_wrap=True)
+    for r in cells:
+        table.add_row(*r)
+    return _render(table, color)
 
 
-def render_text(output: Output) -> str:
-    """What a command prints on stdout (without ``--json``)."""
+def _render(renderable, color: bool) -> str:
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=10_000, force_terminal=color, no_color=not color, color_system="standard"
+                      if color else None, highlight=False, emoji=False, markup=False, legacy_windows=False)
+    console.print(renderable, crop=False, soft_wrap=False)
+    return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").splitlines())
+
+
+def render_text(output: Output, color: bool = False) -> str:
+    """What a command prints on stdout (without ``--json``); ``color``: with terminal styles."""
     parts = []
     for block in output.blocks:
         body = ("\n".join(str(r[0]) for r in block.rows) if block.headers is None
-                else format_table(block.headers, block.rows, block.max_width))
-        head = f"{block.title}\n" if block.title else ""
+                else format_table(block.headers, block.rows, block.max_width, color))
+        title = (f"\x1b[1m{block.title}\x1b[0m" if color else block.title) if block.title else ""
+        head = f"{title}\n" if title else ""
         parts.append(head + body + (f"\n{block.note}" if block.note else ""))
     if output.files:
         parts.append("wrote:\n" + "\n".join(f"  {f}" for f in output.files))

@@ -17,6 +17,7 @@ Findings leave this package as plain tensors (a steering vector, head indices, n
 the ``surgery`` package to turn into weight edits; ``analyses`` never writes checkpoints.
 """
 
+from .ablation import AblationSweepResult, Prompt, Scorer, ablation_sweep
 from .attribution import AttributionResults, attribution_patching
 from .components import COMPONENTS, Component, get_component
 from .dla import DLAResult, direct_logit_attribution
@@ -34,6 +35,7 @@ from .results import AnalysisResult
 from .steering import Steering, SteeringDirection, steer, steering_direction
 
 __all__ = [
+    "ablation_sweep", "Scorer", "Prompt", "AblationSweepResult",
     "activation_patching", "attribution_patching", "path_patching", "direct_logit_attribution", "logit_lens",
     "detect_heads", "repeated_random_tokens", "top_activating", "load_corpus", "steering_direction", "steer",
     "PatchingResult", "AttributionResults", "DLAResult", "LogitLensResult", "HeadDetectionResult",

@@ -189,6 +189,28 @@ def run_setup(model, comp: Component, inputs: PairInputs, layers: list[int]) -> 
         clean_logits=clean_logits, corrupted_logits=corr_logits)
 
 
+def replacement_setup(model, comp: Component, inputs: PairInputs, layers: list[int],
+                      replace: Callable[[int, torch.Tensor, dict], torch.Tensor]) -> PatchSetup:
+    """An ablation as a patch: one forward on ``inputs.corrupted`` (the prompts), and for each layer
+    the value ``replace(layer, activation, cache)`` to write in place of the component's activation (zeros,
+    a mean, or another hook point's value) where a patch from a clean run would write it."""
+    names = [comp.hook_name(layer) for layer in layers]
+    lo = min(layers)
+    need = set(names) | {act_name("resid_pre", layer) for layer in layers}
+    need |= {act_name(n, layer) for layer in range(lo, model.n_layers) for n in ("rot_k", "v")}
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(inputs.corrupted, attention_mask=inputs.mask, names_filter=sorted(need))
+    acts = {layer: cache[comp.hook_name(layer)] for layer in layers}
+    return PatchSetup(
+        inputs=inputs,
+        clean_acts={layer: replace(layer, acts[layer], cache).to(acts[layer].dtype).expand_as(acts[layer]) for layer in layers},
+        corrupted_acts=acts,
+        resid_pre={layer: cache["resid_pre", layer] for layer in layers},
+        prefix_k={layer: cache["rot_k", layer].transpose(1, 2) for layer in range(lo, model.n_layers)},
+        prefix_v={layer: cache["v", layer].transpose(1, 2) for layer in range(lo, model.n_layers)},
+        clean_logits=logits, corrupted_logits=logits)
+
+
 def mark_variants(comp: Component, setup: PatchSetup, variants: list[Variant], metric, reuse_prefix: bool) -> None:
     """Set each variant's first changed position and whether it is a no-op (in place)."""
     P = setup.inputs.n_pos
@@ -312,25 +334,29 @@ def run_chunk(model, comp: Component, setup: PatchSetup, start: int, chunk: list
     return logits.reshape(len(chunk), B, *logits.shape[1:])
 
 
-def score_logits(metric, logits: torch.Tensor) -> torch.Tensor:
+def score_logits(metric, logits: torch.Tensor, per_prompt: bool = False) -> torch.Tensor:
     """Metric per variant from logits [A, B, n_pos, V]: a ``Metric`` reads its single position; a plain
-    callable gets each variant's full logits [B, P, V] and must return a scalar."""
+    callable gets each variant's full logits [B, P, V] and must return a scalar. ``per_prompt``: one
+    value per prompt instead, [A, B] (a callable then returns [B])."""
     if isinstance(metric, Metric):
-        return metric.score(logits[:, :, 0]).float().mean(-1)
-    return torch.stack([torch.as_tensor(metric(logits[a])).float().reshape(()) for a in range(logits.shape[0])])
+        values = metric.score(logits[:, :, 0]).float()
+        return values if per_prompt else values.mean(-1)
+    shape = (logits.shape[1],) if per_prompt else ()
+    return torch.stack([torch.as_tensor(metric(logits[a])).float().reshape(shape) for a in range(logits.shape[0])])
 
 
 def run_variants(model, comp: Component, setup: PatchSetup, variants: list[Variant], metric: Metric | Callable,
                  *, max_batch: int | None = None, memory_budget_mb: float = 1024.0, progress: bool = False,
-                 stats: EngineStats | None = None) -> torch.Tensor:
-    """The metric after each patch, [len(variants)] (no-op variants get the corrupted run's value)."""
+                 stats: EngineStats | None = None, per_prompt: bool = False) -> torch.Tensor:
+    """The metric after each patch, [len(variants)] (no-op variants get the corrupted run's value);
+    ``per_prompt``: [len(variants), B]."""
     stats = stats if stats is not None else EngineStats()
     t0 = time.perf_counter()
     P, B = setup.inputs.n_pos, setup.inputs.batch
     full = not isinstance(metric, Metric)
     corrupted_value = score_logits(metric, setup.corrupted_logits[None] if full else
-                                   setup.corrupted_logits[None, :, [metric.pos]])[0]
-    out = torch.full((len(variants),), float("nan"))
+                                   setup.corrupted_logits[None, :, [metric.pos]], per_prompt)[0]
+    out = torch.full((len(variants),) + ((B,) if per_prompt else ()), float("nan"))
     index = {id(v): i for i, v in enumerate(variants)}
     chunks = chunk_variants(model, variants, B, P, full, max_batch, memory_budget_mb)
     it = chunks
@@ -342,7 +368,7 @@ def run_variants(model, comp: Component, setup: PatchSetup, variants: list[Varia
         for start, chunk in it:
             positions = None if full else [metric.pos % P]
             logits = run_chunk(model, comp, setup, start, chunk, positions, stats)
-            values = score_logits(metric, logits).cpu()
+            values = score_logits(metric, logits, per_prompt).cpu()
             for v, val in zip(chunk, values):
                 out[index[id(v)]] = val
             stats.n_chunks += 1

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -94,15 +95,104 @@ def _doc_ids(model, doc, max_tokens: int) -> torch.Tensor:
 
 
 def _batches(model, corpus, batch_size: int, max_tokens: int):
-    """(doc offset, tokens [b, P], mask [b, P]) batches, left-padded (pad id 0, masked out)."""
-    for start in range(0, len(corpus), batch_size):
-        rows = [_doc_ids(model, d, max_tokens) for d in corpus[start:start + batch_size]]
+    """(doc offset, tokens [b, P], mask [b, P]) batches, left-padded (pad id 0, masked out); ``corpus`` may
+    be any iterable (a generator over a file's lines is read one batch at a time)."""
+    it, start = iter(corpus), 0
+    while True:
+        chunk = list(itertools.islice(it, batch_size))
+        if not chunk:
+            return
+        rows = [_doc_ids(model, d, max_tokens) for d in chunk]
         width = max(len(r) for r in rows)
         tokens = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
             tokens[i, width - len(r):], mask[i, width - len(r):] = r, 1
         yield start, tokens, mask
+        start += len(chunk)
+
+
+def iter_corpus(path: str | Path | None = None):
+    """The non-blank lines of a text file (default: the shipped corpus), read lazily."""
+    path = Path(path) if path is not None else CORPUS_PATH
+    if not path.is_file():
+        raise InputError(f"corpus file {path} does not exist; pass a list of strings or an existing text file")
+
+    def lines():
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield line.strip()
+
+    return lines()
+
+
+@dataclass
+class _TopK:
+    """Streaming top-k over a corpus: values / doc / pos [N, k], the token and context strings, counts."""
+
+    values: torch.Tensor
+    doc: torch.Tensor
+    pos: torch.Tensor
+    tokens: list[list[str]]
+    contexts: list[list[str]]
+    n_docs: int
+    n_tokens: int
+
+
+def stream_top_k(model, corpus, read, n_units: int, k: int, batch_size: int, max_tokens: int,
+                 context: int) -> _TopK:
+    """Top-``k`` (document, position) per unit of ``read(tokens, mask) -> [b, P, N]`` over ``corpus``.
+
+    Memory stays bounded: only the token ids of documents that hold a current top-k entry are kept.
+    """
+    N = n_units
+    best_v = torch.full((N, 0), float("-inf"))
+    best_doc = torch.zeros((N, 0), dtype=torch.long)
+    best_pos = torch.zeros((N, 0), dtype=torch.long)
+    all_tokens: dict[int, list[int]] = {}
+    n_tokens = n_docs = 0
+    with torch.no_grad():
+        for offset, tokens, mask in _batches(model, corpus, batch_size, max_tokens):
+            acts = read(tokens.to(model.device), mask.to(model.device)).float().cpu()  # [b, P, N]
+            real = mask.bool()
+            pad = (~real).sum(1)  # left padding per row
+            acts = acts.masked_fill(~real[..., None], float("-inf"))
+            b, P = tokens.shape
+            n_tokens += int(real.sum())
+            n_docs = offset + b
+            for i in range(b):
+                all_tokens[offset + i] = tokens[i, int(pad[i]):].tolist()
+            flat = acts.reshape(b * P, N).T  # [N, b*P]
+            doc = (torch.arange(b)[:, None].expand(b, P) + offset).reshape(-1)
+            pos = (torch.arange(P)[None, :] - pad[:, None]).reshape(-1)
+            cand_v = torch.cat([best_v, flat], dim=1)
+            cand_doc = torch.cat([best_doc, doc.expand(N, -1)], dim=1)
+            cand_pos = torch.cat([best_pos, pos.expand(N, -1)], dim=1)
+            top = cand_v.topk(min(k, cand_v.shape[1]), dim=1)
+            best_v, best_doc, best_pos = top.values, cand_doc.gather(1, top.indices), cand_pos.gather(1, top.indices)
+            live = set(best_doc[torch.isfinite(best_v)].tolist())
+            all_tokens = {d: t for d, t in all_tokens.items() if d in live}
+    if n_docs == 0:
+        raise InputError("the corpus is empty")
+    missing = ~torch.isfinite(best_v)
+    best_doc, best_pos = best_doc.masked_fill(missing, -1), best_pos.masked_fill(missing, -1)
+    decode = (lambda ids: model.tokenizer.decode(ids)) if model.tokenizer is not None else \
+        (lambda ids: " ".join(str(i) for i in ids))
+    tok_strs, contexts = [], []
+    for i in range(N):
+        ts, cs = [], []
+        for r in range(best_v.shape[1]):
+            d, p = int(best_doc[i, r]), int(best_pos[i, r])
+            if d < 0:
+                ts.append(""), cs.append("")
+                continue
+            ids = all_tokens[d]
+            ts.append(decode([ids[p]]))
+            cs.append(decode(ids[max(0, p - context):p]) + "[[" + decode([ids[p]]) + "]]"
+                      + decode(ids[p + 1:p + 1 + context]))
+        tok_strs.append(ts), contexts.append(cs)
+    return _TopK(best_v, best_doc, best_pos, tok_strs, contexts, n_docs, n_tokens)
 
 
 @takes_model
@@ -140,50 +230,13 @@ def top_activating(model, layer: int, neurons: Sequence[int] | int | None = None
     if not corpus:
         raise InputError("the corpus is empty")
     idx = torch.tensor(neurons, device=model.device)
-    N = len(neurons)
-    best_v = torch.full((N, 0), float("-inf"))
-    best_doc = torch.zeros((N, 0), dtype=torch.long)
-    best_pos = torch.zeros((N, 0), dtype=torch.long)
-    all_tokens: dict[int, list[int]] = {}
-    n_tokens = 0
     name = act_name("post", layer)
     stop = layer + 1 if layer + 1 < model.n_layers else None
-    with torch.no_grad():
-        for offset, tokens, mask in _batches(model, corpus, batch_size, max_tokens):
-            _, cache = model.run_with_cache(tokens.to(model.device), attention_mask=mask.to(model.device),
-                                            names_filter=[name], stop_at_layer=stop)
-            acts = cache[name][..., idx].float().cpu()  # [b, P, N]
-            real = mask.bool()
-            pad = (~real).sum(1)  # left padding per row
-            acts = acts.masked_fill(~real[..., None], float("-inf"))
-            b, P = tokens.shape
-            n_tokens += int(real.sum())
-            for i in range(b):
-                all_tokens[offset + i] = tokens[i, int(pad[i]):].tolist()
-            flat = acts.reshape(b * P, N).T  # [N, b*P]
-            doc = (torch.arange(b)[:, None].expand(b, P) + offset).reshape(-1)
-            pos = (torch.arange(P)[None, :] - pad[:, None]).reshape(-1)
-            cand_v = torch.cat([best_v, flat], dim=1)
-            cand_doc = torch.cat([best_doc, doc.expand(N, -1)], dim=1)
-            cand_pos = torch.cat([best_pos, pos.expand(N, -1)], dim=1)
-            top = cand_v.topk(min(k, cand_v.shape[1]), dim=1)
-            best_v, best_doc, best_pos = top.values, cand_doc.gather(1, top.indices), cand_pos.gather(1, top.indices)
-    missing = ~torch.isfinite(best_v)
-    best_doc, best_pos = best_doc.masked_fill(missing, -1), best_pos.masked_fill(missing, -1)
-    decode = (lambda ids: model.tokenizer.decode(ids)) if model.tokenizer is not None else \
-        (lambda ids: " ".join(str(i) for i in ids))
-    tok_strs, contexts = [], []
-    for i in range(N):
-        ts, cs = [], []
-        for r in range(best_v.shape[1]):
-            d, p = int(best_doc[i, r]), int(best_pos[i, r])
-            if d < 0:
-                ts.append(""), cs.append("")
-                continue
-            ids = all_tokens[d]
-            ts.append(decode([ids[p]]))
-            cs.append(decode(ids[max(0, p - context):p]) + "[[" + decode([ids[p]]) + "]]"
-                      + decode(ids[p + 1:p + 1 + context]))
-        tok_strs.append(ts), contexts.append(cs)
-    return NeuronTopActivations(layer=layer, neurons=neurons, values=best_v, doc=best_doc, pos=best_pos,
-                                tokens=tok_strs, contexts=contexts, n_docs=len(corpus), n_tokens=n_tokens)
+
+    def read(tokens, mask):
+        _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=[name], stop_at_layer=stop)
+        return cache[name][..., idx]
+
+    top = stream_top_k(model, corpus, read, len(neurons), k, batch_size, max_tokens, context)
+    return NeuronTopActivations(layer=layer, neurons=neurons, values=top.values, doc=top.doc, pos=top.pos,
+                                tokens=top.tokens, contexts=top.contexts, n_docs=top.n_docs, n_tokens=top.n_tokens)

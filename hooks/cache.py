@@ -73,7 +73,14 @@ class ActivationCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.store.values())
+        """Bytes the cache keeps alive, each storage counted once: activations that are one tensor
+        (``blocks.{i}.hook_resid_post`` and ``blocks.{i+1}.hook_resid_pre``, ``hook_q`` and the q_proj
+        output) are stored once, and cached logits are the returned logits."""
+        storages = {}
+        for t in self.store.values():
+            s = t.untyped_storage()
+            storages[(t.device, s.data_ptr())] = s.nbytes()
+        return sum(storages.values())
 
     # ----------------------------------------------------------------- stacking
     def stack_activation(self, name: str) -> torch.Tensor:

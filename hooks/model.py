@@ -127,13 +127,21 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def eager_attention(q, k, v, mask: torch.Tensor, scaling: float, scores_hook: HookPoint, pattern_hook: HookPoint):
-    """Attention with the scores and pattern materialised (and hooked). q [B, H, P, D], k/v [B, H, K, D]."""
-    scores = torch.matmul(q, k.transpose(2, 3)) * scaling + mask  # [B, H, P, K]
+    """Attention with the scores and pattern materialised (and hooked). q [B, H, P, D], k/v [B, G, K, D].
+
+    Query heads are grouped by the key/value head they read (h = g * n_rep + r, as HF's ``repeat_kv``),
+    so k and v are never repeated; q is scaled before the product (exact when the scale is a power of
+    two, as for d_head 64) and the mask is added in place: one score-sized allocation, not three.
+    """
+    B, H, P, D = q.shape
+    G, K = k.shape[1], k.shape[2]
+    qg = (q * scaling).reshape(B, G, H // G * P, D)  # [B, G, n_rep * P, D]
+    scores = torch.matmul(qg, k.transpose(2, 3)).view(B, H, P, K).add_(mask)  # [B, H, P, K]
     scores = scores_hook(scores)
     # softmax in fp32 as HF does (fp64 stays fp64, so a float64 model is exact and its finfo.min mask finite)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     pattern = pattern_hook(F.softmax(scores, dim=-1, dtype=acc).to(q.dtype))
-    return torch.matmul(pattern, v)  # [B, H, P, D]
+    return torch.matmul(pattern.reshape(B, G, H // G * P, K), v).view(B, H, P, D)  # [B, H, P, D]
 
 
 class Attention(nn.Module):
@@ -192,8 +200,7 @@ class Attention(nn.Module):
         window = self.sliding_window
         if self.needs_eager:
             m = mask.additive(q.dtype, q.device, window)
-            z = eager_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), m, self.scaling,
-                                self.hook_attn_scores, self.hook_pattern)
+            z = eager_attention(q, k, v, m, self.scaling, self.hook_attn_scores, self.hook_pattern)
         elif mask.needed_by_sdpa(window):
             m = mask.additive(q.dtype, q.device, window)
             z = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep),
@@ -506,6 +513,22 @@ class HookedLlama(TokenizerMixin, nn.Module):
                 self.add_hook(name, fn, "bwd")
             yield self
 
+    def splice(self, hook_name: str, module, *, read: str | None = None):
+        """Context manager: ``module(x)`` replaces the tensor at ``hook_name``; the module's own hook
+        points become ``<hook_name>.<name>`` (see ``hooks.splice``)."""
+        from .splice import splice
+
+        return splice(self, hook_name, module, read=read)
+
+    def saes(self, modules: Sequence):
+        """Context manager splicing each module at its ``hook_name`` (a transcoder with ``hook_name_out``
+        reads ``hook_name`` and writes ``hook_name_out``), as SAELens's ``HookedSAETransformer.saes``."""
+        from .splice import splice_all
+
+        entries = [(m.hook_name_out, m, m.hook_name) if getattr(m, "hook_name_out", None) else (m.hook_name, m, None)
+                   for m in modules]
+        return splice_all(self, entries)
+
     def run_with_hooks(self, input, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
         """``forward`` with hooks attached for this call only."""
         with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
@@ -522,10 +545,18 @@ class HookedLlama(TokenizerMixin, nn.Module):
         """
         points = self._cache_points(names_filter)
         store: dict[str, torch.Tensor] = {}
+        last: list = [None, None]  # the tensor saved last (when no other hook could edit it) and its copy
 
         def save(t: torch.Tensor, hook: HookPoint) -> None:
-            t = t.detach()
-            store[hook.name] = t.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else t
+            alone = len(hook.fwd_hooks) == 1  # no other hook here can have edited t in place
+            if alone and t is last[0]:  # one tensor at consecutive points (resid_post i / resid_pre i+1)
+                store[hook.name] = last[1]
+                return
+            kept = t.detach()
+            if device is not None or dtype is not None:
+                kept = kept.to(device=device, dtype=dtype)
+            store[hook.name] = kept
+            last[:] = [t, kept] if alone else [None, None]
 
         handles = []
         try:

@@ -15,7 +15,8 @@ from .errors import InputError
 
 
 def cache_to_disk(model, dataset: Sequence | Iterable, names, path: str | os.PathLike, *, batch_size: int = 8,
-                  dtype: torch.dtype | None = None, overwrite: bool = False, progress: bool | None = None) -> Path:
+                  dtype: torch.dtype | None = None, overwrite: bool = False, progress: bool | None = None,
+                  stop_at_layer: int | None = None) -> Path:
     """Run ``model`` over ``dataset`` (texts, chat messages or token tensors) in batches and write the
     activations ``names`` selects to safetensors shards, one shard per batch, never holding more than one
     batch in memory.
@@ -23,6 +24,7 @@ def cache_to_disk(model, dataset: Sequence | Iterable, names, path: str | os.Pat
     Layout of ``path``: ``shard_00000.safetensors`` … with tensors named like the hook points
     (``blocks.3.hook_resid_post`` [batch, pos, d]) plus ``attention_mask`` (text rows are left-padded),
     and ``index.json`` (names, shard list, rows per shard). The directory appears only when complete.
+    ``stop_at_layer`` stops each forward there (when the names are all in earlier layers).
 
     Example::
 
@@ -58,7 +60,7 @@ def cache_to_disk(model, dataset: Sequence | Iterable, names, path: str | os.Pat
                 tokens, mask = model.tokenize(chunk)
             with torch.no_grad():
                 _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names, device="cpu",
-                                                dtype=dtype)
+                                                dtype=dtype, stop_at_layer=stop_at_layer)
             tensors = {k: v.contiguous() for k, v in cache.items()}
             tensors["attention_mask"] = mask.cpu()
             cached_names = sorted(cache.keys())

@@ -225,6 +225,24 @@ def export_state(model, config) -> dict[str, torch.Tensor]:
     return state
 
 
+TEST_BARRIER_ENV = "SCALPEL_TEST_EXPORT_BARRIER"
+
+
+def _test_barrier(what: str) -> None:
+    """Test-only: when ``$SCALPEL_TEST_EXPORT_BARRIER`` names a file (a pipe), write ``what`` and a
+    newline to it, then wait 60 s, so that a test can interrupt an export at a known point of the
+    write (after its first shard) without watching the filesystem. Unset (always, outside tests):
+    nothing happens."""
+    path = os.environ.get(TEST_BARRIER_ENV)
+    if not path:
+        return
+    import time
+
+    with open(path, "w", encoding="utf-8") as barrier:
+        barrier.write(what + "\n")
+    time.sleep(60)
+
+
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -248,9 +266,11 @@ def write_shards(state: dict[str, torch.Tensor], directory: Path, max_bytes: int
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for shard_name, shard in zip(names, shards):
+    for i, (shard_name, shard) in enumerate(zip(names, shards)):
         _save_shard(shard, directory / shard_name)
         weight_map.update({k: shard_name for k in shard})
+        if i == 0:
+            _test_barrier(f"wrote {shard_name} of {len(names)}")
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -27,6 +27,8 @@ from hooks.errors import check_model
 
 from . import _state
 from .edits import Edit, HookList, RemoveLayers
+from hooks.errors import ScalpelError
+
 from .errors import EditError, PlanError
 
 FORMAT = "llama-scalpel-plan"
@@ -41,6 +43,11 @@ class EditPlan:
     def __init__(self, edits: Iterable[Edit | dict] = ()) -> None:
         self.edits: list[Edit] = []
         for i, e in enumerate(edits):
+            if not isinstance(e, (Edit, dict)) and callable(getattr(e, "to_edit", None)):
+                try:  # a run-time change that knows its weight edit (e.g. steering along an SAE feature)
+                    e = e.to_edit()
+                except ScalpelError as exc:
+                    raise EditError(f"edit #{i + 1}: {exc}") from None
             if isinstance(e, dict):
                 try:
                     e = Edit.from_dict(e)
@@ -195,7 +202,7 @@ def as_plan(edits) -> EditPlan:
         return EditPlan()
     if isinstance(edits, EditPlan):
         return edits
-    if isinstance(edits, Edit):
+    if isinstance(edits, Edit) or callable(getattr(edits, "to_edit", None)):
         return EditPlan([edits])
     if isinstance(edits, (str, os.PathLike)):
         return EditPlan.load(edits)

@@ -3,6 +3,7 @@ runtime failures exit 1; ``--debug`` shows the traceback; progress bars stay sil
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -176,6 +177,21 @@ def test_help_and_version_exit_0(capsys):
     assert code == 0 and out.startswith("scalpel ")
 
 
+def test_every_help_has_a_worked_example_and_version_names_torch_and_transformers(capsys):
+    import importlib.metadata as md
+
+    for name in cli.COMMAND_HELP:
+        code, out, _ = run([name, "--help"], capsys)
+        example = out.split("example (the default model):", 1)[-1].strip()
+        assert code == 0 and example.startswith(f"scalpel {name}"), name
+        assert "--model" not in example, name  # it runs on the default model
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.strip() == (f"scalpel {cli.parser_version()} (torch {md.version('torch')}, "
+                                         f"transformers {md.version('transformers')})")
+    code, out, _ = run(["--print-completion", "bash"], capsys)
+    assert code == 0 and "complete" in out and all(c in out for c in cli.COMMAND_HELP) and "--batch-size" in out
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -235,3 +251,29 @@ def test_run_checks_every_step_before_the_first_writes(tiny_dir, work, capsys):
     assert (code, out) == (2, "") and err == ("scalpel: error: step 2 --out a and step 1 --out a name the same path; "
                                               "give each output its own\n")
     assert snapshot(work) == before and not (work / "a").exists()
+
+
+class _Terminal:
+    """Wraps a captured stream so that it claims to be a terminal."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def test_progress_shows_on_a_terminal_only_and_never_with_json(tiny_dir, work, monkeypatch, capsys):
+    argv = ["ablate", "--model", tiny_dir, "--heads", "1.0", "--prompts", "prompts.txt", "--metric", "logit-diff"]
+    code, out, err = run(argv, capsys)  # piped: tables only, nothing on stderr
+    assert (code, err) == (0, "") and "ablating 1 head" in out
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stdout", _Terminal(sys.stdout))
+        m.setattr(sys, "stderr", _Terminal(sys.stderr))
+        code, out, err = run(argv, capsys)
+        assert code == 0 and "loading the model" in err and "edited" in err and "ablating 1 head" in out
+        code, out, err = run(argv + ["--json"], capsys)
+        assert (code, err) == (0, "") and json.loads(out)["command"] == "ablate"

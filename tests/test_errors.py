@@ -25,7 +25,7 @@ from hooks import HookError, HookedLlama, InputError, LoadError, UnsupportedArch
 from tests.conftest import tiny_hf
 from tests.test_cli import build_tiny, run
 from tests.test_edits import write_adapter
-from tests.test_export import API_EXPORT, SLOW_EXPORT, interrupt_mid_write
+from tests.test_export import API_EXPORT, CHILD, interrupt_mid_write
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "errors.md"
@@ -311,7 +311,7 @@ def test_cli_error(case, ctx, monkeypatch, capsys):
 
 
 # --------------------------------------------------------------------------- signals (subprocesses)
-CLI_EXPORT = SLOW_EXPORT + textwrap.dedent("""
+CLI_EXPORT = CHILD + textwrap.dedent("""
     import cli
     sys.exit(cli.main(["edit", {plan!r}, "--model", {model!r}, "--out", {out!r}, "--max-shard-size", "20KB"]))
 """)

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
+import select
 from pathlib import Path
 
 import pytest
@@ -320,38 +320,40 @@ def test_failure_when_overwriting_keeps_the_old_output(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and litter(tmp_path) == []
 
 
-SLOW_EXPORT = textwrap.dedent("""
-    import sys, time
+CHILD = textwrap.dedent("""
+    import signal, sys
+    # a child owns its signal handling: under a non-interactive shell's background job SIGINT arrives
+    # ignored, and Python then installs no KeyboardInterrupt handler of its own
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sys.path.insert(0, {repo!r})
     import surgery
-    E = sys.modules["surgery.export"]
-    real = E._save_shard
-    def slow(tensors, path):
-        real(tensors, path)
-        time.sleep(0.2)
-    E._save_shard = slow
 """)
-API_EXPORT = SLOW_EXPORT + textwrap.dedent("""
+API_EXPORT = CHILD + textwrap.dedent("""
     from hooks import HookedLlama
     from tests.conftest import tiny_hf
     surgery.export(HookedLlama.from_hf(tiny_hf("gqa")), {out!r}, edits=[surgery.ZeroHeads(0, [1])],
                    max_shard_size="20KB")
 """)
 
+
 def interrupt_mid_write(script: str, parent: Path, sig: int) -> subprocess.CompletedProcess:
-    """Run ``script``, send ``sig`` once its export has written two shards, and wait for it."""
+    """Run ``script`` (which starts with ``CHILD``), send ``sig`` while its export waits at the test
+    barrier after the first shard, and wait for it to end."""
+    read_end, write_end = os.pipe()
+    env = {**os.environ, E.TEST_BARRIER_ENV: f"/dev/fd/{write_end}"}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 120
+                            text=True, env=env, pass_fds=(write_end,))
+    os.close(write_end)  # the child holds the only write end: EOF here means it ended before the barrier
     try:
-        while time.monotonic() < deadline:
-            tmps = [p for p in parent.iterdir() if p.name.startswith(E.TMP_PREFIX)]
-            if tmps and len(list(tmps[0].glob("*.safetensors"))) >= 2:
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.02)
-        else:
-            pytest.fail("the export never started writing shards")
+        with os.fdopen(read_end, "rb") as barrier:
+            ready, _, _ = select.select([barrier], [], [], 300)
+            line = barrier.readline() if ready else b""
+        if not line.startswith(b"wrote model-00001-of-"):
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the export did not reach the barrier after its first shard (exit {proc.returncode}): "
+                        f"{err[-2000:]}")
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:

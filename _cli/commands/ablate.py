@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from _cli.ablate import Scorer, build_plan, evaluate
 from _cli.context import model_meta
 from _cli.inputs import (CLIError, check_answers, check_heads, check_layers, check_neurons, gather_prompts,
                          parse_heads, parse_layers, parse_neurons)
 from _cli.options import common, prompt_options
+from _cli.plans import build_plan
+from _cli.progress import counter, task
 from _cli.report import Output
 
 HELP = "measure an ablation on prompts (base vs edited); --out exports the edited checkpoint"
@@ -52,12 +53,15 @@ def run(args, ctx) -> Output:
         raise CLIError("ablate needs prompts: --prompts FILE or --prompt TEXT")
     model = ctx.model()
     heads, neurons, layers = _units(args, model)
+    from analyses import Scorer
+
     scorer = Scorer.build(model, args.metric, items)
     plan = build_plan(model, heads, neurons, layers, mean=args.mean, texts=scorer.texts)
     plan.validate(model)
-    base = evaluate(model, scorer, args.batch_size, desc="base")
-    with plan.applied(model):
-        edited = evaluate(model, scorer, args.batch_size, desc="edited")
+    with counter("base") as bar:
+        base = scorer.evaluate(model, args.batch_size, progress=bar)
+    with plan.applied(model), counter("edited") as bar:
+        edited = scorer.evaluate(model, args.batch_size, progress=bar)
     rows = []
     for i, item in enumerate(items):
         row = {"prompt": item.text, "correct": item.correct, "incorrect": item.incorrect,
@@ -76,7 +80,8 @@ def run(args, ctx) -> Output:
     if args.out:
         import surgery
 
-        res = surgery.export(model, args.out, edits=plan, overwrite=args.overwrite)
+        with task(f"exporting {args.out} (write, reload, compare)"):
+            res = surgery.export(model, args.out, edits=plan, overwrite=args.overwrite)
         data["export"] = {"out_dir": str(res.out_dir), "files": res.files, "max_abs_logit_diff": res.max_abs_logit_diff,
                           "tolerance": res.tolerance, "kl_to_base": res.kl_to_base}
         out.files.append(str(res.out_dir))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from _cli.context import model_meta
 from _cli.inputs import CLIError
 from _cli.options import common
+from _cli.progress import task
 from _cli.report import Output
 
 HELP = "apply an edit plan (YAML/JSON) and export a verified checkpoint (HF or GGUF)"
@@ -32,7 +33,8 @@ def run(args, ctx) -> Output:
     data = {"command": "edit", "model": model_meta(model), "edits": plan.to_dict(), "format": args.format}
     out = Output("edit", data)
     if args.format == "gguf":
-        res = surgery.export_gguf(model, args.out, edits=plan, dtype=args.gguf_dtype, overwrite=args.overwrite)
+        with task(f"exporting {args.out} (write, reload, compare)"):
+            res = surgery.export_gguf(model, args.out, edits=plan, dtype=args.gguf_dtype, overwrite=args.overwrite)
         data["export"] = {"path": str(res.path), "dtype": res.dtype, "sha256": res.sha256,
                           "max_abs_logit_diff": res.max_abs_logit_diff,
                           "max_abs_logit_diff_unrounded": res.max_abs_logit_diff_unrounded, "tolerance": res.tolerance}
@@ -40,7 +42,9 @@ def run(args, ctx) -> Output:
                 ["reload max |logit diff|", res.max_abs_logit_diff], ["tolerance", res.tolerance]]
         out.files.append(str(res.path))
     else:
-        res = surgery.export(model, args.out, edits=plan, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+        with task(f"exporting {args.out} (write, reload, compare)"):
+            res = surgery.export(model, args.out, edits=plan, overwrite=args.overwrite,
+                                 max_shard_size=args.max_shard_size)
         data["export"] = {"out_dir": str(res.out_dir), "files": res.files, "max_abs_logit_diff": res.max_abs_logit_diff,
                           "tolerance": res.tolerance, "kl_to_base": res.kl_to_base}
         rows = [["directory", str(res.out_dir)], ["files", len(res.files)],

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from _cli.ablate import progress
 from _cli.context import model_meta
 from _cli.inputs import CLIError, check_layers, parse_layers
 from _cli.options import common, positive_int
+from _cli.progress import track
 from _cli.report import Output
 
 HELP = "activation patching over components x positions (clean vs corrupted prompt)"
@@ -52,7 +52,7 @@ def run(args, ctx) -> Output:
     data = {"command": "patch", "model": model_meta(model), "clean": args.clean, "corrupt": args.corrupt,
             "metric": args.metric, "answers": answers, "components": {}}
     out = Output("patch", data, title="scalpel patch")
-    for comp in progress(comps, total=len(comps), desc="components"):
+    for comp in track(comps, "patching components"):
         res = activation_patching(model, args.clean, args.corrupt, metric,
                                   answers=tuple(answers) if answers else None, component=comp, layers=layers)
         data["components"][comp.name] = res.to_dict()

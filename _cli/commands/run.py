@@ -39,6 +39,7 @@ from _cli.context import DEFAULT_MODEL, check_outputs, model_meta
 from _cli.inputs import CLIError
 from _cli.options import common
 from _cli.parser import HelpShown, build_parser
+from _cli.progress import track
 from _cli.report import Output, write_report
 
 HELP = "run a whole experiment described in one YAML file"
@@ -238,7 +239,6 @@ def run(args, ctx) -> Output:
     ctx.device = args.device or data.get("device")
     doc["model"] = model_meta(ctx.model())
     doc["environment"] = _environment()
-    from _cli.ablate import progress
     from hooks.errors import ScalpelError
 
     for where, _, step_args in parsed:  # every step's input, before step 1 writes anything
@@ -247,7 +247,7 @@ def run(args, ctx) -> Output:
         except ScalpelError as exc:
             raise CLIError(f"{where}: {exc}") from None
 
-    for i, (where, argv, step_args) in enumerate(progress(parsed, total=len(parsed), desc="steps"), start=1):
+    for i, (where, argv, step_args) in enumerate(track(parsed, "experiment steps"), start=1):
         try:
             result = execute(step_args, ctx)
         except CLIError as exc:
@@ -282,7 +282,7 @@ def check_step(args, ctx) -> None:
     step is checked this way before the first one writes anything)."""
     import surgery
 
-    from _cli.ablate import Scorer
+    from analyses import Scorer
     from _cli.inputs import check_answers, check_layers, gather_prompts, parse_layers
 
     model = ctx.model()

@@ -5,12 +5,10 @@ from __future__ import annotations
 import csv
 import io
 
-import torch
-
-from _cli.ablate import Scorer, sweep
 from _cli.context import model_meta
 from _cli.inputs import CLIError, check_answers, check_layers, gather_prompts, parse_layers
 from _cli.options import common, positive_int, prompt_options
+from _cli.progress import counter, task
 from _cli.report import Output, write_atomic
 
 HELP = "ablate each head / neuron / layer in turn and rank them by effect"
@@ -41,17 +39,20 @@ def run(args, ctx) -> Output:
     model = ctx.model()
     if layers is not None:
         check_layers(model, layers)
+    from analyses import Scorer, ablation_sweep
+
     scorer = Scorer.build(model, args.metric, items)
-    res = sweep(model, scorer, args.component, layers, batch_size=args.batch_size, mean=args.mean)
-    order = res.ranking()
-    mean_eff = res.effects.double().mean(-1)
-    base_mean = float(res.base.double().mean())
-    ranked = [{"rank": r + 1, "unit": res.label(res.units[u]), "layer": res.units[u][0], "index": res.units[u][1],
-               "mean_effect": float(mean_eff[u]), "mean_ablated": base_mean + float(mean_eff[u]),
-               "effects": [float(x) for x in res.effects[u]]} for r, u in enumerate(order)]
-    data = {"command": "sweep", "model": model_meta(model), "component": args.component, "metric": args.metric,
-            "ablation": res.ablation, "prompts": [it.text for it in items], "base": [float(x) for x in res.base],
-            "base_mean": base_mean, "units": ranked}
+    means = None
+    if args.mean:
+        import surgery
+
+        with task("mean head outputs over the prompts"):
+            means = surgery.mean_activations(model, scorer.texts, layers=layers)
+    with counter(f"sweep {args.component}") as bar:
+        res = ablation_sweep(model, scorer, args.component, layers, means=means, batch_size=args.batch_size,
+                             progress=bar)
+    data = {"command": "sweep", "model": model_meta(model), **res.to_dict()}
+    ranked, base_mean = data["units"], data["base_mean"]
     out = Output("sweep", data, title=f"scalpel sweep --component {args.component}")
     label = {"heads": "head (L.H)", "neurons": "neuron (L:N)", "layers": "layer"}[args.component]
     out.table(f"{len(ranked)} {args.component} ranked by |mean effect| on {args.metric} "
@@ -61,17 +62,9 @@ def run(args, ctx) -> Output:
     if args.csv:
         write_atomic(args.csv, _csv(ranked, len(items)))
         out.files.append(args.csv)
-    out.figure(f"top {min(30, len(ranked))} {args.component} by |mean effect|", _rank_bars(ranked[:30], args.metric))
+    out.figure(f"top {min(30, len(ranked))} {args.component} by |mean effect|", res.bar_figure(30))
     if args.component == "heads":
-        from analyses.plotting import heatmap
-
-        ls = sorted({u[0] for u in res.units})
-        z = torch.full((len(ls), model.n_heads), float("nan"))
-        for u, (layer, head) in enumerate(res.units):
-            z[ls.index(layer), head] = mean_eff[u]
-        out.figure("mean effect of ablating each head", heatmap(
-            z, [f"H{h}" for h in range(model.n_heads)], [f"L{l}" for l in ls], title=f"effect on {args.metric}",
-            x_title="head", y_title="layer", colorbar_title="effect"))
+        out.figure("mean effect of ablating each head", res.figure())
     return out
 
 
@@ -83,13 +76,3 @@ def _csv(ranked: list[dict], n_prompts: int) -> str:
         w.writerow([r["rank"], r["unit"], r["layer"], "" if r["index"] is None else r["index"],
                     repr(r["mean_effect"]), repr(r["mean_ablated"])] + [repr(x) for x in r["effects"]])
     return buf.getvalue()
-
-
-def _rank_bars(ranked: list[dict], metric: str):
-    import plotly.graph_objects as go
-
-    fig = go.Figure(go.Bar(x=[r["unit"] for r in ranked], y=[r["mean_effect"] for r in ranked],
-                           marker_color=["#c0392b" if r["mean_effect"] < 0 else "#2471a3" for r in ranked]))
-    fig.update_layout(xaxis_title="unit", yaxis_title=f"mean effect on {metric}", xaxis_type="category",
-                      margin=dict(l=60, r=20, t=40, b=80))
-    return fig
