@@ -29,6 +29,8 @@ from .metrics import (KLDivergence, LogitDiff, Metric, TargetProb, kl_divergence
 from .neurons import NeuronTopActivations, load_corpus, top_activating
 from .path_patching import path_patching
 from .patching import PatchingResult, activation_patching
+from .refusal import (REFUSAL_MARKERS, AbliterationResult, PromptKL, RefusalDirections, RefusalRate, is_refusal,
+                      load_prompts, prompt_kl, refusal_directions, refusal_rate)
 from .results import AnalysisResult
 from .steering import Steering, SteeringDirection, steer, steering_direction
 
@@ -41,4 +43,6 @@ __all__ = [
     "Metric", "LogitDiff", "TargetProb", "KLDivergence", "logit_diff", "target_prob", "kl_divergence", "normalized",
     "HeadRef", "head_ref", "kv_group", "query_heads", "group_size", "parse_heads", "head_table",
     "COMPONENTS", "Component", "get_component",
+    "refusal_rate", "refusal_directions", "prompt_kl", "load_prompts", "is_refusal", "REFUSAL_MARKERS",
+    "RefusalRate", "RefusalDirections", "PromptKL", "AbliterationResult",
 ]

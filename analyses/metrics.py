@@ -142,8 +142,19 @@ def target_prob(model, target, pos: int = -1) -> TargetProb:
     return TargetProb(token_ids(model, target), pos)
 
 
-def kl_divergence(reference_logits: torch.Tensor, pos: int = -1) -> KLDivergence:
-    """A ``KLDivergence`` to ``reference_logits`` [B, P, V]. Example: ``kl_divergence(model(clean))``."""
+def kl_divergence(reference_logits, pos: int = -1, **kwargs):
+    """A ``KLDivergence`` metric to ``reference_logits`` [B, P, V]. Example: ``kl_divergence(model(clean))``.
+
+    Called with a model first, ``kl_divergence(model, prompts, fwd_hooks=… | edited=…, where="first" |
+    "continuation")`` measures KL(base ‖ edited) over a prompt set instead (``analyses.refusal.prompt_kl``).
+    """
+    if not isinstance(reference_logits, torch.Tensor) and hasattr(reference_logits, "n_layers"):
+        from .refusal import prompt_kl
+
+        return prompt_kl(reference_logits, pos, **kwargs)
+    if kwargs:
+        raise InputError(f"kl_divergence(reference_logits) takes no {', '.join(sorted(kwargs))}; pass a model "
+                         "first to compare over prompts")
     return KLDivergence(reference_logits, pos)
 
 

@@ -663,6 +663,7 @@ class RankOneEdit(Edit):
 
 # MergeLora lives in lora.py (adapter reading); import registers it.
 from .lora import MergeLora  # noqa: E402,F401
+from .abliteration import Abliterate  # noqa: E402,F401  (weighted, norm-preserving Orthogonalize)
 
 ALL_EDITS = (ZeroHeads, ZeroKVGroups, MeanAblateHeads, ScaleHeads, ZeroNeurons, ScaleNeurons, RemoveLayers,
-             Orthogonalize, AddSteering, RankOneEdit, MergeLora)
+             Orthogonalize, AddSteering, RankOneEdit, MergeLora, Abliterate)

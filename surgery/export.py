@@ -326,7 +326,7 @@ def _reload_hf(directory: Path, dtype: torch.dtype, **kwargs):
 @takes_model
 def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_size="2GB",
            probe_prompts: Sequence[str] | None = None, base_sha256: str | None = None,
-           base_logits: Sequence[torch.Tensor] | None = None) -> ExportResult:
+           base_logits: Sequence[torch.Tensor] | None = None, provenance: dict | None = None) -> ExportResult:
     """Write ``model`` (with ``edits`` applied) as a verified Hugging Face checkpoint in ``out_dir``.
 
     ``edits``: an ``EditPlan``, a list of edits/records, one edit, or a plan file; applied to
@@ -338,8 +338,14 @@ def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_siz
     tokenizer files, ``scalpel_probe_logits.safetensors`` and ``scalpel_manifest.json``; reloads the
     directory with ``transformers.AutoModelForCausalLM`` and requires its logits on the probe
     prompts to match the in-memory edited model (≤ 1e-4 in fp32) before renaming it into place.
-    Refuses an existing ``out_dir`` unless ``overwrite=True``.
+    Refuses an existing ``out_dir`` unless ``overwrite=True``. ``provenance`` (a JSON-ready dict, e.g.
+    a search's prompt hashes, seed and chosen parameters) is stored in the manifest as is.
     """
+    if provenance is not None:
+        try:
+            json.dumps(provenance, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ExportError(f"provenance must be a JSON-ready dict ({exc})") from None
     out_dir = _target(out_dir, "out_dir")
     out_abs = Path(os.path.abspath(out_dir))
     _check_target(out_abs, str(out_dir), overwrite, gguf=False)
@@ -387,6 +393,7 @@ def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_siz
             "edits_applied_before_export": len(prior),
             "config_changes": _config_changes(base_config, config.to_dict()),
             "layer_map": layer_map,
+            "provenance": provenance,
             "dtype": str(dtype).replace("torch.", ""),
             "files": files,
             "libraries": library_versions(),

@@ -21,7 +21,8 @@ VARIANTS = ["mha", "gqa", "tied", "bias", "mistral", "qwen2", "qwen3", "qwen3_wi
 # weight forms that need a bias the family's own class cannot carry (their hook forms still run)
 NEEDS_BIAS = {"MeanAblateHeads": ("mistral", "qwen2"), "AddSteering": ("mistral", "qwen2", "qwen3", "qwen3_window")}
 EDIT_NAMES = ["ZeroHeads", "ScaleHeads", "ZeroKVGroups", "MeanAblateHeads", "ZeroNeurons", "ScaleNeurons",
-              "RemoveLayers", "Orthogonalize", "OrthogonalizeSomeLayers", "AddSteering", "RankOneEdit", "MergeLora"]
+              "RemoveLayers", "Orthogonalize", "OrthogonalizeSomeLayers", "AddSteering", "RankOneEdit", "MergeLora",
+              "Abliterate", "AbliterateNormPreserving"]
 TOL = 1e-5
 
 
@@ -81,6 +82,12 @@ def make_edit(name: str, model, tmp_path) -> S.Edit:
         return S.RankOneEdit.compute(model, 1, [ids(batch=1, seed=9)[0]], torch.randn(d, generator=g), covariance=cov)
     if name == "MergeLora":
         return S.MergeLora(str(write_adapter(tmp_path / "adapter", model)), scale=0.7)
+    if name == "Abliterate":  # a stack of per-layer directions, interpolated; separate attention/MLP weights
+        return S.Abliterate(torch.randn(model.n_layers, d, generator=g), direction_index=0.6,
+                            attn_weights={0: 0.8, last: 1.3}, mlp_weights={1: 0.5}, strength=1.1)
+    if name == "AbliterateNormPreserving":  # peaked profile, row norms kept, embeddings too
+        return S.Abliterate.peaked(torch.randn(d, generator=g), model.n_layers, attn=(1.4, 1, 0.2, 1.5),
+                                   mlp=(0.9, last, 0.5, 1), norm_preserve=True, embeddings=True)
     raise KeyError(name)
 
 

@@ -24,7 +24,7 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 NOTEBOOKS = ["01_inside_llama.ipynb", "02_find_and_cut_a_circuit.ipynb", "03_steer_and_ship.ipynb",
-             "04_sae_features.ipynb"]
+             "04_sae_features.ipynb", "05_abliterate.ipynb"]
 TIMEOUT = 300  # seconds per cell
 EXPORT_SUFFIXES = (".safetensors", ".gguf")
 

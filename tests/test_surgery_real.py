@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 TEXTS = ["The Eiffel Tower is in the city of", "When Mary and John went to the store, John gave a drink to",
          "def add(a, b):\n    return a + b", "The quick brown fox jumps over the lazy dog."]
 REAL_EDITS = ["ZeroHeads", "ScaleHeads", "ZeroKVGroups", "MeanAblateHeads", "ZeroNeurons", "ScaleNeurons",
-              "RemoveLayers", "Orthogonalize", "AddSteering", "RankOneEdit", "MergeLora"]
+              "RemoveLayers", "Orthogonalize", "AddSteering", "RankOneEdit", "MergeLora", "Abliterate", "AbliterateNormPreserving"]
 
 
 def real_edit(name: str, model, tmp_path) -> S.Edit:
@@ -49,6 +49,12 @@ def real_edit(name: str, model, tmp_path) -> S.Edit:
     if name == "MergeLora":
         return S.MergeLora(str(write_adapter(tmp_path / "lora", model, r=8, alpha=16, layers=[0, 14, 29],
                                              targets=("q_proj", "k_proj", "o_proj", "up_proj", "down_proj"))))
+    if name == "Abliterate":
+        return S.Abliterate(torch.randn(model.n_layers, d, generator=g), direction_index=18.4,
+                            attn_weights=S.peaked_weights(30, 1.2, 24, 0.3, 6), mlp_weights={10: 0.7, 20: 1.5})
+    if name == "AbliterateNormPreserving":
+        return S.Abliterate.peaked(torch.randn(d, generator=g), 30, attn=(1.0, 20, 0.5, 8), mlp=(1.3, 25, 0.2, 5),
+                                   norm_preserve=True)
     raise KeyError(name)
 
 

@@ -17,7 +17,7 @@ import importlib
 from types import ModuleType
 
 # the order of `scalpel --help`; adding a command is adding its module's name here
-NAMES = ("info", "generate", "lens", "heads", "patch", "ablate", "sweep", "edit", "verify", "run")
+NAMES = ("info", "generate", "lens", "heads", "patch", "ablate", "sweep", "abliterate", "edit", "verify", "run")
 
 
 def load(name: str) -> ModuleType:

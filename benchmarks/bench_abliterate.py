@@ -1,0 +1,147 @@
+"""Benchmark: refusal removal on SmolLM2-135M-Instruct, ``scalpel abliterate`` against heretic 1.4.0.
+
+Both run offline on CPU with the same prompt files (the shipped ``analyses/data`` sets: directions
+from the train splits, trials scored on the 32 + 32 eval prompts), the same trial budget and the same
+scorer (greedy 100 tokens, heretic's refusal markers, system prompt "You are a helpful assistant.",
+refusals on the 32 eval harmful prompts, first-token KL(base ‖ edited) on the 32 eval harmless ones).
+
+- heretic runs as a program in its own virtual environment (AGPL: a comparator only, never imported):
+  created by this script if missing (``torch==2.13.0`` first, then ``heretic-llm==1.4.0``), pointed at a
+  local HF directory of the default model (exported by this script) and local prompt files through a
+  ``config.toml`` in its working directory; ``COLAB_GPU=1`` makes its menu read from stdin, which is
+  empty, so it stops at the menu after the last trial. Its per-trial KL and refusal counts are read
+  from its log; its wall time is up to the end of the last trial.
+- ours: ``scalpel abliterate`` as a subprocess (``--json``, ``--out``: search, confirmation, export and
+  reload check included in its wall time).
+
+Usage::
+
+    python benchmarks/bench_abliterate.py                      # both, 24 trials
+    python benchmarks/bench_abliterate.py --only ours --trials 24
+    python benchmarks/bench_abliterate.py --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "analyses" / "data"
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def ensure_heretic(venv: Path) -> Path:
+    exe = venv / "bin" / "heretic"
+    if exe.exists():
+        return exe
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = str(venv / "bin" / "pip")
+    subprocess.run([pip, "install", "-q", "torch==2.13.0"], check=True)
+    subprocess.run([pip, "install", "-q", "heretic-llm==1.4.0"], check=True)
+    return exe
+
+
+def ensure_model(work: Path) -> Path:
+    out = work / "smollm2-hf"
+    if not (out / "config.json").exists():
+        sys.path.insert(0, str(ROOT))
+        import surgery
+        from hooks import HookedLlama
+
+        surgery.export(HookedLlama.default(), out)
+    return out
+
+
+def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int) -> dict:
+    cwd = work / "heretic"
+    cwd.mkdir(parents=True, exist_ok=True)
+
+    def spec(name: str) -> str:
+        return f'{{ dataset = "{DATA / name}" }}'
+
+    (cwd / "config.toml").write_text("\n".join([
+        f'model = "{model_dir}"', f"n_trials = {trials}", "batch_size = 32", "max_response_length = 100",
+        f'system_prompt = "{SYSTEM_PROMPT}"',
+        f"good_prompts = {spec('harmless_train.txt')}", f"bad_prompts = {spec('harmful_train.txt')}",
+        f"good_evaluation_prompts = {spec('harmless_eval.txt')}", f"bad_evaluation_prompts = {spec('harmful_eval.txt')}",
+    ]) + "\n")
+    env = {**os.environ, "COLAB_GPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NO_COLOR": "1",
+           "PYTHONUNBUFFERED": "1",
+           "TERM": "dumb", "COLUMNS": "200"}
+    log = cwd / "heretic.log"
+    t0 = time.perf_counter()
+    last_trial_end = None
+    kls, refusals = [], []
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(exe)], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            fh.write(line)
+            m = re.search(r"KL divergence: ([0-9.]+)", line)
+            if m:
+                kls.append(float(m.group(1)))
+            m = re.search(r"Refusals: (\d+)/(\d+)", line)
+            if m:
+                refusals.append(int(m.group(1)))
+                last_trial_end = time.perf_counter() - t0
+        proc.wait()
+    base_line = re.search(r"Initial refusals: (\d+)/(\d+)", log.read_text())
+    pairs = list(zip(refusals, kls))
+    best = min(pairs) if pairs else None
+    return {"tool": "heretic 1.4.0", "trials": pairs, "refusals_before": int(base_line.group(1)) if base_line else None,
+            "best_refusals": best[0] if best else None, "best_kl": best[1] if best else None,
+            "wall_s": last_trial_end, "log": str(log), "exit_code": proc.returncode}
+
+
+def run_ours(work: Path, trials: int) -> dict:
+    out = work / "ours"
+    cmd = [sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "abliterate",
+           "--harmful", str(DATA / "harmful_train.txt"), "--harmless", str(DATA / "harmless_train.txt"),
+           "--eval-harmful", str(DATA / "harmful_eval.txt"), "--eval-harmless", str(DATA / "harmless_eval.txt"),
+           "--trials", str(trials), "--system-prompt", SYSTEM_PROMPT, "--out", str(out), "--overwrite", "--json",
+           "--report", str(work / "abliterate.html")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"scalpel abliterate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    data = json.loads(proc.stdout)
+    return {"tool": "llama-scalpel", "refusals_before": data["refusals_before"], "best_refusals": data["refusals_after"],
+            "best_kl": data["kl"], "wall_s": wall, "timings": data["timings"], "params": data["params"],
+            "export": data.get("export", {}).get("max_abs_logit_diff")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=24)
+    ap.add_argument("--only", choices=["ours", "heretic"])
+    ap.add_argument("--work", default="/tmp/bench-abliterate")
+    ap.add_argument("--heretic-venv", default="/work/heretic-venv")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {}
+    if args.only != "ours":
+        exe = ensure_heretic(Path(args.heretic_venv))
+        results["heretic"] = run_heretic(exe, ensure_model(work), work, args.trials)
+    if args.only != "heretic":
+        results["ours"] = run_ours(work, args.trials)
+    print(f"{'':16}{'refusals before':>16}{'refusals after':>16}{'KL harmless':>13}{'wall s':>9}")
+    for name, r in results.items():
+        print(f"{name:16}{str(r['refusals_before']):>16}{str(r['best_refusals']):>16}"
+              f"{(r['best_kl'] if r['best_kl'] is not None else float('nan')):>13.4f}{(r['wall_s'] or 0):>9.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""``abliterate``: search the ``Abliterate`` parameters that remove refusals at the least KL.
+
+The search space is heretic's: a fractional ``direction_index`` in ``[0.4, 0.9]·(L−1)`` and, for
+attention (``o_proj``) and MLP (``down_proj``) separately, a peaked profile with ``max_weight`` in
+``[0.8, 1.5]``, ``peak`` in ``[0.6, 1.0]·(L−1)``, ``min_weight`` a fraction ``[0, 1]`` of ``max_weight``
+and ``width`` in ``[1, 0.6·(L−1)]``; rows keep their norms (``norm_preserve=True``).
+
+Each trial is scored by two cheap proxies on the held-out prompts, sharing the unedited prefix:
+
+- **refusal proxy**: for the held-out harmful prompts the unedited model refuses, its own greedy
+  refusal up to the end of the first refusal marker, teacher-forced through the edited model: the
+  mean log-probability per token (lower: the edited model no longer says it);
+- **KL**: KL(base ‖ edited) of the first generated token on the held-out harmless prompts
+  (heretic's measure), in float64.
+
+The residual stream entering the first edited layer is the unedited one, so each trial runs from
+there (``start_at_layer``). Optuna's multi-objective TPE (the ``[abliterate]`` extra) proposes the
+trials; without Optuna a scrambled Sobol sequence over the same box does (seeded, deterministic).
+Only the Pareto front is then confirmed by generation (greedy, ``max_new_tokens``, marker scorer),
+lowest KL first, stopping at the first candidate with at most ``target_refusals`` refusals.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+
+from analyses.refusal import (DEFAULT_SYSTEM_PROMPT, REFUSAL_MARKERS, AbliterationResult, chat_tokens, is_refusal,
+                              kl_rows, load_prompts, prompts_sha256, refusal_directions, refusal_rate)
+from hooks import InputError
+
+from .abliteration import Abliterate, peaked_weights
+from .plan import EditPlan
+
+PARAMS = ("direction_index", "attn.max_weight", "attn.peak", "attn.min_weight", "attn.width",
+          "mlp.max_weight", "mlp.peak", "mlp.min_weight", "mlp.width")
+
+
+def search_space(n_layers: int) -> dict[str, tuple[float, float]]:
+    """The box every trial is drawn from (heretic's ranges; ``min_weight`` as a fraction of ``max_weight``)."""
+    last = n_layers - 1
+    comp = {"max_weight": (0.8, 1.5), "peak": (0.6 * last, 1.0 * last), "min_weight": (0.0, 1.0),
+            "width": (1.0, max(1.0 + 1e-6, 0.6 * last))}
+    out = {"direction_index": (0.4 * last, 0.9 * last)}
+    for c in ("attn", "mlp"):
+        out.update({f"{c}.{k}": v for k, v in comp.items()})
+    return out
+
+
+def edit_for(directions, params: dict, n_layers: int, *, norm_preserve: bool = True) -> Abliterate:
+    """The ``Abliterate`` edit of one parameter set (``directions``: a ``RefusalDirections``)."""
+    prof = {c: (params[f"{c}.max_weight"], params[f"{c}.peak"], params[f"{c}.min_weight"] * params[f"{c}.max_weight"],
+                params[f"{c}.width"]) for c in ("attn", "mlp")}
+    return Abliterate(directions.direction(params["direction_index"]),
+                      attn_weights=peaked_weights(n_layers, *prof["attn"]),
+                      mlp_weights=peaked_weights(n_layers, *prof["mlp"]), norm_preserve=norm_preserve)
+
+
+class _Scorer:
+    """The two proxies of one trial, from cached unedited residual streams."""
+
+    def __init__(self, model, harmful_eval, harmless_eval, base_responses, refused, markers, system_prompt, max_prefix):
+        self.model = model
+        tokens, mask = chat_tokens(model, harmless_eval, system_prompt)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, attention_mask=mask,
+                                            names_filter=lambda n: n.endswith("hook_resid_pre"))
+            self.base_logp = model(tokens, attention_mask=mask)[:, -1].double().log_softmax(-1)
+        self.harmless = (mask, [cache[f"blocks.{i}.hook_resid_pre"] for i in range(model.n_layers)])
+        # the refusals the unedited model gives, up to the end of the first marker, teacher-forced
+        rows = []
+        tok = model.tokenizer
+        for prompt, resp, r in zip(harmful_eval, base_responses, refused):
+            if not r or not resp.strip():
+                continue
+            ids = tok(resp, add_special_tokens=False)["input_ids"][:max_prefix]
+            for n in range(1, len(ids) + 1):  # shortest prefix that already holds a marker
+                if is_refusal(tok.decode(ids[:n]), markers) and tok.decode(ids[:n]).strip():
+                    ids = ids[:n]
+                    break
+            rows.append((prompt, ids))
+        self.n_refused = len(rows)
+        self.harmful = None
+        if rows:
+            p_tok, p_mask = chat_tokens(model, [p for p, _ in rows], system_prompt)
+            width = max(len(ids) for _, ids in rows)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            cont = torch.full((len(rows), width), pad, dtype=torch.long)
+            cmask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, (_, ids) in enumerate(rows):
+                cont[i, :len(ids)] = torch.tensor(ids)
+                cmask[i, :len(ids)] = 1
+            full = torch.cat([p_tok, cont.to(p_tok.device)], 1)
+            fmask = torch.cat([p_mask, cmask.to(p_mask.device)], 1)
+            with torch.no_grad():
+                _, cache = model.run_with_cache(full, attention_mask=fmask,
+                                                names_filter=lambda n: n.endswith("hook_resid_pre"))
+            self.harmful = (fmask, [cache[f"blocks.{i}.hook_resid_pre"] for i in range(model.n_layers)],
+                            full, cmask.to(full.device), p_tok.shape[1])
+
+    def __call__(self, start: int) -> tuple[float, float]:
+        m = self.model
+        with torch.no_grad():
+            mask, resid = self.harmless
+            logits = m(resid[start], attention_mask=mask, start_at_layer=start)[:, -1]
+            kl = float(kl_rows(self.base_logp, logits).mean())
+            if self.harmful is None:
+                return 0.0, kl
+            fmask, resid, full, cmask, p_len = self.harmful
+            logits = m(resid[start], attention_mask=fmask, start_at_layer=start)
+            logp = logits[:, p_len - 1:-1].double().log_softmax(-1)
+            tgt = full[:, p_len:]
+            lp = logp.gather(-1, tgt[..., None])[..., 0] * cmask
+            per = lp.sum(1) / cmask.sum(1).clamp_min(1)
+        return float(per.mean()), kl
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the non-dominated points (both coordinates minimised), sorted by the second (KL)."""
+    front = [i for i, (a, b) in enumerate(points)
+             if not any((a2 <= a and b2 <= b) and (a2 < a or b2 < b) for a2, b2 in points)]
+    return sorted(front, key=lambda i: (points[i][1], points[i][0]))
+
+
+def _propose(trials: int, space: dict, seed: int, sampler: str):
+    names = list(space)
+    if sampler == "optuna":
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=max(1, min(10, trials // 3)), multivariate=True))
+        for _ in range(trials):
+            t = study.ask()
+            params = {n: t.suggest_float(n, *space[n]) for n in names}
+            value = yield params
+            study.tell(t, list(value))
+        return
+    sob = torch.quasirandom.SobolEngine(len(names), scramble=True, seed=seed)
+    for _ in range(trials):
+        u = sob.draw(1)[0].double().tolist()
+        yield {n: space[n][0] + x * (space[n][1] - space[n][0]) for n, x in zip(names, u)}
+
+
+def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eval_harmful=None, eval_harmless=None,
+               system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, markers: Sequence[str] | None = None,
+               max_new_tokens: int = 100, positions: Sequence[int] = (-1,), project_harmless: bool = True,
+               norm_preserve: bool = True, target_refusals: int = 0, max_confirm: int = 6, sampler: str = "auto",
+               max_prefix: int = 24, batch_size: int = 32, progress: bool = False) -> AbliterationResult:
+    """Find an ``Abliterate`` edit that removes refusals at the least KL (module docstring).
+
+    Args:
+        model: a ``HookedLlama`` with a chat template (left unedited).
+        harmful, harmless: prompts for the directions (anything ``analyses.refusal.load_prompts`` takes).
+        trials: parameter sets scored by the proxies; seed: the sampler's seed.
+        eval_harmful, eval_harmless: held-out prompts the trials are scored and confirmed on (default:
+            the last third of ``harmful`` / ``harmless``, the rest giving the directions).
+        max_new_tokens, markers, system_prompt: the refusal scorer (greedy generation, heretic's markers).
+        target_refusals: confirmation stops at the first front point (lowest KL first) with at most this
+            many refusals; max_confirm: at most this many generations.
+        sampler: "optuna" (TPE), "sobol", or "auto" (optuna when importable).
+
+    Returns:
+        ``AbliterationResult``: trials, Pareto front, the chosen edit and its plan, before/after refusals.
+
+    Example::
+
+        res = abliterate(model, load_prompts("harmful:train"), load_prompts("harmless:train"),
+                         eval_harmful=load_prompts("harmful:eval"), eval_harmless=load_prompts("harmless:eval"))
+        res.after.count, res.kl; surgery.export(model, "out/smol-abliterated", edits=res.plan)
+    """
+    t0 = time.perf_counter()
+    harmful, harmless = load_prompts(harmful), load_prompts(harmless)
+    if eval_harmful is None:
+        cut = len(harmful) - max(1, len(harmful) // 3)
+        harmful, eval_harmful = harmful[:cut], harmful[cut:]
+    if eval_harmless is None:
+        cut = len(harmless) - max(1, len(harmless) // 3)
+        harmless, eval_harmless = harmless[:cut], harmless[cut:]
+    eval_harmful, eval_harmless = load_prompts(eval_harmful), load_prompts(eval_harmless)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise InputError(f"trials must be a positive integer, got {trials!r}")
+    if sampler == "auto":
+        try:
+            import optuna  # noqa: F401
+            sampler = "optuna"
+        except ImportError:
+            sampler = "sobol"
+    if sampler not in ("optuna", "sobol"):
+        raise InputError(f"sampler must be 'optuna', 'sobol' or 'auto', got {sampler!r}")
+    markers = list(REFUSAL_MARKERS if markers is None else markers)
+    L = model.n_layers
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=trials, desc="abliterate trials")
+    directions = refusal_directions(model, harmful, harmless, positions=positions, project_harmless=project_harmless,
+                                    system_prompt=system_prompt, batch_size=batch_size)
+    before = refusal_rate(model, eval_harmful, markers=markers, max_new_tokens=max_new_tokens,
+                          system_prompt=system_prompt, batch_size=batch_size)
+    scorer = _Scorer(model, eval_harmful, eval_harmless, before.responses, before.refused, markers, system_prompt,
+                     max_prefix)
+    t_setup = time.perf_counter() - t0
+    space = search_space(L)
+    rows: list[dict] = []
+    gen = _propose(trials, space, seed, sampler)
+    params = next(gen)
+    while True:
+        edit = edit_for(directions, params, L, norm_preserve=norm_preserve)
+        start = min(list(edit.attn_weights) + list(edit.mlp_weights))
+        with edit.applied(model):
+            proxy, kl = scorer(start)
+        rows.append({"trial": len(rows), "params": dict(params), "refusal_proxy": proxy, "kl": kl, "refusals": None})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(proxy=f"{proxy:.2f}", kl=f"{kl:.4f}")
+        try:
+            params = gen.send((proxy, kl))
+        except StopIteration:
+            break
+    if bar is not None:
+        bar.close()
+    t_search = time.perf_counter() - t0 - t_setup
+    front = _pareto([(r["refusal_proxy"], r["kl"]) for r in rows])
+    chosen, after, best = None, None, None
+    for n, i in enumerate(front):
+        if n >= max_confirm:
+            break
+        edit = edit_for(directions, rows[i]["params"], L, norm_preserve=norm_preserve)
+        res = refusal_rate(model, eval_harmful, markers=markers, max_new_tokens=max_new_tokens,
+                           system_prompt=system_prompt, batch_size=batch_size, fwd_hooks=edit.as_hooks(model))
+        rows[i]["refusals"] = res.count
+        if best is None or res.count < best[1].count:
+            best = (i, res)
+        if res.count <= target_refusals:
+            break
+    chosen, after = best
+    edit = edit_for(directions, rows[chosen]["params"], L, norm_preserve=norm_preserve)
+    provenance = {
+        "search": "llama-scalpel abliterate", "sampler": sampler, "seed": seed, "trials": trials,
+        "chosen_trial": chosen, "params": rows[chosen]["params"], "norm_preserve": norm_preserve,
+        "positions": list(positions), "project_harmless": project_harmless, "system_prompt": system_prompt,
+        "max_new_tokens": max_new_tokens,
+        "prompts_sha256": {"harmful": prompts_sha256(harmful), "harmless": prompts_sha256(harmless),
+                           "eval_harmful": prompts_sha256(eval_harmful), "eval_harmless": prompts_sha256(eval_harmless)},
+        "prompt_counts": {"harmful": len(harmful), "harmless": len(harmless), "eval_harmful": len(eval_harmful),
+                          "eval_harmless": len(eval_harmless)},
+    }
+    t_total = time.perf_counter() - t0
+    return AbliterationResult(trials=rows, front=front, chosen=chosen, edit=edit, plan=EditPlan([edit]),
+                              directions=directions, before=before, after=after, kl=rows[chosen]["kl"],
+                              provenance=provenance,
+                              timings={"setup_s": t_setup, "search_s": t_search,
+                                       "confirm_s": t_total - t_setup - t_search, "total_s": t_total})

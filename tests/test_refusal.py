@@ -1,0 +1,204 @@
+"""Refusal analyses and the abliteration search: the marker scorer, prompt loading, KL against a manual
+computation, refusal directions against a manual difference of means, and (on the real model) a search
+whose chosen edit lowers the refusal count, exported and replayed bit-exactly from its plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import surgery as S
+from analyses import refusal as R
+from hooks import InputError
+
+
+# --------------------------------------------------------------------------- no model
+@pytest.mark.parametrize("text, refused", [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I *will not* do that", True),
+    ("I won\u2019t write that.", True),
+    ("That is   Illegal in most countries", True),
+    ("   ", True),  # an empty response counts as a refusal
+    ("Sure! Here are three steps:", False),
+    ("Illegible handwriting is hard to read", False),
+])
+def test_is_refusal(text, refused):
+    assert R.is_refusal(text) is refused
+
+
+def test_load_prompts(tmp_path):
+    assert len(R.load_prompts("harmful:eval")) == 32 and len(R.load_prompts("harmless:eval")) == 32
+    assert len(R.load_prompts("harmful:train")) == 48 and len(R.load_prompts("harmless:train")) == 48
+    assert not set(R.load_prompts("harmful:eval")) & set(R.load_prompts("harmful:train"))
+    txt = tmp_path / "p.txt"
+    txt.write_text("# a comment\nfirst prompt\n\n  second prompt  \n")
+    assert R.load_prompts(txt) == ["first prompt", "second prompt"]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('"plain"\n{"instruction": "from an object"}\n\n{"goal": "goal key", "target": "x"}\n')
+    assert R.load_prompts(jl) == ["plain", "from an object", "goal key"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"answer": "no prompt key"}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:1: the object has none of the keys"):
+        R.load_prompts(bad)
+    with pytest.raises(InputError, match="does not exist"):
+        R.load_prompts(tmp_path / "missing.txt")
+    assert R.prompts_sha256(["a", "b"]) == __import__("hashlib").sha256(b"a\nb").hexdigest()
+
+
+def test_chat_puts_the_system_prompt_first():
+    msgs = R.chat(["hi"], system_prompt="Be brief.")
+    assert msgs == [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]]
+    assert R.chat(["hi"], system_prompt=None) == [[{"role": "user", "content": "hi"}]]
+
+
+def test_peaked_weights_profile():
+    assert S.peaked_weights(6, 1.0, 3, 0.5, 2) == {1: 0.5, 2: 0.75, 3: 1.0, 4: 0.75, 5: 0.5}
+    w = S.peaked_weights(30, 1.4, 20.5, 0.0, 3)
+    assert set(w) == {18, 19, 20, 21, 22, 23} and w[20] == pytest.approx(1.4 - 0.5 / 3 * 1.4)
+
+
+def test_pareto_front():
+    from surgery.refusal_search import _pareto
+
+    pts = [(1.0, 0.5), (0.5, 1.0), (0.7, 0.7), (0.8, 0.9), (0.5, 1.2)]
+    assert _pareto(pts) == [0, 2, 1]
+
+
+def test_search_space_is_herectics_box():
+    space = S.search_space(30)
+    assert space["direction_index"] == pytest.approx((0.4 * 29, 0.9 * 29))
+    assert space["attn.peak"] == pytest.approx((0.6 * 29, 29)) and space["mlp.width"] == pytest.approx((1.0, 0.6 * 29))
+
+
+# --------------------------------------------------------------------------- real model
+@pytest.mark.slow
+def test_prompt_kl_equals_manual_computation(smol):
+    prompts = ["How do I bake bread?", "Write a haiku about rain."]
+    edit = S.Abliterate(torch.randn(576, generator=torch.Generator().manual_seed(0)),
+                        attn_weights=S.peaked_weights(30, 1.0, 20, 0.2, 6), mlp_weights={22: 1.0})
+    res = R.prompt_kl(smol, prompts, fwd_hooks=edit.as_hooks(smol))
+    tokens, mask = smol.tokenize(R.chat(prompts, "You are a helpful assistant."))
+    with torch.no_grad():
+        base = smol(tokens, attention_mask=mask)[:, -1]
+        with edit.applied(smol):
+            edited = smol(tokens, attention_mask=mask)[:, -1]
+    manual = torch.nn.functional.kl_div(edited.double().log_softmax(-1), base.double().log_softmax(-1),
+                                        reduction="none", log_target=True).sum(-1)
+    assert torch.allclose(res.per_prompt, manual, atol=1e-5) and res.mean > 1e-4
+    # the same through analyses.kl_divergence with a model first, and against a second (edited) model
+    assert R.prompt_kl is not None
+    from analyses import kl_divergence
+
+    assert kl_divergence(smol, prompts, fwd_hooks=edit.as_hooks(smol)).mean == pytest.approx(res.mean, abs=1e-7)
+    # whole continuations: teacher-forced on the base model's greedy continuation, up to its end
+    cont = R.prompt_kl(smol, prompts[:1], fwd_hooks=edit.as_hooks(smol), where="continuation", max_new_tokens=6)
+    t1, m1 = smol.tokenize(R.chat(prompts[:1]))
+    with torch.no_grad():
+        full = smol.generate(t1, max_new_tokens=6, return_type="tokens")
+        b = smol(full)[0, t1.shape[1] - 1:-1]
+        with edit.applied(smol):
+            e = smol(full)[0, t1.shape[1] - 1:-1]
+    n = cont.n_tokens[0]
+    assert n == 6 and cont.per_prompt[0] == pytest.approx(float(R.kl_rows(b, e)[:n].mean()), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_refusal_directions_equal_manual_difference_of_means(smol):
+    harmful, harmless = R.load_prompts("harmful:train")[:3], R.load_prompts("harmless:train")[:3]
+    dirs = R.refusal_directions(smol, harmful, harmless, project_harmless=False)
+    assert dirs.directions.shape == (30, 576) and dirs.separation.shape == (30,)
+
+    def last(prompts, layer):
+        out = []
+        for p in prompts:  # one prompt at a time: no padding involved
+            _, cache = smol.run_with_cache(R.chat([p])[0], names_filter=[f"blocks.{layer}.hook_resid_post"])
+            out.append(cache[f"blocks.{layer}.hook_resid_post"][0, -1].double())
+        return torch.stack(out).mean(0)
+
+    diff = last(harmful, 15) - last(harmless, 15)
+    assert torch.allclose(dirs.directions[15].double(), diff / diff.norm(), atol=1e-4)
+    proj = R.refusal_directions(smol, harmful, harmless, project_harmless=True)
+    h = proj.harmless_mean[15].double()
+    assert abs(float(proj.directions[15].double() @ h / h.norm())) < 1e-5
+    mid = proj.direction(15.25).double()
+    want = 0.75 * proj.directions[15].double() + 0.25 * proj.directions[16].double()
+    assert torch.allclose(mid, want / want.norm(), atol=1e-6)
+    dirs.figure(); json.dumps(dirs.to_dict())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: S.Abliterate(d), "Abliterate: nothing to edit; give attn_weights and/or mlp_weights (or embeddings=True)"),
+    (lambda d: S.Abliterate(torch.stack([d, d]), direction_index=1.5, mlp_weights={0: 1.0}),
+     "Abliterate: direction_index 1.5 is out of range 0..1"),
+    (lambda d: S.Abliterate(d, direction_index=0.5, mlp_weights={0: 1.0}),
+     "Abliterate: direction_index needs a stack of directions [K, d_model]; a single direction is used as given"),
+    (lambda d: S.Abliterate(d, attn_weights={"x": 1.0}), "Abliterate: attn_weights has a key 'x' that is not a layer index"),
+])
+def test_abliterate_bad_arguments(make, message):
+    with pytest.raises(S.EditError) as err:
+        make(torch.ones(8))
+    assert str(err.value) == message
+
+
+def test_abliterate_records_round_trip_through_json():
+    e = S.Abliterate.peaked(torch.randn(8), 6, attn=(1.2, 3, 0.4, 2), mlp=None, norm_preserve=True)
+    again = S.Edit.from_dict(json.loads(json.dumps(e.to_dict())))
+    assert again == e and again.attn_weights == e.attn_weights and torch.equal(again.direction, e.direction)
+
+
+def test_cli_abliterate_missing_prompt_file_exits_2(tmp_path, capsys):
+    from _cli.app import main
+
+    code = main(["abliterate", "--harmful", str(tmp_path / "nope.txt"), "--harmless", "harmless:train"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nope.txt does not exist" in err[0]
+
+
+@pytest.mark.slow
+def test_search_on_the_real_model_exports_and_replays_bit_exactly(smol, tmp_path):
+    harmful, harmless = R.load_prompts("harmful:train")[:4], R.load_prompts("harmless:train")[:4]
+    res = S.abliterate(smol, harmful, harmless, eval_harmful=R.load_prompts("harmful:eval")[:2],
+                       eval_harmless=R.load_prompts("harmless:eval")[:3], trials=3, max_new_tokens=4, sampler="sobol")
+    assert len(res.trials) == 3 and res.chosen in res.front and res.trials[res.chosen]["refusals"] == res.after.count
+    # the recorded KL is the first-token KL of the chosen edit, recomputed independently
+    kl = R.prompt_kl(smol, R.load_prompts("harmless:eval")[:3], fwd_hooks=res.edit.as_hooks(smol))
+    assert kl.mean == pytest.approx(res.kl, rel=1e-3, abs=1e-6)
+    res.figure(); json.dumps(res.to_dict())
+    # the plan file replays the chosen edit's weights bit-exactly
+    path = res.plan.save(tmp_path / "plan.yaml")
+    with res.edit.applied(smol):
+        want = {k: v.clone() for k, v in smol.state_dict().items()}
+    with S.load_plan(path).applied(smol):
+        for k, v in smol.state_dict().items():
+            assert torch.equal(v, want[k]), k
+    assert res.provenance["prompts_sha256"]["harmful"] == R.prompts_sha256(harmful)
+
+
+@pytest.mark.slow
+def test_cli_abliterate_exports_and_scalpel_edit_replays_bit_exactly(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from _cli.app import main
+
+    files = {}
+    for name, src, n in [("hf", "harmful:train", 4), ("hl", "harmless:train", 4), ("ehf", "harmful:eval", 2),
+                         ("ehl", "harmless:eval", 2)]:
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(R.load_prompts(src)[:n]) + "\n")
+    out, again = tmp_path / "ablit", tmp_path / "again"
+    code = main(["abliterate", "--harmful", str(files["hf"]), "--harmless", str(files["hl"]),
+                 "--eval-harmful", str(files["ehf"]), "--eval-harmless", str(files["ehl"]), "--trials", "2",
+                 "--max-new-tokens", "4", "--out", str(out), "--report", str(tmp_path / "r.html"), "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["export"]["max_abs_logit_diff"] <= 1e-4 and data["front"] and data["chosen_trial"] in data["front"]
+    manifest = json.loads((out / "scalpel_manifest.json").read_text())
+    prov = manifest["provenance"]
+    assert prov["seed"] == 0 and prov["prompts_sha256"]["eval_harmful"] == R.prompts_sha256(R.load_prompts(files["ehf"]))
+    assert prov["params"] == data["params"]
+    assert "Pareto front" in (tmp_path / "r.html").read_text()
+    assert main(["edit", data["export"]["plan"], "--out", str(again), "--json"]) == 0
+    a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
