@@ -31,11 +31,16 @@ def test_every_stage_equals_hand_decoding(variant):
         layer, kind = stage.split("_")
         probs = by_hand(model, cache[f"resid_{kind}", int(layer)][0]).softmax(-1)
         top = probs.topk(3)
-        assert torch.equal(lens.top_ids[s], top.indices)
+        # the lens's top tokens carry the top probabilities (a near-tie may order two tokens either way)
+        assert (probs.gather(-1, lens.top_ids[s]) - top.values).abs().max() <= 1e-5
+        clear = top.values[:, :-1] - top.values[:, 1:] > 1e-5  # rank k is clear of rank k+1
+        assert torch.equal(lens.top_ids[s][:, 0][clear[:, 0]], top.indices[:, 0][clear[:, 0]])
         assert (lens.top_probs[s] - top.values).abs().max() <= 1e-5
         assert (lens.target_probs[s] - probs[:, [5, 17]]).abs().max() <= 1e-5
-        ranks = (probs[:, None, :] > probs[:, [5, 17], None]).sum(-1)
-        assert torch.equal(lens.target_ranks[s], ranks)
+        target = probs[:, [5, 17], None]
+        surely_above = (probs[:, None, :] > target + 1e-6).sum(-1)
+        maybe_above = (probs[:, None, :] > target - 1e-6).sum(-1) - 1  # the target itself is not above
+        assert ((lens.target_ranks[s] >= surely_above) & (lens.target_ranks[s] <= maybe_above)).all()
 
 
 def test_last_stage_is_the_model_prediction():
