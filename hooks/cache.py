@@ -184,6 +184,11 @@ class ActivationCache:
         for i in range(stop):
             parts.append(_slice(self.head_results(i), pos_slice, dim=-3).movedim(-2, 0))  # [H, B, P, M]
             labels += [f"L{i}H{h}" for h in range(self.model.n_heads)]
+        return self._finish_stack(parts, labels, stop, pos_slice, incl_remainder, apply_ln, return_labels)
+
+    def _finish_stack(self, parts, labels, stop, pos_slice, incl_remainder, apply_ln, return_labels):
+        """Concatenate per-component parts [C, B, P, D]; add the remainder of the residual stream into
+        layer ``stop`` and apply the final norm when asked; labels with them."""
         stack = torch.cat(parts) if parts else self._empty(pos_slice)
         if incl_remainder:
             stack = torch.cat([stack, (self._resid_into(stop, False, pos_slice) - stack.sum(0))[None]])
@@ -222,13 +227,7 @@ class ActivationCache:
         idx = _slice(torch.arange(self.model.d_mlp), neuron_slice, dim=0).reshape(-1)
         parts = [self.neuron_results(i, idx, pos_slice) for i in range(stop)]
         labels = [f"L{i}N{j}" for i in range(stop) for j in idx.tolist()]
-        stack = torch.cat(parts) if parts else self._empty(pos_slice)
-        if incl_remainder:
-            stack = torch.cat([stack, (self._resid_into(stop, False, pos_slice) - stack.sum(0))[None]])
-            labels.append("remainder")
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, stop, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._finish_stack(parts, labels, stop, pos_slice, incl_remainder, apply_ln, return_labels)
 
     def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
                                      expand_neurons: bool = True, apply_ln: bool = False, pos_slice=None,
