@@ -113,3 +113,15 @@ def test_analyses_doc_blocks_run(smol, in_tmp, monkeypatch):
     assert ns["r"].n == 8 and 0 <= ns["r"].rate <= 1
     assert ns["kl"].mean > 0
     assert not any(p.fwd_hooks for p in smol.hook_dict.values())
+
+
+def test_surgery_doc_blocks_run(smol, in_tmp, monkeypatch):
+    model = own_copy(smol)  # the plans section edits the model in place
+    default_is(monkeypatch, model)
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(smol.cfg.d_model, generator=g)
+    ns = run_blocks("docs/surgery.md", {"refusal_direction": direction / direction.norm()}, 3)
+    assert ns["result"].max_abs_logit_diff < 1e-4 and ns["result"].kl_to_base > 0
+    assert (in_tmp / "out/smol-edited.gguf").is_file() and (in_tmp / "out/smol-abliterated").is_dir()
+    assert ns["res"].before.n == 8 and len(ns["plan"].edits) == 4
+    assert model.n_layers == smol.n_layers - 1  # apply_plan removed layer 29 in place; smol keeps it
