@@ -1,4 +1,4 @@
-"""Every Python code block of docs/hooks.md, analyses.md, surgery.md, saes.md, interop.md and README.md runs,
+"""Every Python code block of docs/hooks.md, analyses.md, surgery.md, saes.md and README.md runs,
 in order, on the default model: one test per document, its blocks in one namespace that holds the names the
 prose assumes (``tokens``, an ``edit``, a ``refusal_direction`` …), in a temporary directory as cwd.
 ``HookedLlama.default()`` returns the session's model (or a copy where the document edits it in place)."""
@@ -125,3 +125,4 @@ def test_surgery_doc_blocks_run(smol, in_tmp, monkeypatch):
     assert (in_tmp / "out/smol-edited.gguf").is_file() and (in_tmp / "out/smol-abliterated").is_dir()
     assert ns["res"].before.n == 8 and len(ns["plan"].edits) == 4
     assert model.n_layers == smol.n_layers - 1  # apply_plan removed layer 29 in place; smol keeps it
+
