@@ -260,3 +260,30 @@ def test_bad_sae_inputs(tmp_path, tiny):
                               "(the model has 3 layers, 0..2)")
     with pytest.raises(LoadError, match="does not exist"):
         load_sae(tmp_path / "missing")
+
+
+def test_overwrite_replaces_only_an_sae_we_wrote(tmp_path):
+    """save_sae(overwrite=True) never deletes what llama-scalpel did not write."""
+    a, b = random_sae("standard", seed=1), random_sae("standard", seed=2)
+    ours = save_sae(a, tmp_path / "ours")
+    save_sae(b, ours, overwrite=True)  # our own SAE: replaced
+    assert torch.equal(load_sae(ours).W_enc, b.W_enc)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".scalpel-")]
+    user = tmp_path / "thesis"
+    user.mkdir()
+    (user / "thesis.txt").write_text("years of work")
+    with pytest.raises(InputError, match="did not write .*thesis.txt"):
+        save_sae(a, user, overwrite=True)
+    assert (user / "thesis.txt").read_text() == "years of work"
+    # an SAELens-layout directory written by someone else is not ours either
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    save_file({n: p.detach().clone() for n, p in a.named_parameters()}, str(foreign / "sae_weights.safetensors"))
+    (foreign / "cfg.json").write_text("{}")
+    with pytest.raises(InputError, match="not written by llama-scalpel"):
+        save_sae(b, foreign, overwrite=True)
+    assert (foreign / "cfg.json").read_text() == "{}"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_sae(a, empty, overwrite=True)  # an empty directory may be replaced
+    assert torch.equal(load_sae(empty).W_enc, a.W_enc)

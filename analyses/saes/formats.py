@@ -175,8 +175,63 @@ def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path) -> SAE
     return sae
 
 
+WRITTEN_BY = {"written_by": "llama-scalpel"}  # safetensors metadata marking an SAE this toolkit wrote
+_OUR_FILES = {"cfg.json", SAELENS_WEIGHTS, "checkpoint.pt"}
+
+
+def replace_refusal(target: Path) -> str | None:
+    """Why ``target`` may not be replaced (``None``: it may): only an empty directory, or one holding
+    nothing but an SAE this toolkit wrote (its weights carry ``WRITTEN_BY``) and/or a training
+    checkpoint of ``train_sae``, is ever replaced."""
+    from safetensors import safe_open
+
+    if target.is_symlink() or not target.is_dir():
+        return f"{target} is not a directory llama-scalpel wrote"
+    names = {p.name for p in target.iterdir()}
+    others = sorted(names - _OUR_FILES)
+    if others:
+        return f"{target} holds files llama-scalpel did not write ({', '.join(others[:3])})"
+    if SAELENS_WEIGHTS in names:
+        try:
+            with safe_open(str(target / SAELENS_WEIGHTS), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - unreadable weights are not ours
+            meta = {}
+        if meta.get("written_by") != WRITTEN_BY["written_by"]:
+            return f"{target / SAELENS_WEIGHTS} was not written by llama-scalpel"
+    if "checkpoint.pt" in names:
+        try:
+            state = torch.load(target / "checkpoint.pt", map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001
+            state = None
+        if not (isinstance(state, dict) and {"sae", "opt", "step", "config"} <= set(state)):
+            return f"{target / 'checkpoint.pt'} is not a train_sae checkpoint"
+    return None
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Move the directory ``new`` to ``target``; an existing ``target`` must pass ``replace_refusal``
+    (checked by the caller) and is moved aside first, then removed, so nothing else is ever deleted."""
+    import shutil
+    import tempfile
+
+    old = None
+    if target.exists():
+        why = replace_refusal(target)
+        if why:
+            raise InputError(f"{why}; it is not replaced: choose another path")
+        old = Path(tempfile.mkdtemp(prefix=".scalpel-old-", dir=target.parent))
+        os.rename(target, old / "old")
+    if target.exists():  # appeared while we worked: never replace it
+        raise InputError(f"{target} appeared while this was written; nothing was replaced, choose another path")
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_sae(sae: SAE, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``sae`` in the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``), atomically."""
+    """Write ``sae`` in the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``), atomically.
+    ``overwrite=True`` replaces only an empty directory or an SAE this toolkit wrote."""
     import shutil
     import tempfile
 
@@ -185,6 +240,9 @@ def save_sae(sae: SAE, path: str | os.PathLike, *, overwrite: bool = False) -> P
     target = Path(path)
     if target.exists() and not overwrite:
         raise InputError(f"{target} exists; pass overwrite=True or choose another path")
+    if target.exists() and (why := replace_refusal(target)):
+        raise InputError(f"{why}; overwrite=True replaces only an SAE llama-scalpel wrote or an empty "
+                         "directory: choose another path")
     if sae.input_scale is not None:
         raise InputError("this SAE reads a norm output with its weight folded in at load time; it has no "
                          "SAELens equivalent, save it in its own format")
@@ -192,11 +250,9 @@ def save_sae(sae: SAE, path: str | os.PathLike, *, overwrite: bool = False) -> P
     tmp = Path(tempfile.mkdtemp(prefix=".scalpel-tmp-", dir=target.parent))
     try:
         tensors = {n: p.detach().contiguous().cpu() for n, p in sae.named_parameters()}
-        save_file(tensors, str(tmp / SAELENS_WEIGHTS))
+        save_file(tensors, str(tmp / SAELENS_WEIGHTS), metadata=WRITTEN_BY)
         (tmp / "cfg.json").write_text(json.dumps(saelens_cfg(sae), indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +30,7 @@ import torch
 from hooks import InputError
 from hooks.streaming import cache_to_disk
 
-from .formats import check_fits, save_sae
+from .formats import check_fits, replace_dir, replace_refusal, save_sae
 from .sae import SAE, SAEConfig
 
 
@@ -98,6 +99,9 @@ def train_sae(model, hook_name: str, texts: Sequence[str], out: str | os.PathLik
     out = Path(out)
     if out.exists() and not overwrite and not (out / "checkpoint.pt").exists():
         raise InputError(f"{out} exists; pass overwrite=True or choose another path")
+    if out.exists() and (why := replace_refusal(out)):
+        raise InputError(f"{why}; train_sae writes only into an empty directory, its own checkpoint "
+                         "directory or an SAE llama-scalpel wrote: choose another out path")
     d_in = model.d_mlp if ".mlp.hook_" in hook_name else model.d_model
     d_sae = int(d_sae or expansion * d_in)
     cfg = SAEConfig("topk", d_in, d_sae, hook_name, k=int(k), source_format="saelens",
@@ -161,11 +165,12 @@ def train_sae(model, hook_name: str, texts: Sequence[str], out: str | os.PathLik
         sae.W_enc.mul_(scale)
         sae.W_dec.div_(scale)
         sae.b_dec.div_(scale)
-    keep = out.with_name(out.name + ".done")
-    save_sae(sae, keep, overwrite=True)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(keep, out)
+    keep = Path(tempfile.mkdtemp(prefix=".scalpel-tmp-", dir=out.parent)) / "sae"
+    try:
+        save_sae(sae, keep)
+        replace_dir(keep, out)  # out holds only this run's checkpoint (checked above)
+    finally:
+        shutil.rmtree(keep.parent, ignore_errors=True)
     return TrainResult(sae, out, steps, steps * batch_size, losses, resumed_from, scale)
 
 
