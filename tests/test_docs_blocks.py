@@ -126,3 +126,16 @@ def test_surgery_doc_blocks_run(smol, in_tmp, monkeypatch):
     assert ns["res"].before.n == 8 and len(ns["plan"].edits) == 4
     assert model.n_layers == smol.n_layers - 1  # apply_plan removed layer 29 in place; smol keeps it
 
+
+
+def test_interop_doc_blocks_run(smol, in_tmp):
+    """docs/interop.md: TransformerLens and nnsight on HF's own SmolLM2, as the page writes them."""
+    ns = run_blocks("docs/interop.md", {}, 7)
+    ids = ns["ids"]
+    assert ids.shape == (1, 14)
+    with torch.no_grad():
+        ours = smol(ids)
+    assert (ns["logits"] - ours).abs().max() <= 1e-4  # nnsight's traced logits equal HookedLlama's
+    assert ns["res"].shape == (4,) and ns["res"][-1] > ns["res"][0]  # late resid_pre carries the answer
+    assert ns["out"].shape == (1, 34) and ns["patched"].shape == (1, 14, smol.d_vocab)
+    assert ns["abl"].shape == (1, 14, smol.d_vocab) and not torch.equal(ns["abl"], ns["logits"])
