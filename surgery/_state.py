@@ -48,7 +48,7 @@ class Journal:
         for module, params in self.params:
             module._parameters.clear()
             module._parameters.update(params)
-        model.model.layers = nn.ModuleList(self.layers)
+        model.model.layers = _layer_list(model, self.layers)
         model.config.__dict__.clear()
         model.config.__dict__.update(copy.deepcopy(self.config))
         object.__setattr__(model, "scalpel_history", list(self.history))
@@ -147,9 +147,15 @@ def untie_embeddings(model) -> None:
         model.config.tie_word_embeddings = False
 
 
+def _layer_list(model, layers) -> nn.ModuleList:
+    """A new layer list in the model's own train/eval mode (a fresh ModuleList starts in training mode,
+    which tools that check ``module.training`` everywhere, such as TransformerLens's patching, refuse)."""
+    return nn.ModuleList(layers).train(model.training)
+
+
 def remove_layers(model, layers: list[int]) -> None:
     keep = [layer for i, layer in enumerate(model.model.layers) if i not in set(layers)]
-    model.model.layers = nn.ModuleList(keep)
+    model.model.layers = _layer_list(model, keep)
     model.config.num_hidden_layers = len(keep)
     types = getattr(model.config, "layer_types", None)
     if types:  # Qwen2/Qwen3: each kept layer keeps its full / sliding attention

@@ -97,6 +97,8 @@ class Edit:
                 value = _vec_list(value)
             elif isinstance(value, tuple):
                 value = list(value)
+            elif isinstance(value, dict):  # JSON keys are strings: {layer: weight} records as {"layer": weight}
+                value = {str(k): v for k, v in value.items()}
             out[f.name] = value
         return out
 

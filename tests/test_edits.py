@@ -513,3 +513,14 @@ def test_changed_adapter_is_refused_on_replay(tmp_path):
     write_adapter(path, model, seed=5)  # overwritten with other weights
     with pytest.raises(S.AdapterError, match="the adapter changed since the plan was written"):
         S.Edit.from_dict(record).apply(model_for("gqa"))
+
+
+def test_layer_removal_keeps_the_model_in_eval_mode(tiny):
+    """A layer list rebuilt by RemoveLayers (applied, restored) keeps the model's eval mode, so tools
+    that refuse training mode anywhere (TransformerLens's patching) accept the model afterwards."""
+    import surgery as S
+
+    assert not any(m.training for m in tiny.modules())
+    with S.RemoveLayers([1]).applied(tiny):
+        assert not any(m.training for m in tiny.modules())
+    assert not any(m.training for m in tiny.modules()) and tiny.n_layers == 3
