@@ -369,3 +369,14 @@ def tl_aliases(n_layers: int) -> dict[str, str]:
     for i in range(n_layers):
         out.update({f"blocks.{i}.{a}": f"blocks.{i}.{b}" for a, b in _BLOCK_ALIASES.items()})
     return out
+
+
+class HookHandles:
+    """Handles of one ``add_hook`` call (a predicate may attach at several points)."""
+
+    def __init__(self, handles: list[HookHandle]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -23,7 +23,7 @@ from transformers.activations import ACT2FN
 from . import config as cfg
 from .cache import ActivationCache
 from .errors import HookError, InputError
-from .hook_points import HookFn, HookHandle, HookPoint, HookRegistry, NameOrFilter, RunContext, describe_filter
+from .hook_points import HookFn, HookHandles, HookPoint, HookRegistry, NameOrFilter, RunContext, describe_filter
 from .hf_compat import HFSurfaceMixin
 from .tl_compat import TransformerLensMixin
 from .tokens import Prepared, prepare_input, TokenizerMixin
@@ -671,17 +671,6 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         from .display import model_html
 
         return model_html(self)
-
-
-class HookHandles:
-    """Handles of one ``add_hook`` call (a predicate may attach at several points)."""
-
-    def __init__(self, handles: list[HookHandle]) -> None:
-        self.handles = handles
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def _one_input(input, input_ids):
