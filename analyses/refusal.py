@@ -20,7 +20,7 @@ template may still add its own). Prompts are plain user texts; chat-message list
 Example::
 
     harmful, harmless = load_prompts("harmful:eval"), load_prompts("harmless:eval")
-    refusal_rate(model, harmful).count               # 25 of 32 on SmolLM2-135M-Instruct
+    refusal_rate(model, harmful).count               # 23 of 32 on SmolLM2-135M-Instruct
     dirs = refusal_directions(model, load_prompts("harmful:train"), load_prompts("harmless:train"))
     dirs.direction(20.5)                             # interpolated between layers 20 and 21
 """
@@ -454,7 +454,7 @@ class AbliterationResult(AnalysisResult):
         for r in self.trials:
             row = {"trial": r["trial"], "refusal_proxy": r["refusal_proxy"], "kl": r["kl"], "refusals": r["refusals"],
                    "front": r["trial"] in self.front, "chosen": r["trial"] == self.chosen}
-            row.update({k: round(v, 4) for k, v in r["params"].items()})
+            row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in r["params"].items()})
             out.append(row)
         return out
 
