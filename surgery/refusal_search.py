@@ -5,6 +5,16 @@ attention (``o_proj``) and MLP (``down_proj``) separately, a peaked profile with
 ``[0.8, 1.5]``, ``peak`` in ``[0.6, 1.0]·(L−1)``, ``min_weight`` a fraction ``[0, 1]`` of ``max_weight``
 and ``width`` in ``[1, 0.6·(L−1)]``; rows keep their norms (``norm_preserve=True``).
 
+The direction has two sources, and with ``contrast="auto"`` the search treats the choice as one more
+parameter (``contrast``):
+
+- ``"sets"``: harmful-set mean minus harmless-set mean (heretic's);
+- ``"behaviour"``: the mean over the training prompts the unedited model *refuses* (short greedy
+  answers, ``classify_tokens`` long, marker scorer) minus the mean over those it answers, harmful and
+  harmless pooled. A model whose refusals do not follow the harm of the request (SmolLM2-135M
+  declines "Can you help me wash my car?" as a text-only AI as readily as harmful requests) has a
+  refusal direction that the set means miss; this one finds it.
+
 Each trial is scored by two cheap proxies on the held-out prompts, sharing the unedited prefix:
 
 - **refusal proxy**: for the held-out harmful prompts the unedited model refuses, its own greedy
@@ -16,8 +26,10 @@ Each trial is scored by two cheap proxies on the held-out prompts, sharing the u
 The residual stream entering the first edited layer is the unedited one, so each trial runs from
 there (``start_at_layer``). Optuna's multi-objective TPE (the ``[abliterate]`` extra) proposes the
 trials; without Optuna a scrambled Sobol sequence over the same box does (seeded, deterministic).
-Only the Pareto front is then confirmed by generation (greedy, ``max_new_tokens``, marker scorer),
-lowest KL first, stopping at the first candidate with at most ``target_refusals`` refusals.
+Only the Pareto front is then confirmed by generation (greedy, ``max_new_tokens``, marker scorer, the
+edit baked into the weights as it will be exported): the lowest-KL point when it already meets
+``target_refusals``; else the most aggressive point sets the goal and bisection along the front finds
+the lowest-KL point that meets it (``max_confirm`` generations at most).
 """
 
 from __future__ import annotations
@@ -50,8 +62,14 @@ def search_space(n_layers: int) -> dict[str, tuple[float, float]]:
     return out
 
 
+CONTRASTS = ("sets", "behaviour")
+
+
 def edit_for(directions, params: dict, n_layers: int, *, norm_preserve: bool = True) -> Abliterate:
-    """The ``Abliterate`` edit of one parameter set (``directions``: a ``RefusalDirections``)."""
+    """The ``Abliterate`` edit of one parameter set (``directions``: a ``RefusalDirections``, or a dict of
+    them by contrast, picked by ``params["contrast"]``)."""
+    if isinstance(directions, dict):
+        directions = directions[params.get("contrast") or next(iter(directions))]
     prof = {c: (params[f"{c}.max_weight"], params[f"{c}.peak"], params[f"{c}.min_weight"] * params[f"{c}.max_weight"],
                 params[f"{c}.width"]) for c in ("attn", "mlp")}
     return Abliterate(directions.direction(params["direction_index"]),
@@ -125,8 +143,37 @@ def _pareto(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][1], points[i][0]))
 
 
-def _propose(trials: int, space: dict, seed: int, sampler: str):
+def _bisect_front(n: int, count, target: int, budget: int) -> int:
+    """The front position to take, confirming at most ``budget`` positions (``count(k)``: refusals of the
+    k-th front point; positions run from lowest KL to lowest refusal proxy).
+
+    The lowest-KL point is taken when it meets ``target``; otherwise the most aggressive point sets the
+    goal (``target``, or its own count when it cannot reach it), and bisection finds the lowest-KL point
+    meeting that goal. Returns the confirmed position with the fewest refusals, lowest KL first.
+    """
+    counts: dict[int, int] = {}
+
+    def get(k: int) -> int:
+        if k not in counts:
+            counts[k] = count(k)
+        return counts[k]
+
+    if get(0) > target and n > 1 and budget > 1:
+        goal = max(target, get(n - 1))
+        lo, hi = 0, n - 1  # count(lo) > goal >= count(hi)
+        if get(0) > goal:
+            while hi - lo > 1 and len(counts) < budget:
+                mid = (lo + hi) // 2
+                if get(mid) <= goal:
+                    hi = mid
+                else:
+                    lo = mid
+    return min(counts, key=lambda k: (counts[k], k))
+
+
+def _propose(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequence[str] = ("sets",)):
     names = list(space)
+    contrasts = list(contrasts)
     if sampler == "optuna":
         import optuna
 
@@ -136,20 +183,26 @@ def _propose(trials: int, space: dict, seed: int, sampler: str):
         for _ in range(trials):
             t = study.ask()
             params = {n: t.suggest_float(n, *space[n]) for n in names}
+            if len(contrasts) > 1:
+                params["contrast"] = t.suggest_categorical("contrast", contrasts)
             value = yield params
             study.tell(t, list(value))
         return
-    sob = torch.quasirandom.SobolEngine(len(names), scramble=True, seed=seed)
+    sob = torch.quasirandom.SobolEngine(len(names) + (len(contrasts) > 1), scramble=True, seed=seed)
     for _ in range(trials):
         u = sob.draw(1)[0].double().tolist()
-        yield {n: space[n][0] + x * (space[n][1] - space[n][0]) for n, x in zip(names, u)}
+        params = {n: space[n][0] + x * (space[n][1] - space[n][0]) for n, x in zip(names, u)}
+        if len(contrasts) > 1:
+            params["contrast"] = contrasts[min(int(u[-1] * len(contrasts)), len(contrasts) - 1)]
+        yield params
 
 
 def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eval_harmful=None, eval_harmless=None,
                system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, markers: Sequence[str] | None = None,
                max_new_tokens: int = 100, positions: Sequence[int] = (-1,), project_harmless: bool = True,
                norm_preserve: bool = True, target_refusals: int = 0, max_confirm: int = 6, sampler: str = "auto",
-               max_prefix: int = 24, batch_size: int = 32, progress: bool = False) -> AbliterationResult:
+               max_prefix: int = 24, batch_size: int = 32, contrast: str = "auto", classify_tokens: int = 24,
+               progress: bool = False) -> AbliterationResult:
     """Find an ``Abliterate`` edit that removes refusals at the least KL (module docstring).
 
     Args:
@@ -159,9 +212,12 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         eval_harmful, eval_harmless: held-out prompts the trials are scored and confirmed on (default:
             the last third of ``harmful`` / ``harmless``, the rest giving the directions).
         max_new_tokens, markers, system_prompt: the refusal scorer (greedy generation, heretic's markers).
-        target_refusals: confirmation stops at the first front point (lowest KL first) with at most this
-            many refusals; max_confirm: at most this many generations.
+        target_refusals: the refusal count wanted; the lowest-KL front point that meets it (or, when none
+            does, the fewest refusals the front reaches) is chosen; max_confirm: at most this many generations.
         sampler: "optuna" (TPE), "sobol", or "auto" (optuna when importable).
+        contrast: where the direction comes from: "sets" (harmful − harmless means, as heretic),
+            "behaviour" (prompts the unedited model refuses − prompts it answers, both sets pooled,
+            each classified by ``classify_tokens`` greedy tokens), or "auto" (both; the search picks).
 
     Returns:
         ``AbliterationResult``: trials, Pareto front, the chosen edit and its plan, before/after refusals.
@@ -191,6 +247,10 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
             sampler = "sobol"
     if sampler not in ("optuna", "sobol"):
         raise InputError(f"sampler must be 'optuna', 'sobol' or 'auto', got {sampler!r}")
+    if contrast not in ("auto", *CONTRASTS):
+        raise InputError(f"contrast must be 'auto', 'sets' or 'behaviour', got {contrast!r}")
+    if not isinstance(classify_tokens, int) or isinstance(classify_tokens, bool) or classify_tokens < 1:
+        raise InputError(f"classify_tokens must be a positive integer, got {classify_tokens!r}")
     markers = list(REFUSAL_MARKERS if markers is None else markers)
     L = model.n_layers
     bar = None
@@ -198,8 +258,23 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         from tqdm.auto import tqdm
 
         bar = tqdm(total=trials, desc="abliterate trials")
-    directions = refusal_directions(model, harmful, harmless, positions=positions, project_harmless=project_harmless,
-                                    system_prompt=system_prompt, batch_size=batch_size)
+    directions, behaviour = {}, None
+    if contrast in ("auto", "sets"):
+        directions["sets"] = refusal_directions(model, harmful, harmless, positions=positions,
+                                                project_harmless=project_harmless, system_prompt=system_prompt,
+                                                batch_size=batch_size)
+    if contrast in ("auto", "behaviour"):
+        behaviour = refusal_rate(model, harmful + harmless, markers=markers, max_new_tokens=classify_tokens,
+                                 system_prompt=system_prompt, batch_size=batch_size)
+        refused = [p for p, r in zip(behaviour.prompts, behaviour.refused) if r]
+        answered = [p for p, r in zip(behaviour.prompts, behaviour.refused) if not r]
+        if len(refused) >= 2 and len(answered) >= 2:
+            directions["behaviour"] = refusal_directions(model, refused, answered, positions=positions,
+                                                         project_harmless=project_harmless,
+                                                         system_prompt=system_prompt, batch_size=batch_size)
+        elif contrast == "behaviour":
+            raise InputError(f"contrast='behaviour' needs at least 2 refused and 2 answered training prompts; the "
+                             f"model refused {len(refused)} of {len(behaviour.prompts)}")
     before = refusal_rate(model, eval_harmful, markers=markers, max_new_tokens=max_new_tokens,
                           system_prompt=system_prompt, batch_size=batch_size)
     scorer = _Scorer(model, eval_harmful, eval_harmless, before.responses, before.refused, markers, system_prompt,
@@ -207,7 +282,7 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
     t_setup = time.perf_counter() - t0
     space = search_space(L)
     rows: list[dict] = []
-    gen = _propose(trials, space, seed, sampler)
+    gen = _propose(trials, space, seed, sampler, list(directions))
     params = next(gen)
     while True:
         edit = edit_for(directions, params, L, norm_preserve=norm_preserve)
@@ -226,23 +301,27 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         bar.close()
     t_search = time.perf_counter() - t0 - t_setup
     front = _pareto([(r["refusal_proxy"], r["kl"]) for r in rows])
-    chosen, after, best = None, None, None
-    for n, i in enumerate(front):
-        if n >= max_confirm:
-            break
+    results: dict[int, object] = {}
+
+    def confirm(i: int) -> int:
+        """Generate with trial ``i``'s edit baked into the weights (as it will be exported), count refusals."""
         edit = edit_for(directions, rows[i]["params"], L, norm_preserve=norm_preserve)
-        res = refusal_rate(model, eval_harmful, markers=markers, max_new_tokens=max_new_tokens,
-                           system_prompt=system_prompt, batch_size=batch_size, fwd_hooks=edit.as_hooks(model))
-        rows[i]["refusals"] = res.count
-        if best is None or res.count < best[1].count:
-            best = (i, res)
-        if res.count <= target_refusals:
-            break
-    chosen, after = best
+        with edit.applied(model):
+            results[i] = refusal_rate(model, eval_harmful, markers=markers, max_new_tokens=max_new_tokens,
+                                      system_prompt=system_prompt, batch_size=batch_size)
+        rows[i]["refusals"] = results[i].count
+        return results[i].count
+
+    chosen = front[_bisect_front(len(front), lambda k: confirm(front[k]), target_refusals, max_confirm)]
+    after = results[chosen]
     edit = edit_for(directions, rows[chosen]["params"], L, norm_preserve=norm_preserve)
     provenance = {
         "search": "llama-scalpel abliterate", "sampler": sampler, "seed": seed, "trials": trials,
         "chosen_trial": chosen, "params": rows[chosen]["params"], "norm_preserve": norm_preserve,
+        "contrast": rows[chosen]["params"].get("contrast", next(iter(directions))), "contrasts": list(directions),
+        **({} if behaviour is None else {"behaviour_split": {"refused": behaviour.count, "answered":
+                                                             behaviour.n - behaviour.count,
+                                                             "classify_tokens": classify_tokens}}),
         "positions": list(positions), "project_harmless": project_harmless, "system_prompt": system_prompt,
         "max_new_tokens": max_new_tokens,
         "prompts_sha256": {"harmful": prompts_sha256(harmful), "harmless": prompts_sha256(harmless),
@@ -252,7 +331,7 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
     }
     t_total = time.perf_counter() - t0
     return AbliterationResult(trials=rows, front=front, chosen=chosen, edit=edit, plan=EditPlan([edit]),
-                              directions=directions, before=before, after=after, kl=rows[chosen]["kl"],
+                              directions=directions[provenance["contrast"]], before=before, after=after, kl=rows[chosen]["kl"],
                               provenance=provenance,
                               timings={"setup_s": t_setup, "search_s": t_search,
                                        "confirm_s": t_total - t_setup - t_search, "total_s": t_total})

@@ -202,3 +202,46 @@ def test_cli_abliterate_exports_and_scalpel_edit_replays_bit_exactly(tmp_path, c
     assert main(["edit", data["export"]["plan"], "--out", str(again), "--json"]) == 0
     a, b = load_file(out / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("counts, target, budget, want, most", [
+    ([10, 8, 8, 5, 3, 3, 3, 2], 0, 6, 7, 6),     # only the last reaches 2: goal 2
+    ([10, 9, 6, 3, 3, 3, 3, 3], 0, 6, 3, 6),     # goal 3: the lowest-KL point with 3
+    ([0, 5, 9], 0, 6, 0, 1),                     # the lowest-KL point meets the target: one generation
+    ([7, 6, 4, 1, 0, 0, 0, 0, 0, 0, 0], 0, 6, 4, 6),
+    ([7, 6, 4, 1, 0, 0, 0, 0, 0, 0, 0], 0, 3, 5, 3),   # budget 3: 0, 10, 5 confirmed; 5 is the lowest with 0
+    ([4, 5, 6], 0, 6, 0, 2),                     # the aggressive end is worse: keep the lowest KL
+])
+def test_confirmation_bisects_the_front(counts, target, budget, want, most):
+    seen = []
+
+    def count(k):
+        seen.append(k)
+        return counts[k]
+
+    from surgery.refusal_search import _bisect_front
+
+    assert _bisect_front(len(counts), count, target, budget) == want
+    assert len(seen) == len(set(seen)) and len(seen) <= most
+
+
+def test_abliterate_refuses_an_unknown_contrast_before_any_work():
+    with pytest.raises(InputError, match="contrast must be"):
+        S.abliterate(object(), ["a", "b"], ["c", "d"], eval_harmful=["e"], eval_harmless=["f"], contrast="heretic")
+
+
+@pytest.mark.slow
+def test_behaviour_contrast_splits_by_what_the_model_refuses(smol):
+    hf, hl = R.load_prompts("harmful:train")[:6], R.load_prompts("harmless:train")[:6]
+    res = S.abliterate(smol, hf, hl, eval_harmful=R.load_prompts("harmful:eval")[:2],
+                       eval_harmless=R.load_prompts("harmless:eval")[:2], trials=2, max_new_tokens=4, sampler="sobol",
+                       contrast="behaviour", classify_tokens=8)
+    split = R.refusal_rate(smol, hf + hl, max_new_tokens=8)  # the classification, recomputed
+    refused = [p for p, r in zip(split.prompts, split.refused) if r]
+    answered = [p for p, r in zip(split.prompts, split.refused) if not r]
+    assert len(refused) >= 2 and len(answered) >= 2
+    assert res.provenance["behaviour_split"] == {"refused": len(refused), "answered": len(answered), "classify_tokens": 8}
+    assert res.provenance["contrast"] == "behaviour" and res.provenance["contrasts"] == ["behaviour"]
+    want = R.refusal_directions(smol, refused, answered)
+    torch.testing.assert_close(res.directions.directions, want.directions, rtol=0, atol=1e-6)
+    assert torch.equal(res.edit.direction, want.direction(res.trials[res.chosen]["params"]["direction_index"]))

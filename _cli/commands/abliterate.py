@@ -21,6 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-harmless", metavar="FILE", help="held-out harmless prompts (default: the last third of --harmless)")
     p.add_argument("--trials", type=positive_int, default=24, help="parameter sets tried (default 24)")
     p.add_argument("--seed", type=int, default=0, help="the search's seed (default 0)")
+    p.add_argument("--contrast", choices=["auto", "sets", "behaviour"], default="auto",
+                   help="direction from harmful − harmless means (sets), from refused − answered prompts "
+                        "(behaviour), or let the search choose (auto, default)")
     p.add_argument("--max-new-tokens", type=positive_int, default=100, help="greedy tokens per scored response (default 100)")
     p.add_argument("--system-prompt", default="You are a helpful assistant.",
                    help="system message of every prompt (default 'You are a helpful assistant.')")
@@ -49,13 +52,15 @@ def run(args, ctx) -> Output:
     model = ctx.model()
     res = surgery.abliterate(model, sets["harmful"], sets["harmless"], eval_harmful=sets["eval_harmful"],
                              eval_harmless=sets["eval_harmless"], trials=args.trials, seed=args.seed,
-                             max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt, progress=True)
+                             max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt,
+                             contrast=args.contrast, progress=True)
     data = {"command": "abliterate", "model": model_meta(model), **res.summary(), "provenance": res.provenance,
             "edits": res.plan.to_dict()}
     out = Output("abliterate", data, title="scalpel abliterate")
     out.table("abliteration (held-out prompts)", ["", "value"], [
         ["refusals before", f"{res.before.count}/{res.before.n}"], ["refusals after", f"{res.after.count}/{res.after.n}"],
-        ["first-token KL on harmless", res.kl], ["trials", len(res.trials)], ["chosen trial", res.chosen],
+        ["first-token KL on harmless", res.kl], ["direction from", res.provenance["contrast"]],
+        ["trials", len(res.trials)], ["chosen trial", res.chosen],
         ["seconds", round(res.timings["total_s"], 1)]])
     out.table("Pareto front (refusal proxy vs KL; refusals where confirmed)", ["trial", "proxy", "KL", "refusals"],
               [[i, res.trials[i]["refusal_proxy"], res.trials[i]["kl"], res.trials[i]["refusals"]] for i in res.front])
