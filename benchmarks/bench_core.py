@@ -396,11 +396,9 @@ def workflow_table(args) -> str:
 def child(args, *extra: str) -> str:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--dtype", args.dtype,
            "--model", args.model, "--threads", str(args.threads), "--gen-tokens", str(args.gen_tokens),
-           *(["--no-interop"] if args.no_interop else []), *(["--quick"] if args.quick else []), *extra]
-    env = dict(os.environ)
-    if args.keep_freed_memory:  # glibc keeps freed memory for reuse: no fresh pages to fault in per cache
-        env.update(MALLOC_TRIM_THRESHOLD_=str(1 << 40), MALLOC_MMAP_THRESHOLD_=str(32 << 20))
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+           *(["--no-interop"] if args.no_interop else []), *(["--quick"] if args.quick else []),
+           *(["--keep-freed-memory"] if args.keep_freed_memory else []), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"benchmark child {' '.join(extra)} failed:\n{done.stderr[-4000:]}")
     return done.stdout
@@ -419,7 +417,7 @@ def header(args) -> str:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     model = "SmolLM2-135M-Instruct" if args.model == "default" else "random Llama-3.2-1B-shaped model"
-    alloc = ", glibc keeping freed memory (`--keep-freed-memory`)" if args.keep_freed_memory else ""
+    alloc = ", glibc keeping freed memory (`hooks.keep_freed_memory()`)" if args.keep_freed_memory else ""
     return (f"### {model}, {args.device} {args.dtype}, {args.threads} torch thread(s){alloc}\n\n"
             f"Machine: {where}; {', '.join(versions)}. Load average at start: "
             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n")
@@ -438,8 +436,8 @@ def main() -> None:
     ap.add_argument("--no-interop", action="store_true", help="skip TransformerLens and nnsight")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory tables")
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="run every table with glibc told to keep freed memory (MALLOC_TRIM_THRESHOLD_, "
-                         "MALLOC_MMAP_THRESHOLD_): the docs' tuning for caching large activations on a CPU")
+                    help="every table's process calls hooks.keep_freed_memory() first (glibc keeps freed "
+                         "memory): the docs' tuning for caching large activations on a CPU")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 rounds, 2-layer sweeps")
     ap.add_argument("--out", default=None, help="write the Markdown tables to this file")
     # internal: one table, or one memory case, per process
@@ -450,6 +448,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.gen_tokens = min(args.gen_tokens, 4)
+    if args.keep_freed_memory and (args.table or args.memory_case):
+        sys.path.insert(0, str(ROOT))
+        import hooks
+
+        if not hooks.keep_freed_memory():
+            raise SystemExit("--keep-freed-memory needs glibc")
     if args.memory_case:
         print(json.dumps(memory_child(args)))
         return

@@ -5,6 +5,7 @@
 >>> logits, cache = model.run_with_cache("The Eiffel Tower is in the city of")
 """
 
+from .allocator import keep_freed_memory
 from .cache import ActivationCache
 from .errors import (HookError, InputError, LoadError, NonFiniteError, ScalpelError,
                      UnsupportedArchitectureError)
@@ -13,4 +14,4 @@ from .hook_points import HookPoint, act_name, get_act_name
 from .model import HookedLlama
 
 __all__ = ["HookedLlama", "ActivationCache", "HookPoint", "KVCache", "act_name", "get_act_name", "ScalpelError", "HookError",
-           "InputError", "LoadError", "NonFiniteError", "UnsupportedArchitectureError"]
+           "InputError", "LoadError", "NonFiniteError", "UnsupportedArchitectureError", "keep_freed_memory"]
