@@ -16,7 +16,7 @@ refusals on the 32 eval harmful prompts, first-token KL(base ‖ edited) on the 
 
 Usage::
 
-    python benchmarks/bench_abliterate.py                      # both, 24 trials
+    python benchmarks/bench_abliterate.py                      # both at once, one thread each, 24 trials
     python benchmarks/bench_abliterate.py --only ours --trials 24
     python benchmarks/bench_abliterate.py --json results.json
 """
@@ -30,11 +30,24 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "analyses" / "data"
 SYSTEM_PROMPT = "You are a helpful assistant."
+SEED = 0
+
+
+def startup_trials(trials: int) -> int:
+    """Random trials before TPE, for both tools: ours uses min(10, trials // 3) (heretic's default, 60 of
+    200, would leave a 24-trial run all random)."""
+    return max(1, min(10, trials // 3))
+
+
+def one_thread(env: dict) -> dict:
+    """Each tool gets one core: both run at once on the 2-core machine, and threads do not compete."""
+    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def ensure_heretic(venv: Path) -> Path:
@@ -67,12 +80,13 @@ def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int) -> dict:
         return f'{{ dataset = "{DATA / name}" }}'
 
     (cwd / "config.toml").write_text("\n".join([
-        f'model = "{model_dir}"', f"n_trials = {trials}", "batch_size = 32", "max_response_length = 100",
+        f'model = "{model_dir}"', f"n_trials = {trials}", f"n_startup_trials = {startup_trials(trials)}",
+        f"seed = {SEED}", "batch_size = 32", "max_response_length = 100",
         f'system_prompt = "{SYSTEM_PROMPT}"',
         f"good_prompts = {spec('harmless_train.txt')}", f"bad_prompts = {spec('harmful_train.txt')}",
         f"good_evaluation_prompts = {spec('harmless_eval.txt')}", f"bad_evaluation_prompts = {spec('harmful_eval.txt')}",
     ]) + "\n")
-    env = {**os.environ, "COLAB_GPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NO_COLOR": "1",
+    env = {**one_thread(os.environ), "COLAB_GPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NO_COLOR": "1",
            "PYTHONUNBUFFERED": "1",
            "TERM": "dumb", "COLUMNS": "200"}
     log = cwd / "heretic.log"
@@ -84,10 +98,10 @@ def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int) -> dict:
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             fh.write(line)
-            m = re.search(r"KL divergence: ([0-9.]+)", line)
+            m = re.search(r"\* KL divergence: ([0-9.]+)", line)
             if m:
                 kls.append(float(m.group(1)))
-            m = re.search(r"Refusals: (\d+)/(\d+)", line)
+            m = re.search(r"\* Refusals: (\d+)/(\d+)", line)  # a trial's result (not the Pareto list)
             if m:
                 refusals.append(int(m.group(1)))
                 last_trial_end = time.perf_counter() - t0
@@ -105,9 +119,9 @@ def run_ours(work: Path, trials: int) -> dict:
     cmd = [sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "abliterate",
            "--harmful", str(DATA / "harmful_train.txt"), "--harmless", str(DATA / "harmless_train.txt"),
            "--eval-harmful", str(DATA / "harmful_eval.txt"), "--eval-harmless", str(DATA / "harmless_eval.txt"),
-           "--trials", str(trials), "--system-prompt", SYSTEM_PROMPT, "--out", str(out), "--overwrite", "--json",
+           "--trials", str(trials), "--seed", str(SEED), "--system-prompt", SYSTEM_PROMPT, "--out", str(out), "--overwrite", "--json",
            "--report", str(work / "abliterate.html")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**one_thread(os.environ), "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -126,15 +140,24 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench-abliterate")
     ap.add_argument("--heretic-venv", default="/work/heretic-venv")
     ap.add_argument("--json")
+    ap.add_argument("--sequential", action="store_true", help="one tool after the other (default: both at once)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {}
+    jobs = {}
     if args.only != "ours":
         exe = ensure_heretic(Path(args.heretic_venv))
-        results["heretic"] = run_heretic(exe, ensure_model(work), work, args.trials)
+        model_dir = ensure_model(work)
+        jobs["heretic"] = lambda: run_heretic(exe, model_dir, work, args.trials)
     if args.only != "heretic":
-        results["ours"] = run_ours(work, args.trials)
+        jobs["ours"] = lambda: run_ours(work, args.trials)
+    if args.sequential:
+        results = {name: job() for name, job in jobs.items()}
+    else:  # both at once, one thread each (``one_thread``): same machine, same moment, same share
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = {name: pool.submit(job) for name, job in jobs.items()}
+            results = {name: f.result() for name, f in futures.items()}
     print(f"{'':16}{'refusals before':>16}{'refusals after':>16}{'KL harmless':>13}{'wall s':>9}")
     for name, r in results.items():
         print(f"{name:16}{str(r['refusals_before']):>16}{str(r['best_refusals']):>16}"
