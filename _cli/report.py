@@ -22,6 +22,7 @@ import html
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -241,7 +242,7 @@ class ReportWriteError(ScalpelError, OSError):
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    with open(path, "xb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -253,12 +254,15 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     A filesystem failure is a one-line ``ReportWriteError`` naming the path (a full disk: exit 1 from
     ``scalpel``, as for exports; a read-only place: exit 2)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_file(tmp, text.encode("utf-8"))
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        _write_file(tmp, text.encode("utf-8"))  # created exclusively: never an existing file
         os.replace(tmp, path)
     except OSError as exc:
+        if isinstance(exc, FileExistsError) and exc.filename == str(tmp):
+            tmp = None  # not ours: left alone
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             why = (f"no space left on the device of {path.parent} (it needs about "
                    f"{len(text.encode()) // 1024 + 1} KB); free some space or write it to another disk")
@@ -268,8 +272,9 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
         error.errno = exc.errno
         raise error from exc
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return path
 
 

@@ -127,22 +127,11 @@ def iter_corpus(path: str | Path | None = None):
     return lines()
 
 
-@dataclass
-class _TopK:
-    """Streaming top-k over a corpus: values / doc / pos [N, k], the token and context strings, counts."""
-
-    values: torch.Tensor
-    doc: torch.Tensor
-    pos: torch.Tensor
-    tokens: list[list[str]]
-    contexts: list[list[str]]
-    n_docs: int
-    n_tokens: int
-
-
 def stream_top_k(model, corpus, read, n_units: int, k: int, batch_size: int, max_tokens: int,
-                 context: int) -> _TopK:
-    """Top-``k`` (document, position) per unit of ``read(tokens, mask) -> [b, P, N]`` over ``corpus``.
+                 context: int) -> dict:
+    """Top-``k`` (document, position) per unit of ``read(tokens, mask) -> [b, P, N]`` over ``corpus``:
+    the top-k fields of ``NeuronTopActivations`` (``values``, ``doc``, ``pos``, ``tokens``, ``contexts``,
+    ``n_docs``, ``n_tokens``) as a dict.
 
     Memory stays bounded: only the token ids of documents that hold a current top-k entry are kept.
     """
@@ -192,7 +181,8 @@ def stream_top_k(model, corpus, read, n_units: int, k: int, batch_size: int, max
             cs.append(decode(ids[max(0, p - context):p]) + "[[" + decode([ids[p]]) + "]]"
                       + decode(ids[p + 1:p + 1 + context]))
         tok_strs.append(ts), contexts.append(cs)
-    return _TopK(best_v, best_doc, best_pos, tok_strs, contexts, n_docs, n_tokens)
+    return dict(values=best_v, doc=best_doc, pos=best_pos, tokens=tok_strs, contexts=contexts, n_docs=n_docs,
+                n_tokens=n_tokens)
 
 
 @takes_model
@@ -238,5 +228,4 @@ def top_activating(model, layer: int, neurons: Sequence[int] | int | None = None
         return cache[name][..., idx]
 
     top = stream_top_k(model, corpus, read, len(neurons), k, batch_size, max_tokens, context)
-    return NeuronTopActivations(layer=layer, neurons=neurons, values=top.values, doc=top.doc, pos=top.pos,
-                                tokens=top.tokens, contexts=top.contexts, n_docs=top.n_docs, n_tokens=top.n_tokens)
+    return NeuronTopActivations(layer=layer, neurons=neurons, **top)

@@ -217,7 +217,8 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         sampler: "optuna" (TPE), "sobol", or "auto" (optuna when importable).
         contrast: where the direction comes from: "sets" (harmful − harmless means, as heretic),
             "behaviour" (prompts the unedited model refuses − prompts it answers, both sets pooled,
-            each classified by ``classify_tokens`` greedy tokens), or "auto" (both; the search picks).
+            each classified by ``classify_tokens`` greedy tokens), or "auto" (both; the search picks; only
+            "sets" when fewer than 2 training prompts are refused or answered; ``provenance["contrasts"]``).
 
     Returns:
         ``AbliterationResult``: trials, Pareto front, the chosen edit and its plan, before/after refusals.

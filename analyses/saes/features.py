@@ -79,8 +79,7 @@ def top_feature_contexts(model, sae: SAE, features: Sequence[int] | int | None =
         return acts
 
     top = stream_top_k(model, corpus, read, len(feats), k, batch_size, max_tokens, context)
-    return FeatureTopActivations(layer=sae.hook_name, neurons=feats, values=top.values, doc=top.doc, pos=top.pos,
-                                 tokens=top.tokens, contexts=top.contexts, n_docs=top.n_docs, n_tokens=top.n_tokens)
+    return FeatureTopActivations(layer=sae.hook_name, neurons=feats, **top)
 
 
 def _layer_of(hook_name: str) -> int | None:
