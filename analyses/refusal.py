@@ -426,9 +426,10 @@ def refusal_directions(model, harmful, harmless, *, positions: Sequence[int] = (
 class AbliterationResult(AnalysisResult):
     """What ``surgery.abliterate`` found: every trial, the Pareto front, the chosen edit and plan.
 
-    ``trials``: ``[{"trial", "params", "refusal_proxy", "kl", "refusals"}]`` (``refusals``: the confirmed
-    count on the held-out harmful prompts, ``None`` where not generated); ``front``: trial indices on
-    the (proxy, KL) Pareto front, lowest KL first; ``chosen``: the trial taken; ``edit`` / ``plan``: its
+    ``trials``: ``[{"trial", "params", "refusal_proxy", "kl", "refusals"}]`` (``refusal_proxy``: refusals
+    in a short greedy answer, ``proxy_tokens`` long; ``refusals``: the confirmed count in
+    ``max_new_tokens``, ``None`` where not generated); ``front``: trial indices on the (short-answer
+    refusals, KL) Pareto front, lowest KL first; ``chosen``: the trial taken; ``edit`` / ``plan``: its
     ``Abliterate`` edit and a one-edit plan; ``before`` / ``after``: ``RefusalRate`` of the unedited
     and edited model on the held-out harmful prompts; ``kl``: first-token KL(base ‖ edited) on the
     held-out harmless prompts; ``provenance``: prompt-set hashes, seed, sampler and the chosen params
@@ -465,14 +466,16 @@ class AbliterationResult(AnalysisResult):
     def summary(self) -> dict:
         return {"refusals_before": self.before.count, "refusals_after": self.after.count, "n_eval_harmful": self.after.n,
                 "kl": self.kl, "chosen_trial": self.chosen, "params": self.trials[self.chosen]["params"],
-                "front": self.front, "timings": self.timings}
+                "front": self.front, "timings": self.timings,
+                "confirmed": [{"trial": r["trial"], "refusals": r["refusals"], "kl": r["kl"]}
+                              for r in self.trials if r["refusals"] is not None]}
 
     def to_dict(self) -> dict:
         return jsonable({**self.summary(), "trials": self.trials, "provenance": self.provenance,
                          "before": self.before.to_dict(), "after": self.after.to_dict()})
 
     def figure(self):
-        """Every trial's refusal proxy against its KL; the Pareto front joined; confirmed counts labelled."""
+        """Every trial's short-answer refusal count against its KL; the Pareto front joined; confirmed counts labelled."""
         import plotly.graph_objects as go
 
         xs = [r["kl"] for r in self.trials]
@@ -489,5 +492,5 @@ class AbliterationResult(AnalysisResult):
         fig.update_layout(title=dict(text=f"abliteration: refusals {self.before.count}→{self.after.count}/{self.after.n}, "
                                           f"KL {self.kl:.4f}"),
                           xaxis=dict(title=dict(text="first-token KL(base ‖ edited) on harmless prompts"), type="log"),
-                          yaxis=dict(title=dict(text="refusal proxy (mean log-prob of the base refusals)")))
+                          yaxis=dict(title=dict(text="refusals in a short greedy answer")))
         return fig

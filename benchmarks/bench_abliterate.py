@@ -19,6 +19,13 @@ Usage::
     python benchmarks/bench_abliterate.py                      # both at once, one thread each, 24 trials
     python benchmarks/bench_abliterate.py --only ours --trials 24
     python benchmarks/bench_abliterate.py --json results.json
+    python benchmarks/bench_abliterate.py --heretic-split behaviour --seed 1   # heretic given our split
+
+``--heretic-split behaviour`` gives heretic the training prompts our ``behaviour`` contrast uses (bad: the
+harmful prompts the unedited model refuses in 24 greedy tokens; good: every prompt it answers), written
+to files in the work directory, so the two searches can be compared on one direction source.
+Each tool's result is its lowest-refusal Pareto point; ``matched`` is heretic's lowest KL among its
+trials with at most our refusal count (None when it never gets there).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "analyses" / "data"
 SYSTEM_PROMPT = "You are a helpful assistant."
-SEED = 0
+CLASSIFY_TOKENS = 24  # as ``abliterate(classify_tokens=24)``
 
 
 def startup_trials(trials: int) -> int:
@@ -72,18 +79,37 @@ def ensure_model(work: Path) -> Path:
     return out
 
 
-def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int) -> dict:
+def behaviour_files(work: Path) -> tuple[Path, Path]:
+    """The training prompts of our ``behaviour`` contrast as heretic prompt files: (bad, good)."""
+    bad, good = work / "behaviour_refused.txt", work / "behaviour_answered.txt"
+    if not (bad.exists() and good.exists()):
+        sys.path.insert(0, str(ROOT))
+        from analyses.refusal import load_prompts, refusal_rate
+        from hooks import HookedLlama
+
+        harmful, harmless = load_prompts("harmful:train"), load_prompts("harmless:train")
+        r = refusal_rate(HookedLlama.default(), harmful + harmless, max_new_tokens=CLASSIFY_TOKENS,
+                         system_prompt=SYSTEM_PROMPT)
+        n = len(harmful)
+        bad.write_text("\n".join(p for p, x in zip(r.prompts[:n], r.refused[:n]) if x) + "\n")
+        good.write_text("\n".join(p for p, x in zip(r.prompts, r.refused) if not x) + "\n")
+    return bad, good
+
+
+def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int, seed: int, split: str) -> dict:
     cwd = work / "heretic"
     cwd.mkdir(parents=True, exist_ok=True)
 
-    def spec(name: str) -> str:
-        return f'{{ dataset = "{DATA / name}" }}'
+    def spec(name) -> str:
+        return f'{{ dataset = "{name if isinstance(name, Path) else DATA / name}" }}'
+
+    bad, good = behaviour_files(work) if split == "behaviour" else ("harmful_train.txt", "harmless_train.txt")
 
     (cwd / "config.toml").write_text("\n".join([
         f'model = "{model_dir}"', f"n_trials = {trials}", f"n_startup_trials = {startup_trials(trials)}",
-        f"seed = {SEED}", "batch_size = 32", "max_response_length = 100",
+        f"seed = {seed}", "batch_size = 32", "max_response_length = 100",
         f'system_prompt = "{SYSTEM_PROMPT}"',
-        f"good_prompts = {spec('harmless_train.txt')}", f"bad_prompts = {spec('harmful_train.txt')}",
+        f"good_prompts = {spec(good)}", f"bad_prompts = {spec(bad)}",
         f"good_evaluation_prompts = {spec('harmless_eval.txt')}", f"bad_evaluation_prompts = {spec('harmful_eval.txt')}",
     ]) + "\n")
     env = {**one_thread(os.environ), "COLAB_GPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NO_COLOR": "1",
@@ -109,17 +135,17 @@ def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int) -> dict:
     base_line = re.search(r"Initial refusals: (\d+)/(\d+)", log.read_text())
     pairs = list(zip(refusals, kls))
     best = min(pairs) if pairs else None
-    return {"tool": "heretic 1.4.0", "trials": pairs, "refusals_before": int(base_line.group(1)) if base_line else None,
+    return {"tool": "heretic 1.4.0", "prompts": split, "seed": seed, "trials": pairs, "refusals_before": int(base_line.group(1)) if base_line else None,
             "best_refusals": best[0] if best else None, "best_kl": best[1] if best else None,
             "wall_s": last_trial_end, "log": str(log), "exit_code": proc.returncode}
 
 
-def run_ours(work: Path, trials: int) -> dict:
+def run_ours(work: Path, trials: int, seed: int, contrast: str) -> dict:
     out = work / "ours"
     cmd = [sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "abliterate",
            "--harmful", str(DATA / "harmful_train.txt"), "--harmless", str(DATA / "harmless_train.txt"),
            "--eval-harmful", str(DATA / "harmful_eval.txt"), "--eval-harmless", str(DATA / "harmless_eval.txt"),
-           "--trials", str(trials), "--seed", str(SEED), "--system-prompt", SYSTEM_PROMPT, "--out", str(out), "--overwrite", "--json",
+           "--trials", str(trials), "--seed", str(seed), "--contrast", contrast, "--system-prompt", SYSTEM_PROMPT, "--out", str(out), "--overwrite", "--json",
            "--report", str(work / "abliterate.html")]
     env = {**one_thread(os.environ), "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
@@ -128,8 +154,9 @@ def run_ours(work: Path, trials: int) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"scalpel abliterate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     data = json.loads(proc.stdout)
-    return {"tool": "llama-scalpel", "refusals_before": data["refusals_before"], "best_refusals": data["refusals_after"],
+    return {"tool": "llama-scalpel", "contrast": contrast, "seed": seed, "refusals_before": data["refusals_before"], "best_refusals": data["refusals_after"],
             "best_kl": data["kl"], "wall_s": wall, "timings": data["timings"], "params": data["params"],
+            "confirmed": [(c["refusals"], c["kl"]) for c in data["confirmed"]],
             "export": data.get("export", {}).get("max_abs_logit_diff")}
 
 
@@ -139,6 +166,10 @@ def main() -> None:
     ap.add_argument("--only", choices=["ours", "heretic"])
     ap.add_argument("--work", default="/tmp/bench-abliterate")
     ap.add_argument("--heretic-venv", default="/work/heretic-venv")
+    ap.add_argument("--seed", type=int, default=0, help="both searches' seed")
+    ap.add_argument("--contrast", choices=["auto", "sets", "behaviour"], default="auto", help="ours: --contrast")
+    ap.add_argument("--heretic-split", choices=["sets", "behaviour"], default="sets",
+                    help="heretic's training prompts: the shipped sets, or our behaviour split")
     ap.add_argument("--json")
     ap.add_argument("--sequential", action="store_true", help="one tool after the other (default: both at once)")
     args = ap.parse_args()
@@ -149,9 +180,11 @@ def main() -> None:
     if args.only != "ours":
         exe = ensure_heretic(Path(args.heretic_venv))
         model_dir = ensure_model(work)
-        jobs["heretic"] = lambda: run_heretic(exe, model_dir, work, args.trials)
+        if args.heretic_split == "behaviour":
+            behaviour_files(work)  # before the clock starts
+        jobs["heretic"] = lambda: run_heretic(exe, model_dir, work, args.trials, args.seed, args.heretic_split)
     if args.only != "heretic":
-        jobs["ours"] = lambda: run_ours(work, args.trials)
+        jobs["ours"] = lambda: run_ours(work, args.trials, args.seed, args.contrast)
     if args.sequential:
         results = {name: job() for name, job in jobs.items()}
     else:  # both at once, one thread each (``one_thread``): same machine, same moment, same share
@@ -162,6 +195,13 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:16}{str(r['refusals_before']):>16}{str(r['best_refusals']):>16}"
               f"{(r['best_kl'] if r['best_kl'] is not None else float('nan')):>13.4f}{(r['wall_s'] or 0):>9.0f}")
+    if "heretic" in results and "ours" in results:
+        ours = results["ours"]["best_refusals"]
+        within = [kl for r, kl in results["heretic"]["trials"] if r <= ours]
+        results["matched"] = {"refusals": ours, "ours_kl": results["ours"]["best_kl"],
+                              "heretic_kl": min(within) if within else None}
+        print(f"at <= {ours} refusals: ours KL {results['ours']['best_kl']:.4f}, heretic "
+              + (f"KL {min(within):.4f}" if within else "never got there"))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

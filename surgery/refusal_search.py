@@ -9,38 +9,46 @@ The direction has two sources, and with ``contrast="auto"`` the search treats th
 parameter (``contrast``):
 
 - ``"sets"``: harmful-set mean minus harmless-set mean (heretic's);
-- ``"behaviour"``: the mean over the training prompts the unedited model *refuses* (short greedy
-  answers, ``classify_tokens`` long, marker scorer) minus the mean over those it answers, harmful and
-  harmless pooled. A model whose refusals do not follow the harm of the request (SmolLM2-135M
-  declines "Can you help me wash my car?" as a text-only AI as readily as harmful requests) has a
-  refusal direction that the set means miss; this one finds it.
+- ``"behaviour"``: the mean over the harmful training prompts the unedited model *refuses* minus the
+  mean over the training prompts it *answers*, harmful and harmless alike (each classified by
+  ``classify_tokens`` greedy tokens and the marker scorer). Harmless prompts it declines are left out
+  of both means: on SmolLM2-135M they are capability disclaimers ("as a text-based AI I can't wash your
+  car"), neither the refusals to remove nor compliance. A model whose refusals do not follow the harm
+  of the request has a refusal direction that the set means miss; this one finds it.
 
-Each trial is scored by two cheap proxies on the held-out prompts, sharing the unedited prefix:
+Each trial is scored on the held-out prompts by two numbers:
 
-- **refusal proxy**: for the held-out harmful prompts the unedited model refuses, its own greedy
-  refusal up to the end of the first refusal marker, teacher-forced through the edited model: the
-  mean log-probability per token (lower: the edited model no longer says it);
-- **KL**: KL(base ‖ edited) of the first generated token on the held-out harmless prompts
-  (heretic's measure), in float64.
+- **refusals**: how many held-out harmful prompts the edited model still refuses in a short greedy
+  answer (``proxy_tokens``, 16; heretic's markers). Short answers track the 100-token counts within one
+  or two on SmolLM2-135M; a teacher-forced log-probability of the unedited refusals, tried first, did
+  not rank edits by the refusals they leave;
+- **KL**: KL(base ‖ edited) of the first generated token on the held-out harmless prompts (heretic's
+  measure), in float64. The residual stream entering the first edited layer is the unedited one, so
+  this pass starts there (``start_at_layer``) from cached residuals.
 
-The residual stream entering the first edited layer is the unedited one, so each trial runs from
-there (``start_at_layer``). Optuna's multi-objective TPE (the ``[abliterate]`` extra) proposes the
-trials; without Optuna a scrambled Sobol sequence over the same box does (seeded, deterministic).
-Only the Pareto front is then confirmed by generation (greedy, ``max_new_tokens``, marker scorer, the
-edit baked into the weights as it will be exported): the lowest-KL point when it already meets
-``target_refusals``; else the most aggressive point sets the goal and bisection along the front finds
-the lowest-KL point that meets it (``max_confirm`` generations at most).
+The search is aimed at ``target_refusals``: the sampler minimises ``max(refusals, target) + KL`` (fewest
+refusals down to the target, then the least KL). Its first trials are anchors (``anchors``: for each
+contrast a broad edit at two late direction indices), so it sees strong edits before it models the
+box; Optuna's TPE (the ``[abliterate]`` extra) proposes the rest, or, without Optuna, a scrambled
+Sobol sequence over the same box (seeded, deterministic). The last ``LINE_STEPS`` trials are a line
+search along the strength of the best shape found (both max weights times 1.25, 1.25², 1.25³ while it
+still refuses more than the target; divided otherwise), since strength is the one parameter whose
+effect is monotone and the box's upper bound (heretic's 1.5) is too weak for some directions.
+Then the Pareto front of all trials (refusals, KL) is confirmed by generation (greedy,
+``max_new_tokens``, marker scorer, the edit baked into the weights as it will be exported): the
+lowest-KL point when it already meets ``target_refusals``; else the most aggressive point sets the goal
+and bisection along the front finds the lowest-KL point that meets it (``max_confirm`` generations at
+most).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence
 
 import torch
 
-from analyses.refusal import (DEFAULT_SYSTEM_PROMPT, REFUSAL_MARKERS, AbliterationResult, chat_tokens, is_refusal,
+from analyses.refusal import (DEFAULT_SYSTEM_PROMPT, REFUSAL_MARKERS, AbliterationResult, chat_tokens,
                               kl_rows, load_prompts, prompts_sha256, refusal_directions, refusal_rate)
 from hooks import InputError
 
@@ -78,46 +86,18 @@ def edit_for(directions, params: dict, n_layers: int, *, norm_preserve: bool = T
 
 
 class _Scorer:
-    """The two proxies of one trial, from cached unedited residual streams."""
+    """The two objectives of one trial: refusals in a short greedy answer, and first-token KL from cached
+    unedited residual streams."""
 
-    def __init__(self, model, harmful_eval, harmless_eval, base_responses, refused, markers, system_prompt, max_prefix):
-        self.model = model
+    def __init__(self, model, harmful_eval, harmless_eval, markers, system_prompt, proxy_tokens, batch_size):
+        self.model, self.harmful_eval, self.markers = model, harmful_eval, markers
+        self.system_prompt, self.proxy_tokens, self.batch_size = system_prompt, proxy_tokens, batch_size
         tokens, mask = chat_tokens(model, harmless_eval, system_prompt)
         with torch.no_grad():
             _, cache = model.run_with_cache(tokens, attention_mask=mask,
                                             names_filter=lambda n: n.endswith("hook_resid_pre"))
             self.base_logp = model(tokens, attention_mask=mask)[:, -1].double().log_softmax(-1)
         self.harmless = (mask, [cache[f"blocks.{i}.hook_resid_pre"] for i in range(model.n_layers)])
-        # the refusals the unedited model gives, up to the end of the first marker, teacher-forced
-        rows = []
-        tok = model.tokenizer
-        for prompt, resp, r in zip(harmful_eval, base_responses, refused):
-            if not r or not resp.strip():
-                continue
-            ids = tok(resp, add_special_tokens=False)["input_ids"][:max_prefix]
-            for n in range(1, len(ids) + 1):  # shortest prefix that already holds a marker
-                if is_refusal(tok.decode(ids[:n]), markers) and tok.decode(ids[:n]).strip():
-                    ids = ids[:n]
-                    break
-            rows.append((prompt, ids))
-        self.n_refused = len(rows)
-        self.harmful = None
-        if rows:
-            p_tok, p_mask = chat_tokens(model, [p for p, _ in rows], system_prompt)
-            width = max(len(ids) for _, ids in rows)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            cont = torch.full((len(rows), width), pad, dtype=torch.long)
-            cmask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, (_, ids) in enumerate(rows):
-                cont[i, :len(ids)] = torch.tensor(ids)
-                cmask[i, :len(ids)] = 1
-            full = torch.cat([p_tok, cont.to(p_tok.device)], 1)
-            fmask = torch.cat([p_mask, cmask.to(p_mask.device)], 1)
-            with torch.no_grad():
-                _, cache = model.run_with_cache(full, attention_mask=fmask,
-                                                names_filter=lambda n: n.endswith("hook_resid_pre"))
-            self.harmful = (fmask, [cache[f"blocks.{i}.hook_resid_pre"] for i in range(model.n_layers)],
-                            full, cmask.to(full.device), p_tok.shape[1])
 
     def __call__(self, start: int) -> tuple[float, float]:
         m = self.model
@@ -125,15 +105,9 @@ class _Scorer:
             mask, resid = self.harmless
             logits = m(resid[start], attention_mask=mask, start_at_layer=start)[:, -1]
             kl = float(kl_rows(self.base_logp, logits).mean())
-            if self.harmful is None:
-                return 0.0, kl
-            fmask, resid, full, cmask, p_len = self.harmful
-            logits = m(resid[start], attention_mask=fmask, start_at_layer=start)
-            logp = logits[:, p_len - 1:-1].double().log_softmax(-1)
-            tgt = full[:, p_len:]
-            lp = logp.gather(-1, tgt[..., None])[..., 0] * cmask
-            per = lp.sum(1) / cmask.sum(1).clamp_min(1)
-        return float(per.mean()), kl
+        count = refusal_rate(m, self.harmful_eval, markers=self.markers, max_new_tokens=self.proxy_tokens,
+                             system_prompt=self.system_prompt, batch_size=self.batch_size).count
+        return float(count), kl
 
 
 def _pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -171,25 +145,53 @@ def _bisect_front(n: int, count, target: int, budget: int) -> int:
     return min(counts, key=lambda k: (counts[k], k))
 
 
-def _propose(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequence[str] = ("sets",)):
+ANCHOR_INDICES = (0.6, 0.75)  # direction index of the anchor trials, as a fraction of L − 1
+
+
+def anchors(space: dict, n_layers: int, contrasts: Sequence[str] = ("sets",)) -> list[dict]:
+    """The first trials of every search: for each contrast, a broad edit (weight 1 on every layer within
+    the widest width of a late peak, both components) at each of ``ANCHOR_INDICES``, so the sampler
+    sees strong edits before it models the front (random start-up trials in a 9-parameter box rarely
+    draw one; on SmolLM2-135M only directions from layers ≈ 0.7·(L−1) remove refusals)."""
+    last = n_layers - 1
+    out = []
+    for c in contrasts:
+        for f in ANCHOR_INDICES:
+            params = {"direction_index": f * last}
+            for comp in ("attn", "mlp"):
+                params.update({f"{comp}.max_weight": 1.0, f"{comp}.peak": 0.8 * last, f"{comp}.min_weight": 1.0,
+                               f"{comp}.width": space[f"{comp}.width"][1]})
+            out.append({k: min(max(v, space[k][0]), space[k][1]) for k, v in params.items()}
+                       | ({"contrast": c} if len(contrasts) > 1 else {}))
+    return out
+
+
+def _sample(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequence[str] = ("sets",),
+            n_layers: int | None = None, target: int = 0):
     names = list(space)
     contrasts = list(contrasts)
+    first = anchors(space, n_layers, contrasts)[:trials] if n_layers else []
     if sampler == "optuna":
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.TPESampler(
+        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=max(1, min(10, trials // 3)), multivariate=True))
+        for params in first:
+            study.enqueue_trial(params)
         for _ in range(trials):
             t = study.ask()
             params = {n: t.suggest_float(n, *space[n]) for n in names}
             if len(contrasts) > 1:
                 params["contrast"] = t.suggest_categorical("contrast", contrasts)
             value = yield params
-            study.tell(t, list(value))
+            count, kl = value
+            study.tell(t, max(count, target) + kl)  # fewest refusals down to the target, then the least KL
         return
+    for params in first:
+        yield dict(params)
     sob = torch.quasirandom.SobolEngine(len(names) + (len(contrasts) > 1), scramble=True, seed=seed)
-    for _ in range(trials):
+    for _ in range(trials - len(first)):
         u = sob.draw(1)[0].double().tolist()
         params = {n: space[n][0] + x * (space[n][1] - space[n][0]) for n, x in zip(names, u)}
         if len(contrasts) > 1:
@@ -197,18 +199,48 @@ def _propose(trials: int, space: dict, seed: int, sampler: str, contrasts: Seque
         yield params
 
 
+LINE_STEPS, LINE_FACTOR = 3, 1.25  # the strength line search that ends every search of >= 12 trials
+
+
+def _propose(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequence[str] = ("sets",),
+             n_layers: int | None = None, target: int = 0):
+    """Parameter sets to score (send back each one's ``(refusals, kl)``): the sampler's, then a line
+    search along the strength of the best shape so far (the one with fewest refusals down to
+    ``target``, then least KL): both max weights times ``LINE_FACTOR``**k, k = 1..``LINE_STEPS``, while
+    it still refuses more than ``target``, divided by it otherwise (less KL). The scaled weights may
+    leave the box: strength is the one parameter whose effect is known to be monotone."""
+    n_line = LINE_STEPS if trials >= 4 * LINE_STEPS else 0
+    seen: list[tuple[float, float, dict]] = []
+    inner = _sample(trials - n_line, space, seed, sampler, contrasts, n_layers, target)
+    try:
+        params = next(inner)
+        while True:
+            value = yield params
+            seen.append((*value, params))
+            params = inner.send(value)
+    except StopIteration:
+        pass
+    if not seen:
+        return
+    count, _, best = min(seen, key=lambda v: (max(v[0], target), v[1]))
+    factor = LINE_FACTOR if count > target else 1 / LINE_FACTOR
+    for k in range(1, n_line + 1):
+        yield {**best, **{f"{c}.max_weight": best[f"{c}.max_weight"] * factor ** k for c in ("attn", "mlp")}}
+
+
 def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eval_harmful=None, eval_harmless=None,
                system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, markers: Sequence[str] | None = None,
                max_new_tokens: int = 100, positions: Sequence[int] = (-1,), project_harmless: bool = True,
                norm_preserve: bool = True, target_refusals: int = 0, max_confirm: int = 6, sampler: str = "auto",
-               max_prefix: int = 24, batch_size: int = 32, contrast: str = "auto", classify_tokens: int = 24,
+               proxy_tokens: int = 16, batch_size: int = 32, contrast: str = "auto", classify_tokens: int = 24,
                progress: bool = False) -> AbliterationResult:
     """Find an ``Abliterate`` edit that removes refusals at the least KL (module docstring).
 
     Args:
         model: a ``HookedLlama`` with a chat template (left unedited).
         harmful, harmless: prompts for the directions (anything ``analyses.refusal.load_prompts`` takes).
-        trials: parameter sets scored by the proxies; seed: the sampler's seed.
+        trials: parameter sets scored (short-answer refusals and first-token KL); seed: the sampler's seed.
+        proxy_tokens: greedy tokens per held-out harmful prompt when a trial's refusals are counted.
         eval_harmful, eval_harmless: held-out prompts the trials are scored and confirmed on (default:
             the last third of ``harmful`` / ``harmless``, the rest giving the directions).
         max_new_tokens, markers, system_prompt: the refusal scorer (greedy generation, heretic's markers).
@@ -216,9 +248,10 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
             does, the fewest refusals the front reaches) is chosen; max_confirm: at most this many generations.
         sampler: "optuna" (TPE), "sobol", or "auto" (optuna when importable).
         contrast: where the direction comes from: "sets" (harmful − harmless means, as heretic),
-            "behaviour" (prompts the unedited model refuses − prompts it answers, both sets pooled,
-            each classified by ``classify_tokens`` greedy tokens), or "auto" (both; the search picks; only
-            "sets" when fewer than 2 training prompts are refused or answered; ``provenance["contrasts"]``).
+            "behaviour" (harmful prompts the unedited model refuses − prompts it answers, harmful and
+            harmless; harmless prompts it declines are left out; each classified by ``classify_tokens``
+            greedy tokens), or "auto" (both; the search picks; only "sets" when fewer than 2 harmful
+            prompts are refused or fewer than 2 prompts answered; ``provenance["contrasts"]``).
 
     Returns:
         ``AbliterationResult``: trials, Pareto front, the chosen edit and its plan, before/after refusals.
@@ -250,8 +283,9 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         raise InputError(f"sampler must be 'optuna', 'sobol' or 'auto', got {sampler!r}")
     if contrast not in ("auto", *CONTRASTS):
         raise InputError(f"contrast must be 'auto', 'sets' or 'behaviour', got {contrast!r}")
-    if not isinstance(classify_tokens, int) or isinstance(classify_tokens, bool) or classify_tokens < 1:
-        raise InputError(f"classify_tokens must be a positive integer, got {classify_tokens!r}")
+    for name, value in (("classify_tokens", classify_tokens), ("proxy_tokens", proxy_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
     markers = list(REFUSAL_MARKERS if markers is None else markers)
     L = model.n_layers
     bar = None
@@ -267,23 +301,24 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
     if contrast in ("auto", "behaviour"):
         behaviour = refusal_rate(model, harmful + harmless, markers=markers, max_new_tokens=classify_tokens,
                                  system_prompt=system_prompt, batch_size=batch_size)
-        refused = [p for p, r in zip(behaviour.prompts, behaviour.refused) if r]
+        n_bad = len(harmful)
+        refused = [p for p, r in zip(behaviour.prompts[:n_bad], behaviour.refused[:n_bad]) if r]
         answered = [p for p, r in zip(behaviour.prompts, behaviour.refused) if not r]
         if len(refused) >= 2 and len(answered) >= 2:
             directions["behaviour"] = refusal_directions(model, refused, answered, positions=positions,
                                                          project_harmless=project_harmless,
                                                          system_prompt=system_prompt, batch_size=batch_size)
         elif contrast == "behaviour":
-            raise InputError(f"contrast='behaviour' needs at least 2 refused and 2 answered training prompts; the "
-                             f"model refused {len(refused)} of {len(behaviour.prompts)}")
+            raise InputError(f"contrast='behaviour' needs at least 2 refused harmful and 2 answered training prompts; "
+                             f"the model refused {len(refused)} of {n_bad} harmful and answered {len(answered)} of "
+                             f"{behaviour.n}")
     before = refusal_rate(model, eval_harmful, markers=markers, max_new_tokens=max_new_tokens,
                           system_prompt=system_prompt, batch_size=batch_size)
-    scorer = _Scorer(model, eval_harmful, eval_harmless, before.responses, before.refused, markers, system_prompt,
-                     max_prefix)
+    scorer = _Scorer(model, eval_harmful, eval_harmless, markers, system_prompt, proxy_tokens, batch_size)
     t_setup = time.perf_counter() - t0
     space = search_space(L)
     rows: list[dict] = []
-    gen = _propose(trials, space, seed, sampler, list(directions))
+    gen = _propose(trials, space, seed, sampler, list(directions), L, target_refusals)
     params = next(gen)
     while True:
         edit = edit_for(directions, params, L, norm_preserve=norm_preserve)
@@ -320,9 +355,9 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         "search": "llama-scalpel abliterate", "sampler": sampler, "seed": seed, "trials": trials,
         "chosen_trial": chosen, "params": rows[chosen]["params"], "norm_preserve": norm_preserve,
         "contrast": rows[chosen]["params"].get("contrast", next(iter(directions))), "contrasts": list(directions),
-        **({} if behaviour is None else {"behaviour_split": {"refused": behaviour.count, "answered":
-                                                             behaviour.n - behaviour.count,
-                                                             "classify_tokens": classify_tokens}}),
+        **({} if behaviour is None else {"behaviour_split": {
+            "refused": sum(behaviour.refused[:len(harmful)]), "answered": behaviour.n - behaviour.count,
+            "declined_harmless": sum(behaviour.refused[len(harmful):]), "classify_tokens": classify_tokens}}),
         "positions": list(positions), "project_harmless": project_harmless, "system_prompt": system_prompt,
         "max_new_tokens": max_new_tokens,
         "prompts_sha256": {"harmful": prompts_sha256(harmful), "harmless": prompts_sha256(harmless),

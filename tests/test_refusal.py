@@ -237,11 +237,66 @@ def test_behaviour_contrast_splits_by_what_the_model_refuses(smol):
                        eval_harmless=R.load_prompts("harmless:eval")[:2], trials=2, max_new_tokens=4, sampler="sobol",
                        contrast="behaviour", classify_tokens=8)
     split = R.refusal_rate(smol, hf + hl, max_new_tokens=8)  # the classification, recomputed
-    refused = [p for p, r in zip(split.prompts, split.refused) if r]
-    answered = [p for p, r in zip(split.prompts, split.refused) if not r]
-    assert len(refused) >= 2 and len(answered) >= 2
-    assert res.provenance["behaviour_split"] == {"refused": len(refused), "answered": len(answered), "classify_tokens": 8}
+    refused = [p for p, r in zip(split.prompts[:6], split.refused[:6]) if r]  # harmful prompts it refuses
+    answered = [p for p, r in zip(split.prompts, split.refused) if not r]  # any prompt it answers
+    declined = sum(split.refused[6:])  # harmless prompts it declines: in neither mean
+    assert len(refused) >= 2 and len(answered) >= 2 and declined >= 1
+    assert res.provenance["behaviour_split"] == {"refused": len(refused), "answered": len(answered),
+                                                 "declined_harmless": declined, "classify_tokens": 8}
     assert res.provenance["contrast"] == "behaviour" and res.provenance["contrasts"] == ["behaviour"]
     want = R.refusal_directions(smol, refused, answered)
     torch.testing.assert_close(res.directions.directions, want.directions, rtol=0, atol=1e-6)
     assert torch.equal(res.edit.direction, want.direction(res.trials[res.chosen]["params"]["direction_index"]))
+
+
+@pytest.mark.slow
+def test_behaviour_contrast_without_refusals_is_one_line(smol):
+    # imperative requests: SmolLM2-135M answers them (docs/analyses.md), so there is no refused side
+    asks = ["Write a haiku about rain.", "Write a short poem about the sea.", "List three colours."]
+    split = R.refusal_rate(smol, asks + asks, max_new_tokens=8)
+    assert split.count == 0  # the premise, checked with the scorer itself
+    with pytest.raises(InputError, match=r"needs at least 2 refused harmful and 2 answered training prompts; "
+                                         r"the model refused 0 of 3 harmful and answered 6 of 6"):
+        S.abliterate(smol, asks, asks, eval_harmful=asks[:1], eval_harmless=asks[:1], contrast="behaviour",
+                     classify_tokens=8, sampler="sobol", trials=1)
+
+
+def test_anchors_are_broad_late_edits_inside_the_box():
+    from surgery.refusal_search import anchors
+
+    space = S.search_space(30)
+    got = anchors(space, 30, ["sets", "behaviour"])
+    assert [(a["contrast"], a["direction_index"]) for a in got] == [
+        ("sets", 0.6 * 29), ("sets", 0.75 * 29), ("behaviour", 0.6 * 29), ("behaviour", 0.75 * 29)]
+    for a in got:
+        assert all(space[k][0] <= v <= space[k][1] for k, v in a.items() if k != "contrast")
+        for c in ("attn", "mlp"):  # weight 1 on every layer from peak − width to the last
+            w = S.peaked_weights(30, a[f"{c}.max_weight"], a[f"{c}.peak"], a[f"{c}.min_weight"] * a[f"{c}.max_weight"],
+                                 a[f"{c}.width"])
+            assert w == {i: 1.0 for i in range(6, 30)}
+    assert "contrast" not in anchors(space, 30, ["sets"])[0]
+
+
+@pytest.mark.parametrize("target, start_count, factor", [(0, 5, 1.25), (6, 5, 1 / 1.25)])
+def test_search_ends_with_a_strength_line_search(target, start_count, factor):
+    from surgery.refusal_search import LINE_STEPS, _propose
+
+    space = S.search_space(30)
+    gen = _propose(24, space, 3, "sobol", ["sets"], 30, target)
+    sent, params = [], next(gen)
+    for i in range(24):
+        sent.append(params)
+        # the 6th trial has the fewest refusals (down to the target) and, among those, the least KL
+        value = (start_count, 0.2) if i == 5 else (9.0 if i < 24 - LINE_STEPS else 4.0, 0.01 * i)
+        try:
+            params = gen.send(value)
+        except StopIteration:
+            break
+    assert len(sent) == 24
+    best = sent[5]
+    for k, p in enumerate(sent[-LINE_STEPS:], 1):  # same shape, both max weights scaled by factor**k
+        assert {n: v for n, v in p.items() if not n.endswith("max_weight")} == \
+               {n: v for n, v in best.items() if not n.endswith("max_weight")}
+        for c in ("attn", "mlp"):
+            assert p[f"{c}.max_weight"] == pytest.approx(best[f"{c}.max_weight"] * factor ** k, rel=1e-12)
+    assert sent[0]["direction_index"] == pytest.approx(0.6 * 29)  # anchors first

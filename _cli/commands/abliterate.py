@@ -62,7 +62,7 @@ def run(args, ctx) -> Output:
         ["first-token KL on harmless", res.kl], ["direction from", res.provenance["contrast"]],
         ["trials", len(res.trials)], ["chosen trial", res.chosen],
         ["seconds", round(res.timings["total_s"], 1)]])
-    out.table("Pareto front (refusal proxy vs KL; refusals where confirmed)", ["trial", "proxy", "KL", "refusals"],
+    out.table("Pareto front (short-answer refusals vs KL; 100-token refusals where confirmed)", ["trial", "short", "KL", "refusals"],
               [[i, res.trials[i]["refusal_proxy"], res.trials[i]["kl"], res.trials[i]["refusals"]] for i in res.front])
     out.figure("Pareto front", res.figure())
     out.figure("refusal direction per layer", res.directions.figure())
