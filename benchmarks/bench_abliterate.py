@@ -47,8 +47,9 @@ CLASSIFY_TOKENS = 24  # as ``abliterate(classify_tokens=24)``
 
 
 def startup_trials(trials: int) -> int:
-    """Random trials before TPE, for both tools: ours uses min(10, trials // 3) (heretic's default, 60 of
-    200, would leave a 24-trial run all random)."""
+    """heretic's random trials before TPE: min(10, trials // 3), the share ours uses for its sampler's
+    start-up (anchor trials included; heretic's default, 60 of 200, would leave a 24-trial run all
+    random)."""
     return max(1, min(10, trials // 3))
 
 
