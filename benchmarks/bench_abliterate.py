@@ -85,15 +85,15 @@ def behaviour_files(work: Path) -> tuple[Path, Path]:
     bad, good = work / "behaviour_refused.txt", work / "behaviour_answered.txt"
     if not (bad.exists() and good.exists()):
         sys.path.insert(0, str(ROOT))
-        from analyses.refusal import load_prompts, refusal_rate
+        from analyses.refusal import load_prompts
         from hooks import HookedLlama
+        from surgery.refusal_search import behaviour_split
 
-        harmful, harmless = load_prompts("harmful:train"), load_prompts("harmless:train")
-        r = refusal_rate(HookedLlama.default(), harmful + harmless, max_new_tokens=CLASSIFY_TOKENS,
-                         system_prompt=SYSTEM_PROMPT)
-        n = len(harmful)
-        bad.write_text("\n".join(p for p, x in zip(r.prompts[:n], r.refused[:n]) if x) + "\n")
-        good.write_text("\n".join(p for p, x in zip(r.prompts, r.refused) if not x) + "\n")
+        refused, answered, _ = behaviour_split(HookedLlama.default(), load_prompts("harmful:train"),
+                                               load_prompts("harmless:train"), classify_tokens=CLASSIFY_TOKENS,
+                                               system_prompt=SYSTEM_PROMPT)
+        bad.write_text("\n".join(refused) + "\n")
+        good.write_text("\n".join(answered) + "\n")
     return bad, good
 
 

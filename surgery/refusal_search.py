@@ -228,6 +228,18 @@ def _propose(trials: int, space: dict, seed: int, sampler: str, contrasts: Seque
         yield {**best, **{f"{c}.max_weight": best[f"{c}.max_weight"] * factor ** k for c in ("attn", "mlp")}}
 
 
+def behaviour_split(model, harmful, harmless, *, markers: Sequence[str] | None = None, classify_tokens: int = 24,
+                    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, batch_size: int = 32):
+    """The two sides of the ``"behaviour"`` contrast: (harmful prompts the model refuses, prompts of either
+    set it answers, the ``RefusalRate`` of ``harmful + harmless``); harmless prompts it declines are in neither."""
+    rate = refusal_rate(model, list(harmful) + list(harmless), markers=markers, max_new_tokens=classify_tokens,
+                        system_prompt=system_prompt, batch_size=batch_size)
+    n_bad = len(harmful)
+    refused = [p for p, r in zip(rate.prompts[:n_bad], rate.refused[:n_bad]) if r]
+    answered = [p for p, r in zip(rate.prompts, rate.refused) if not r]
+    return refused, answered, rate
+
+
 def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eval_harmful=None, eval_harmless=None,
                system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, markers: Sequence[str] | None = None,
                max_new_tokens: int = 100, positions: Sequence[int] = (-1,), project_harmless: bool = True,
@@ -299,11 +311,10 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
                                                 project_harmless=project_harmless, system_prompt=system_prompt,
                                                 batch_size=batch_size)
     if contrast in ("auto", "behaviour"):
-        behaviour = refusal_rate(model, harmful + harmless, markers=markers, max_new_tokens=classify_tokens,
-                                 system_prompt=system_prompt, batch_size=batch_size)
+        refused, answered, behaviour = behaviour_split(model, harmful, harmless, markers=markers,
+                                                       classify_tokens=classify_tokens, system_prompt=system_prompt,
+                                                       batch_size=batch_size)
         n_bad = len(harmful)
-        refused = [p for p, r in zip(behaviour.prompts[:n_bad], behaviour.refused[:n_bad]) if r]
-        answered = [p for p, r in zip(behaviour.prompts, behaviour.refused) if not r]
         if len(refused) >= 2 and len(answered) >= 2:
             directions["behaviour"] = refusal_directions(model, refused, answered, positions=positions,
                                                          project_harmless=project_harmless,
