@@ -20,12 +20,15 @@ Usage::
     python benchmarks/bench_abliterate.py --only ours --trials 24
     python benchmarks/bench_abliterate.py --json results.json
     python benchmarks/bench_abliterate.py --heretic-split behaviour --seed 1   # heretic given our split
+    python benchmarks/bench_abliterate.py --only ours --heretic-results old.json   # compare with a stored run
 
 ``--heretic-split behaviour`` gives heretic the training prompts our ``behaviour`` contrast uses (bad: the
 harmful prompts the unedited model refuses in 24 greedy tokens; good: every prompt it answers), written
 to files in the work directory, so the two searches can be compared on one direction source.
-Each tool's result is its lowest-refusal Pareto point; ``matched`` is heretic's lowest KL among its
-trials with at most our refusal count (None when it never gets there).
+Each tool's result is its lowest-refusal Pareto point; ``matched`` (``matched()``) compares each side's
+least KL at the other's fewest refusals. heretic is deterministic at a
+fixed seed (two runs of seed 0 gave identical trials), so ``--heretic-results`` may take its side from
+an earlier run's ``--json`` file (same seed, split and trial count, checked) instead of running it again.
 """
 
 from __future__ import annotations
@@ -161,6 +164,18 @@ def run_ours(work: Path, trials: int, seed: int, contrast: str) -> dict:
             "export": data.get("export", {}).get("max_abs_logit_diff")}
 
 
+def matched(heretic_trials, ours_refusals: int, ours_kl: float, ours_confirmed) -> dict:
+    """Each side's least KL at the other's fewest refusals: heretic's least KL among its trials with at
+    most our chosen edit's refusals (None when it never gets there), and ours among our confirmed
+    (generated) points with at most heretic's fewest refusals (``at_heretic_best``)."""
+    within = [kl for r, kl in heretic_trials if r <= ours_refusals]
+    h_refusals, h_kl = min(heretic_trials)
+    ours_within = [kl for r, kl in ours_confirmed if r <= h_refusals]
+    return {"refusals": ours_refusals, "ours_kl": ours_kl, "heretic_kl": min(within) if within else None,
+            "at_heretic_best": {"refusals": h_refusals, "heretic_kl": h_kl,
+                                "ours_kl": min(ours_within) if ours_within else None}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=24)
@@ -171,6 +186,7 @@ def main() -> None:
     ap.add_argument("--contrast", choices=["auto", "sets", "behaviour"], default="auto", help="ours: --contrast")
     ap.add_argument("--heretic-split", choices=["sets", "behaviour"], default="sets",
                     help="heretic's training prompts: the shipped sets, or our behaviour split")
+    ap.add_argument("--heretic-results", help="an earlier --json file whose heretic run (same seed, split, trials) to reuse")
     ap.add_argument("--json")
     ap.add_argument("--sequential", action="store_true", help="one tool after the other (default: both at once)")
     args = ap.parse_args()
@@ -178,7 +194,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = {}
     jobs = {}
-    if args.only != "ours":
+    if args.only != "ours" and not args.heretic_results:
         exe = ensure_heretic(Path(args.heretic_venv))
         model_dir = ensure_model(work)
         if args.heretic_split == "behaviour":
@@ -186,23 +202,33 @@ def main() -> None:
         jobs["heretic"] = lambda: run_heretic(exe, model_dir, work, args.trials, args.seed, args.heretic_split)
     if args.only != "heretic":
         jobs["ours"] = lambda: run_ours(work, args.trials, args.seed, args.contrast)
+    if args.heretic_results:
+        old = json.loads(Path(args.heretic_results).read_text())["heretic"]
+        want = {"seed": args.seed, "prompts": args.heretic_split, "n": args.trials}
+        have = {"seed": old.get("seed"), "prompts": old.get("prompts"), "n": len(old["trials"])}
+        if have != want:
+            raise SystemExit(f"--heretic-results: that run had {have}, this one needs {want}")
+        jobs.pop("heretic", None)
+        results["heretic"] = {**old, "reused_from": args.heretic_results}
     if args.sequential:
-        results = {name: job() for name, job in jobs.items()}
+        results |= {name: job() for name, job in jobs.items()}
     else:  # both at once, one thread each (``one_thread``): same machine, same moment, same share
         with ThreadPoolExecutor(len(jobs)) as pool:
             futures = {name: pool.submit(job) for name, job in jobs.items()}
-            results = {name: f.result() for name, f in futures.items()}
+            results |= {name: f.result() for name, f in futures.items()}
     print(f"{'':16}{'refusals before':>16}{'refusals after':>16}{'KL harmless':>13}{'wall s':>9}")
     for name, r in results.items():
         print(f"{name:16}{str(r['refusals_before']):>16}{str(r['best_refusals']):>16}"
               f"{(r['best_kl'] if r['best_kl'] is not None else float('nan')):>13.4f}{(r['wall_s'] or 0):>9.0f}")
     if "heretic" in results and "ours" in results:
-        ours = results["ours"]["best_refusals"]
-        within = [kl for r, kl in results["heretic"]["trials"] if r <= ours]
-        results["matched"] = {"refusals": ours, "ours_kl": results["ours"]["best_kl"],
-                              "heretic_kl": min(within) if within else None}
-        print(f"at <= {ours} refusals: ours KL {results['ours']['best_kl']:.4f}, heretic "
-              + (f"KL {min(within):.4f}" if within else "never got there"))
+        results["matched"] = matched(results["heretic"]["trials"], results["ours"]["best_refusals"],
+                                     results["ours"]["best_kl"], results["ours"]["confirmed"])
+        m = results["matched"]
+        print(f"at <= {m['refusals']} refusals (ours): ours KL {m['ours_kl']:.4f}, heretic "
+              + (f"KL {m['heretic_kl']:.4f}" if m["heretic_kl"] is not None else "never got there"))
+        h = m["at_heretic_best"]
+        print(f"at <= {h['refusals']} refusals (heretic's fewest): heretic KL {h['heretic_kl']:.4f}, ours "
+              + (f"KL {h['ours_kl']:.4f}" if h["ours_kl"] is not None else "none confirmed"))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

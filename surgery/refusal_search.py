@@ -28,12 +28,12 @@ Each trial is scored on the held-out prompts by two numbers:
 
 The search is aimed at ``target_refusals``: the sampler minimises ``max(refusals, target) + KL`` (fewest
 refusals down to the target, then the least KL). Its first trials are anchors (``anchors``: for each
-contrast a broad edit at two late direction indices), so it sees strong edits before it models the
-box; Optuna's TPE (the ``[abliterate]`` extra) proposes the rest, or, without Optuna, a scrambled
-Sobol sequence over the same box (seeded, deterministic). The last ``LINE_STEPS`` trials are a line
-search along the strength of the best shape found (both max weights times 1.25, 1.25², 1.25³ while it
-still refuses more than the target; divided otherwise), since strength is the one parameter whose
-effect is monotone and the box's upper bound (heretic's 1.5) is too weak for some directions.
+contrast a broad edit and an attention-led one), so it sees strong edits before it models the box;
+Optuna's TPE (the ``[abliterate]`` extra) proposes the rest, or, without Optuna, a scrambled Sobol
+sequence over the same box (seeded, deterministic). The last ``LINE_STEPS`` trials are a line search
+along the strength of the best shape found (both max weights times 1.25, 1.25², 1.25³ while it still
+refuses more than the target; divided otherwise), since strength is the one parameter whose effect is
+monotone and the box's upper bound (heretic's 1.5) is too weak for some directions.
 Then the Pareto front of all trials (refusals, KL) is confirmed by generation (greedy,
 ``max_new_tokens``, marker scorer, the edit baked into the weights as it will be exported): the
 lowest-KL point when it already meets ``target_refusals``; else the most aggressive point sets the goal
@@ -145,22 +145,35 @@ def _bisect_front(n: int, count, target: int, budget: int) -> int:
     return min(counts, key=lambda k: (counts[k], k))
 
 
-ANCHOR_INDICES = (0.6, 0.75)  # direction index of the anchor trials, as a fraction of L − 1
+def _anchor_shapes(last: float, space: dict) -> list[dict]:
+    """The two anchor shapes (see ``anchors``), before the contrast is added and the box applied."""
+    broad = {"direction_index": 0.6 * last}
+    for comp in ("attn", "mlp"):
+        broad.update({f"{comp}.max_weight": 1.0, f"{comp}.peak": 0.8 * last, f"{comp}.min_weight": 1.0,
+                      f"{comp}.width": space[f"{comp}.width"][1]})
+    attn_led = {"direction_index": 0.7 * last,
+                "attn.max_weight": space["attn.max_weight"][1], "attn.peak": 0.8 * last, "attn.min_weight": 0.95,
+                "attn.width": 0.45 * last,
+                "mlp.max_weight": 1.0, "mlp.peak": 0.67 * last, "mlp.min_weight": 0.9, "mlp.width": 0.23 * last}
+    return [broad, attn_led]
 
 
 def anchors(space: dict, n_layers: int, contrasts: Sequence[str] = ("sets",)) -> list[dict]:
-    """The first trials of every search: for each contrast, a broad edit (weight 1 on every layer within
-    the widest width of a late peak, both components) at each of ``ANCHOR_INDICES``, so the sampler
-    sees strong edits before it models the front (random start-up trials in a 9-parameter box rarely
-    draw one; on SmolLM2-135M only directions from layers ≈ 0.7·(L−1) remove refusals)."""
-    last = n_layers - 1
+    """The first trials of every search, for each contrast (random start-up trials in a 9-parameter box
+    rarely draw a strong edit; on SmolLM2-135M only directions from layers ≈ 0.7·(L−1) remove refusals):
+
+    - **broad**: weight 1 on every layer within the widest width of a late peak (0.8·(L−1)), attention
+      and MLP alike, direction index 0.6·(L−1);
+    - **attention-led**: attention at the box's top weight, nearly flat over the late layers (peak
+      0.8·(L−1), width 0.45·(L−1), ends at 0.95 of the peak), the MLP at weight 1 only in a band around
+      the direction's layer (peak 0.67·(L−1), width 0.23·(L−1), ends at 0.9); direction index 0.7·(L−1).
+      On SmolLM2-135M, at direction index 0.7·(L−1), it leaves 1/32 short-answer refusals at KL 0.095
+      where the broad shape leaves 8/32 at 0.109; searches that started from the broad anchors alone
+      ended at 0–1/32 short-answer refusals for KL 0.14–0.16.
+    """
     out = []
     for c in contrasts:
-        for f in ANCHOR_INDICES:
-            params = {"direction_index": f * last}
-            for comp in ("attn", "mlp"):
-                params.update({f"{comp}.max_weight": 1.0, f"{comp}.peak": 0.8 * last, f"{comp}.min_weight": 1.0,
-                               f"{comp}.width": space[f"{comp}.width"][1]})
+        for params in _anchor_shapes(n_layers - 1, space):
             out.append({k: min(max(v, space[k][0]), space[k][1]) for k, v in params.items()}
                        | ({"contrast": c} if len(contrasts) > 1 else {}))
     return out

@@ -261,19 +261,30 @@ def test_behaviour_contrast_without_refusals_is_one_line(smol):
                      classify_tokens=8, sampler="sobol", trials=1)
 
 
-def test_anchors_are_broad_late_edits_inside_the_box():
+def test_anchors_are_a_broad_and_an_attention_led_edit_per_contrast():
     from surgery.refusal_search import anchors
 
     space = S.search_space(30)
     got = anchors(space, 30, ["sets", "behaviour"])
     assert [(a["contrast"], a["direction_index"]) for a in got] == [
-        ("sets", 0.6 * 29), ("sets", 0.75 * 29), ("behaviour", 0.6 * 29), ("behaviour", 0.75 * 29)]
+        ("sets", 0.6 * 29), ("sets", 0.7 * 29), ("behaviour", 0.6 * 29), ("behaviour", 0.7 * 29)]
+
+    def weights(a, c):
+        return S.peaked_weights(30, a[f"{c}.max_weight"], a[f"{c}.peak"], a[f"{c}.min_weight"] * a[f"{c}.max_weight"],
+                                a[f"{c}.width"])
+
     for a in got:
         assert all(space[k][0] <= v <= space[k][1] for k, v in a.items() if k != "contrast")
-        for c in ("attn", "mlp"):  # weight 1 on every layer from peak − width to the last
-            w = S.peaked_weights(30, a[f"{c}.max_weight"], a[f"{c}.peak"], a[f"{c}.min_weight"] * a[f"{c}.max_weight"],
-                                 a[f"{c}.width"])
-            assert w == {i: 1.0 for i in range(6, 30)}
+    for broad in got[0::2]:  # weight 1 on every layer from peak − width (23.2 − 17.4) to the last
+        assert weights(broad, "attn") == weights(broad, "mlp") == {i: 1.0 for i in range(6, 30)}
+    for led in got[1::2]:
+        attn, mlp = weights(led, "attn"), weights(led, "mlp")
+        # attention: layers 23.2 ± 13.05 within the model (11..29), 1.5 at the peak, ≥ 0.95·1.5 everywhere
+        assert sorted(attn) == list(range(11, 30))
+        assert max(attn.values()) <= 1.5 and min(attn.values()) >= 0.95 * 1.5 - 1e-12
+        # MLP: a band 19.43 ± 6.67 around the direction's layer (13..26), weights in [0.9, 1]
+        assert sorted(mlp) == list(range(13, 27))
+        assert all(0.9 - 1e-12 <= w <= 1.0 for w in mlp.values())
     assert "contrast" not in anchors(space, 30, ["sets"])[0]
 
 
@@ -300,3 +311,25 @@ def test_search_ends_with_a_strength_line_search(target, start_count, factor):
         for c in ("attn", "mlp"):
             assert p[f"{c}.max_weight"] == pytest.approx(best[f"{c}.max_weight"] * factor ** k, rel=1e-12)
     assert sent[0]["direction_index"] == pytest.approx(0.6 * 29)  # anchors first
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_abliterate.py"
+    spec = importlib.util.spec_from_file_location("bench_abliterate", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_matched_compares_each_side_at_the_others_fewest_refusals():
+    heretic = [(9, 0.155), (2, 0.282), (4, 0.204), (2, 0.30), (25, 0.04)]
+    ours_confirmed = [(23, 0.01), (6, 0.072), (2, 0.0945), (0, 0.166)]
+    got = _bench().matched(heretic, 0, 0.166, ours_confirmed)
+    # heretic never reaches 0; at heretic's fewest (2, its least KL there 0.282) ours has 0.0945 (and 0.166 at 0)
+    assert got == {"refusals": 0, "ours_kl": 0.166, "heretic_kl": None,
+                   "at_heretic_best": {"refusals": 2, "heretic_kl": 0.282, "ours_kl": 0.0945}}
+    got = _bench().matched(heretic, 4, 0.09, [(4, 0.09), (9, 0.05)])
+    assert got["heretic_kl"] == 0.204 and got["at_heretic_best"]["ours_kl"] is None
