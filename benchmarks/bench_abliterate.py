@@ -47,13 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "analyses" / "data"
 SYSTEM_PROMPT = "You are a helpful assistant."
 CLASSIFY_TOKENS = 24  # as ``abliterate(classify_tokens=24)``
-
-
-def startup_trials(trials: int) -> int:
-    """heretic's random trials before TPE: min(10, trials // 3), the share ours uses for its sampler's
-    start-up (anchor trials included; heretic's default, 60 of 200, would leave a 24-trial run all
-    random)."""
-    return max(1, min(10, trials // 3))
+sys.path.insert(0, str(ROOT))  # the project's modules, imported where needed (heretic's side needs none)
 
 
 def one_thread(env: dict) -> dict:
@@ -75,7 +69,6 @@ def ensure_heretic(venv: Path) -> Path:
 def ensure_model(work: Path) -> Path:
     out = work / "smollm2-hf"
     if not (out / "config.json").exists():
-        sys.path.insert(0, str(ROOT))
         import surgery
         from hooks import HookedLlama
 
@@ -87,7 +80,6 @@ def behaviour_files(work: Path) -> tuple[Path, Path]:
     """The training prompts of our ``behaviour`` contrast as heretic prompt files: (bad, good)."""
     bad, good = work / "behaviour_refused.txt", work / "behaviour_answered.txt"
     if not (bad.exists() and good.exists()):
-        sys.path.insert(0, str(ROOT))
         from analyses.refusal import load_prompts
         from hooks import HookedLlama
         from surgery.refusal_search import behaviour_split
@@ -101,6 +93,9 @@ def behaviour_files(work: Path) -> tuple[Path, Path]:
 
 
 def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int, seed: int, split: str) -> dict:
+    """heretic with our sampler's start-up share (``startup_trials``), in ``work/heretic``."""
+    from surgery.refusal_search import startup_trials
+
     cwd = work / "heretic"
     cwd.mkdir(parents=True, exist_ok=True)
 
@@ -194,7 +189,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = {}
     jobs = {}
-    if args.only != "ours" and not args.heretic_results:
+    if args.heretic_results:
+        old = json.loads(Path(args.heretic_results).read_text())["heretic"]
+        want = {"seed": args.seed, "prompts": args.heretic_split, "n": args.trials}
+        have = {"seed": old.get("seed"), "prompts": old.get("prompts"), "n": len(old["trials"])}
+        if have != want:
+            raise SystemExit(f"--heretic-results: that run had {have}, this one needs {want}")
+        results["heretic"] = {**old, "reused_from": args.heretic_results}
+    elif args.only != "ours":
         exe = ensure_heretic(Path(args.heretic_venv))
         model_dir = ensure_model(work)
         if args.heretic_split == "behaviour":
@@ -202,18 +204,10 @@ def main() -> None:
         jobs["heretic"] = lambda: run_heretic(exe, model_dir, work, args.trials, args.seed, args.heretic_split)
     if args.only != "heretic":
         jobs["ours"] = lambda: run_ours(work, args.trials, args.seed, args.contrast)
-    if args.heretic_results:
-        old = json.loads(Path(args.heretic_results).read_text())["heretic"]
-        want = {"seed": args.seed, "prompts": args.heretic_split, "n": args.trials}
-        have = {"seed": old.get("seed"), "prompts": old.get("prompts"), "n": len(old["trials"])}
-        if have != want:
-            raise SystemExit(f"--heretic-results: that run had {have}, this one needs {want}")
-        jobs.pop("heretic", None)
-        results["heretic"] = {**old, "reused_from": args.heretic_results}
     if args.sequential:
         results |= {name: job() for name, job in jobs.items()}
     else:  # both at once, one thread each (``one_thread``): same machine, same moment, same share
-        with ThreadPoolExecutor(len(jobs)) as pool:
+        with ThreadPoolExecutor(max(1, len(jobs))) as pool:
             futures = {name: pool.submit(job) for name, job in jobs.items()}
             results |= {name: f.result() for name, f in futures.items()}
     print(f"{'':16}{'refusals before':>16}{'refusals after':>16}{'KL harmless':>13}{'wall s':>9}")

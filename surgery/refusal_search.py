@@ -179,6 +179,12 @@ def anchors(space: dict, n_layers: int, contrasts: Sequence[str] = ("sets",)) ->
     return out
 
 
+def startup_trials(trials: int) -> int:
+    """Trials before TPE models the box (anchors included): min(10, trials // 3); heretic's default, 60
+    of 200, would leave a 24-trial run all random."""
+    return max(1, min(10, trials // 3))
+
+
 def _sample(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequence[str] = ("sets",),
             n_layers: int | None = None, target: int = 0):
     names = list(space)
@@ -189,7 +195,7 @@ def _sample(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequen
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=max(1, min(10, trials // 3)), multivariate=True))
+            seed=seed, n_startup_trials=startup_trials(trials), multivariate=True))
         for params in first:
             study.enqueue_trial(params)
         for _ in range(trials):
@@ -327,14 +333,13 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         refused, answered, behaviour = behaviour_split(model, harmful, harmless, markers=markers,
                                                        classify_tokens=classify_tokens, system_prompt=system_prompt,
                                                        batch_size=batch_size)
-        n_bad = len(harmful)
         if len(refused) >= 2 and len(answered) >= 2:
             directions["behaviour"] = refusal_directions(model, refused, answered, positions=positions,
                                                          project_harmless=project_harmless,
                                                          system_prompt=system_prompt, batch_size=batch_size)
         elif contrast == "behaviour":
             raise InputError(f"contrast='behaviour' needs at least 2 refused harmful and 2 answered training prompts; "
-                             f"the model refused {len(refused)} of {n_bad} harmful and answered {len(answered)} of "
+                             f"the model refused {len(refused)} of {len(harmful)} harmful and answered {len(answered)} of "
                              f"{behaviour.n}")
     before = refusal_rate(model, eval_harmful, markers=markers, max_new_tokens=max_new_tokens,
                           system_prompt=system_prompt, batch_size=batch_size)
@@ -380,8 +385,8 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         "chosen_trial": chosen, "params": rows[chosen]["params"], "norm_preserve": norm_preserve,
         "contrast": rows[chosen]["params"].get("contrast", next(iter(directions))), "contrasts": list(directions),
         **({} if behaviour is None else {"behaviour_split": {
-            "refused": sum(behaviour.refused[:len(harmful)]), "answered": behaviour.n - behaviour.count,
-            "declined_harmless": sum(behaviour.refused[len(harmful):]), "classify_tokens": classify_tokens}}),
+            "refused": len(refused), "answered": len(answered), "declined_harmless": behaviour.count - len(refused),
+            "classify_tokens": classify_tokens}}),
         "positions": list(positions), "project_harmless": project_harmless, "system_prompt": system_prompt,
         "max_new_tokens": max_new_tokens,
         "prompts_sha256": {"harmful": prompts_sha256(harmful), "harmless": prompts_sha256(harmless),
