@@ -49,3 +49,107 @@ def test_cuda_cache_everything_matches_hf_eager_and_shares_logits(dtype):
             assert (cache["resid_post", i].float() - ref.hidden_states[i + 1].float()).abs().max() <= resid_tol
     logit_tol = tol * max(1.0, ref.logits.float().abs().max().item())
     assert (logits.float() - ref.logits.float()).abs().max() <= logit_tol
+
+
+# --------------------------------------------------------------------------- surgery on the GPU
+def _edit_names():
+    from tests.test_edits import EDIT_NAMES
+
+    return EDIT_NAMES
+
+
+@pytest.mark.parametrize("name", _edit_names())
+def test_cuda_edit_equals_its_hooks_and_the_cpu_edit(name, tmp_path):
+    """Each edit built and applied on a CUDA model (MeanAblateHeads / RankOneEdit compute their vectors
+    there from CPU token ids): weights == hooks on the GPU, the same logits as on the CPU, a record that
+    serialises and replays on the CPU, and a model still wholly on the GPU afterwards."""
+    import json
+
+    import surgery as S
+    from tests.test_edits import TOL, ids, make_edit
+
+    cpu, gpu = HookedLlama.from_hf(tiny_hf("gqa")), HookedLlama.from_hf(tiny_hf("gqa").to("cuda"))
+    edit_cpu, edit_gpu = make_edit(name, cpu, tmp_path / "cpu"), make_edit(name, gpu, tmp_path / "gpu")
+    x = ids()
+    with torch.no_grad():
+        hooked = gpu.run_with_hooks(x.cuda(), fwd_hooks=edit_gpu.as_hooks(gpu))
+        with edit_gpu.applied(gpu):
+            weights = gpu(x.cuda())
+            assert all(t.device.type == "cuda" for t in gpu.state_dict().values())
+        with edit_cpu.applied(cpu):
+            want = cpu(x)
+        replayed = S.Edit.from_dict(json.loads(json.dumps(edit_gpu.to_dict())))
+        with replayed.applied(cpu):
+            again = cpu(x)
+    assert (weights - hooked).abs().max() <= TOL
+    assert (weights.cpu() - want).abs().max() <= TOL
+    assert (again - want).abs().max() <= TOL
+
+
+def test_cuda_export_reloads_on_the_cpu(tmp_path):
+    """A plan exported from a CUDA model: the verified HF checkpoint reloads with plain transformers on the
+    CPU with the CPU-edited model's logits (the GGUF export, which needs a tokenizer, is checked on the real
+    model below)."""
+    from transformers import AutoModelForCausalLM
+
+    import surgery as S
+    from tests.test_edits import TOL, ids, make_edit
+
+    cpu, gpu = HookedLlama.from_hf(tiny_hf("gqa")), HookedLlama.from_hf(tiny_hf("gqa").to("cuda"))
+    plan = S.EditPlan([make_edit(n, cpu, tmp_path) for n in ("ZeroHeads", "AbliterateNormPreserving", "AddSteering")])
+    result = S.export(gpu, tmp_path / "out", edits=plan)
+    assert result.max_abs_logit_diff <= 1e-4
+    assert all(t.device.type == "cuda" for t in gpu.state_dict().values())
+    x = ids()
+    with torch.no_grad(), plan.applied(cpu):
+        want = cpu(x)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(x).logits - want).abs().max() <= TOL
+    assert S.verify(tmp_path / "out")["ok"]
+
+
+# --------------------------------------------------------------------------- the real model on the GPU
+@pytest.fixture(scope="module")
+def smol_cuda():
+    return HookedLlama.default(device="cuda")
+
+
+@pytest.mark.slow
+def test_cuda_default_model_matches_hf(smol_cuda):
+    from transformers import AutoModelForCausalLM
+
+    from hooks.loading import default_gguf_path
+
+    path = default_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).to("cuda").eval()
+    x, mask = smol_cuda.tokenize(["The Eiffel Tower is in the city of", "def add(a, b):\n    return a + b"])
+    with torch.no_grad():
+        ours = smol_cuda(x, attention_mask=mask)
+        ref = hf(x.cuda(), attention_mask=mask.cuda()).logits
+    real = mask.bool().cuda()
+    assert ours.device.type == "cuda" and (ours[real] - ref[real]).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_cuda_abliterate_search_exports_and_replays(smol_cuda, tmp_path):
+    """The refusal search end to end on the GPU: the recorded KL is recomputed, the plan replays the
+    chosen weights bit-exactly there, the export reloads with plain transformers on the CPU, and the GGUF
+    export verifies."""
+    from transformers import AutoModelForCausalLM
+
+    import surgery as S
+    from tests.test_refusal import small_search_replays
+
+    model = smol_cuda
+    res = small_search_replays(model, tmp_path)
+    out = S.export(model, tmp_path / "out", edits=res.plan)
+    gguf = S.export_gguf(model, tmp_path / "out.gguf", edits=res.plan)
+    assert out.max_abs_logit_diff <= 1e-4 and gguf.max_abs_logit_diff <= 1e-4
+    assert all(t.device.type == "cuda" for t in model.state_dict().values())
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    x = model.to_tokens("The Eiffel Tower is in the city of")
+    with torch.no_grad(), res.edit.applied(model):
+        edited = model(x).cpu()
+    with torch.no_grad():
+        assert (hf(x.cpu()).logits - edited).abs().max() <= 1e-4

@@ -156,24 +156,31 @@ def test_cli_abliterate_missing_prompt_file_exits_2(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "nope.txt does not exist" in err[0]
 
 
-@pytest.mark.slow
-def test_search_on_the_real_model_exports_and_replays_bit_exactly(smol, tmp_path):
+def small_search_replays(model, tmp_path):
+    """A 3-trial search on a few shipped prompts, checked: the front holds the chosen trial, the recorded KL
+    is the chosen edit's first-token KL recomputed independently, and the plan file replays the chosen
+    weights bit-exactly. Returns the result (also used by the GPU test)."""
     harmful, harmless = R.load_prompts("harmful:train")[:4], R.load_prompts("harmless:train")[:4]
-    res = S.abliterate(smol, harmful, harmless, eval_harmful=R.load_prompts("harmful:eval")[:2],
-                       eval_harmless=R.load_prompts("harmless:eval")[:3], trials=3, max_new_tokens=4, sampler="sobol")
+    eval_harmless = R.load_prompts("harmless:eval")[:3]
+    res = S.abliterate(model, harmful, harmless, eval_harmful=R.load_prompts("harmful:eval")[:2],
+                       eval_harmless=eval_harmless, trials=3, max_new_tokens=4, sampler="sobol")
     assert len(res.trials) == 3 and res.chosen in res.front and res.trials[res.chosen]["refusals"] == res.after.count
-    # the recorded KL is the first-token KL of the chosen edit, recomputed independently
-    kl = R.prompt_kl(smol, R.load_prompts("harmless:eval")[:3], fwd_hooks=res.edit.as_hooks(smol))
+    kl = R.prompt_kl(model, eval_harmless, fwd_hooks=res.edit.as_hooks(model))
     assert kl.mean == pytest.approx(res.kl, rel=1e-3, abs=1e-6)
-    res.figure(); json.dumps(res.to_dict())
-    # the plan file replays the chosen edit's weights bit-exactly
     path = res.plan.save(tmp_path / "plan.yaml")
-    with res.edit.applied(smol):
-        want = {k: v.clone() for k, v in smol.state_dict().items()}
-    with S.load_plan(path).applied(smol):
-        for k, v in smol.state_dict().items():
+    with res.edit.applied(model):
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+    with S.load_plan(path).applied(model):
+        for k, v in model.state_dict().items():
             assert torch.equal(v, want[k]), k
     assert res.provenance["prompts_sha256"]["harmful"] == R.prompts_sha256(harmful)
+    return res
+
+
+@pytest.mark.slow
+def test_search_on_the_real_model_exports_and_replays_bit_exactly(smol, tmp_path):
+    res = small_search_replays(smol, tmp_path)
+    res.figure(); json.dumps(res.to_dict())
 
 
 @pytest.mark.slow
