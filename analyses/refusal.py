@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -300,10 +301,11 @@ def prompt_kl(model, prompts, *, fwd_hooks=(), edited=None, where: str = "first"
 class RefusalDirections(AnalysisResult):
     """Per-layer refusal directions read at ``blocks.{i}.hook_resid_post``.
 
-    ``directions`` [L, M] unit vectors (harmful mean − harmless mean, optionally without its component
-    along the harmless mean), ``norms`` [L] the length of the raw mean difference, ``separation`` [L]
-    the distance of the two sets' means along the direction over the pooled standard deviation of the
-    projections (d′), ``harmful_mean`` / ``harmless_mean`` [L, M].
+    ``directions`` [L, M] unit vectors (harmful mean − harmless mean, optionally whitened against a
+    set's covariance, ``whiten``, and without its component along the harmless mean), ``norms`` [L] the
+    length of the raw mean difference, ``separation`` [L] the distance of the two sets' means along the
+    direction over the pooled standard deviation of the projections (d′), ``harmful_mean`` /
+    ``harmless_mean`` [L, M], ``whiten`` the shrinkage used (``None``: plain).
     """
 
     directions: torch.Tensor
@@ -314,6 +316,7 @@ class RefusalDirections(AnalysisResult):
     positions: list[int]
     project_harmless: bool
     system_prompt: str | None
+    whiten: float | None = None
 
     title = "refusal directions per layer"
 
@@ -345,8 +348,8 @@ class RefusalDirections(AnalysisResult):
 
     def to_dict(self) -> dict:
         return jsonable({"positions": self.positions, "project_harmless": self.project_harmless,
-                         "system_prompt": self.system_prompt, "separation": self.separation, "norms": self.norms,
-                         "best_layer": self.best_layer()})
+                         "whiten": self.whiten, "system_prompt": self.system_prompt, "separation": self.separation,
+                         "norms": self.norms, "best_layer": self.best_layer()})
 
     def figure(self):
         import plotly.graph_objects as go
@@ -386,7 +389,8 @@ def residuals(model, prompts, positions: Sequence[int] = (-1,), *, system_prompt
 
 
 def refusal_directions(model, harmful, harmless, *, positions: Sequence[int] = (-1,), project_harmless: bool = True,
-                       system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, batch_size: int = 32) -> RefusalDirections:
+                       whiten: float | None = None, keep=None, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+                       batch_size: int = 32) -> RefusalDirections:
     """Per-layer refusal directions (difference of means, harmful − harmless) at ``resid_post``.
 
     Args:
@@ -396,12 +400,21 @@ def refusal_directions(model, harmful, harmless, *, positions: Sequence[int] = (
             template's generation prompt); several positions are averaged.
         project_harmless: remove from each direction its component along the (unit) harmless mean,
             so the edit leaves the typical harmless activation's own direction alone (heretic's default).
+        whiten: ``None`` (the plain difference of means), or a shrinkage ``λ > 0``: each layer's direction
+            becomes ``(S + λ·tr(S)/d·I)⁻¹ (mean_harmful − mean_harmless)``, ``S`` the covariance of the
+            ``keep`` prompts' residuals at the same positions. The direction then avoids the ways those
+            prompts vary, so projecting it out moves them less (a shrunk linear discriminant); large ``λ``
+            tends to the plain difference. ``project_harmless`` applies after.
+        keep: the prompts whose covariance is whitened against (default: ``harmless``); only with ``whiten``.
 
     Example::
 
         dirs = refusal_directions(model, load_prompts("harmful:train"), load_prompts("harmless:train"))
         dirs.figure(); dirs.best_layer(); dirs.direction(18.3)
     """
+    check_whiten(whiten)
+    if keep is not None and whiten is None:
+        raise InputError("keep= names the prompts to whiten against; it needs whiten= (e.g. whiten=30)")
     a = residuals(model, harmful, positions, system_prompt=system_prompt, batch_size=batch_size).double()
     b = residuals(model, harmless, positions, system_prompt=system_prompt, batch_size=batch_size).double()
     ma, mb = a.mean(0), b.mean(0)  # [L, M]
@@ -409,7 +422,11 @@ def refusal_directions(model, harmful, harmless, *, positions: Sequence[int] = (
     norms = diff.norm(dim=-1)
     if bool((norms == 0).any()):
         raise InputError("the two prompt sets have identical means at some layer; pick prompts that differ")
-    d = diff / norms[:, None]
+    if whiten is not None:
+        k = b if keep is None else residuals(model, keep, positions, system_prompt=system_prompt,
+                                             batch_size=batch_size).double()
+        diff = _whitened(diff, k, float(whiten))
+    d = diff / diff.norm(dim=-1, keepdim=True)
     if project_harmless:
         h = mb / mb.norm(dim=-1, keepdim=True)
         d = d - (d * h).sum(-1, keepdim=True) * h
@@ -418,7 +435,27 @@ def refusal_directions(model, harmful, harmless, *, positions: Sequence[int] = (
     pooled = torch.sqrt((pa.var(0, unbiased=False) + pb.var(0, unbiased=False)) / 2).clamp_min(1e-12)
     sep = (pa.mean(0) - pb.mean(0)) / pooled
     return RefusalDirections(d.float(), norms.float(), sep.float(), ma.float(), mb.float(), list(positions),
-                             project_harmless, system_prompt)
+                             project_harmless, system_prompt, None if whiten is None else float(whiten))
+
+
+def check_whiten(whiten) -> None:
+    """``whiten`` is ``None`` or a positive finite number; else a one-line ``InputError``."""
+    if whiten is not None and (isinstance(whiten, bool) or not isinstance(whiten, (int, float))
+                               or not math.isfinite(whiten) or whiten <= 0):
+        raise InputError(f"whiten must be a positive shrinkage (e.g. 30) or None, got {whiten!r}")
+
+
+def _whitened(diff: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
+    """``(S + lam·tr(S)/d·I)⁻¹ diff`` per layer; ``diff`` [L, M], ``keep`` [B, L, M], ``S`` its covariance
+    (one [M, M] matrix at a time)."""
+    out = torch.empty_like(diff)
+    eye = torch.eye(diff.shape[-1], dtype=diff.dtype, device=diff.device)
+    for layer in range(diff.shape[0]):
+        x = keep[:, layer] - keep[:, layer].mean(0)
+        cov = x.T @ x / x.shape[0]
+        ridge = lam * float(torch.trace(cov)) / cov.shape[0]
+        out[layer] = torch.linalg.solve(cov + (ridge if ridge > 0 else 1.0) * eye, diff[layer])  # S = 0: plain
+    return out
 
 
 # --------------------------------------------------------------------------- search result

@@ -16,6 +16,13 @@ parameter (``contrast``):
   car"), neither the refusals to remove nor compliance. A model whose refusals do not follow the harm
   of the request has a refusal direction that the set means miss; this one finds it.
 
+Both are **whitened** by default (``whiten``, a shrunk linear discriminant): the mean difference is
+multiplied by ``(S + λ·tr(S)/d·I)⁻¹``, ``S`` the covariance of the prompts the edit should leave alone
+(the harmless set; for "behaviour", every answered or harmless training prompt) at the same position.
+Projecting out a direction along which those prompts hardly vary moves their outputs less. On
+SmolLM2-135M (attention-led anchor, 100-token counts on the 32 held-out prompts) the plain direction
+removes all but 2 refusals at KL 0.095; whitened at λ = 30 it leaves 2 at KL 0.053 and 5 at 0.040.
+
 Each trial is scored on the held-out prompts by two numbers:
 
 - **refusals**: how many held-out harmful prompts the edited model still refuses in a short greedy
@@ -49,7 +56,7 @@ from typing import Sequence
 import torch
 
 from analyses.refusal import (DEFAULT_SYSTEM_PROMPT, REFUSAL_MARKERS, AbliterationResult, chat_tokens,
-                              kl_rows, load_prompts, prompts_sha256, refusal_directions, refusal_rate)
+                              check_whiten, kl_rows, load_prompts, prompts_sha256, refusal_directions, refusal_rate)
 from hooks import InputError
 
 from .abliteration import Abliterate, peaked_weights
@@ -71,6 +78,9 @@ def search_space(n_layers: int) -> dict[str, tuple[float, float]]:
 
 
 CONTRASTS = ("sets", "behaviour")
+# The directions' default shrinkage (refusal_directions(whiten=…)): measured on SmolLM2-135M, where 10–100
+# all beat the plain difference of means and 30 gave the lowest KL at a given refusal count.
+WHITEN = 30.0
 
 
 def edit_for(directions, params: dict, n_layers: int, *, norm_preserve: bool = True) -> Abliterate:
@@ -264,7 +274,7 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
                max_new_tokens: int = 100, positions: Sequence[int] = (-1,), project_harmless: bool = True,
                norm_preserve: bool = True, target_refusals: int = 0, max_confirm: int = 6, sampler: str = "auto",
                proxy_tokens: int = 16, batch_size: int = 32, contrast: str = "auto", classify_tokens: int = 24,
-               progress: bool = False) -> AbliterationResult:
+               whiten: float | None = WHITEN, progress: bool = False) -> AbliterationResult:
     """Find an ``Abliterate`` edit that removes refusals at the least KL (module docstring).
 
     Args:
@@ -283,6 +293,10 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
             harmless; harmless prompts it declines are left out; each classified by ``classify_tokens``
             greedy tokens), or "auto" (both; the search picks; only "sets" when fewer than 2 harmful
             prompts are refused or fewer than 2 prompts answered; ``provenance["contrasts"]``).
+        whiten: the directions' shrinkage (``analyses.refusal.refusal_directions``), whitened against the
+            prompts the edit should leave alone: the harmless set, and for "behaviour" every answered or
+            harmless training prompt. ``None``: plain differences of means. On SmolLM2-135M the default
+            (30) removes as many refusals as the plain direction at 0.55–0.6× its harmless KL.
 
     Returns:
         ``AbliterationResult``: trials, Pareto front, the chosen edit and its plan, before/after refusals.
@@ -312,6 +326,7 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
             sampler = "sobol"
     if sampler not in ("optuna", "sobol"):
         raise InputError(f"sampler must be 'optuna', 'sobol' or 'auto', got {sampler!r}")
+    check_whiten(whiten)
     if contrast not in ("auto", *CONTRASTS):
         raise InputError(f"contrast must be 'auto', 'sets' or 'behaviour', got {contrast!r}")
     for name, value in (("classify_tokens", classify_tokens), ("proxy_tokens", proxy_tokens)):
@@ -327,15 +342,16 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
     directions, behaviour = {}, None
     if contrast in ("auto", "sets"):
         directions["sets"] = refusal_directions(model, harmful, harmless, positions=positions,
-                                                project_harmless=project_harmless, system_prompt=system_prompt,
-                                                batch_size=batch_size)
+                                                project_harmless=project_harmless, whiten=whiten,
+                                                system_prompt=system_prompt, batch_size=batch_size)
     if contrast in ("auto", "behaviour"):
         refused, answered, behaviour = behaviour_split(model, harmful, harmless, markers=markers,
                                                        classify_tokens=classify_tokens, system_prompt=system_prompt,
                                                        batch_size=batch_size)
         if len(refused) >= 2 and len(answered) >= 2:
+            keep = None if whiten is None else list(dict.fromkeys(answered + harmless))
             directions["behaviour"] = refusal_directions(model, refused, answered, positions=positions,
-                                                         project_harmless=project_harmless,
+                                                         project_harmless=project_harmless, whiten=whiten, keep=keep,
                                                          system_prompt=system_prompt, batch_size=batch_size)
         elif contrast == "behaviour":
             raise InputError(f"contrast='behaviour' needs at least 2 refused harmful and 2 answered training prompts; "
@@ -387,7 +403,8 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         **({} if behaviour is None else {"behaviour_split": {
             "refused": len(refused), "answered": len(answered), "declined_harmless": behaviour.count - len(refused),
             "classify_tokens": classify_tokens}}),
-        "positions": list(positions), "project_harmless": project_harmless, "system_prompt": system_prompt,
+        "positions": list(positions), "project_harmless": project_harmless, "whiten": whiten,
+        "system_prompt": system_prompt,
         "max_new_tokens": max_new_tokens,
         "prompts_sha256": {"harmful": prompts_sha256(harmful), "harmless": prompts_sha256(harmless),
                            "eval_harmful": prompts_sha256(eval_harmful), "eval_harmless": prompts_sha256(eval_harmless)},

@@ -232,6 +232,54 @@ def test_confirmation_bisects_the_front(counts, target, budget, want, most):
     assert len(seen) == len(set(seen)) and len(seen) <= most
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda: S.abliterate(object(), ["a", "b"], ["c", "d"], eval_harmful=["e"], eval_harmless=["f"], whiten=-1.0),
+     "whiten must be a positive shrinkage (e.g. 30) or None, got -1.0"),
+    (lambda: R.refusal_directions(object(), ["a"], ["b"], whiten=True),
+     "whiten must be a positive shrinkage (e.g. 30) or None, got True"),
+    (lambda: R.refusal_directions(object(), ["a"], ["b"], keep=["c"]),
+     "keep= names the prompts to whiten against; it needs whiten= (e.g. whiten=30)"),
+])
+def test_whiten_is_checked_before_any_work(call, message):
+    with pytest.raises(InputError) as err:
+        call()  # object() is no model: any work would fail otherwise
+    assert str(err.value) == message
+
+
+def test_cli_abliterate_bad_whiten_exits_2(capsys):
+    from _cli.app import main
+
+    code = main(["abliterate", "--harmful", "harmful:train", "--harmless", "harmless:train", "--whiten", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "argument --whiten: expected a positive number or 'off', got '-1'" in err[0]
+    from _cli.commands.abliterate import shrinkage
+
+    assert shrinkage("off") is None and shrinkage("30") == 30.0
+
+
+@pytest.mark.slow
+def test_whitened_directions_equal_a_manual_ridge_solve(smol):
+    harmful, harmless = R.load_prompts("harmful:train")[:6], R.load_prompts("harmless:train")[:6]
+    keep = harmless + R.load_prompts("harmless:eval")[:6]
+    dirs = R.refusal_directions(smol, harmful, harmless, whiten=30.0, keep=keep)
+    assert dirs.whiten == 30.0 and dirs.to_dict()["whiten"] == 30.0
+    a, b, k = (R.residuals(smol, p).double() for p in (harmful, harmless, keep))
+    for layer in (5, 20):
+        x = k[:, layer] - k[:, layer].mean(0)
+        cov = x.T @ x / x.shape[0]
+        r = torch.linalg.lstsq(cov + 30.0 * torch.trace(cov) / 576 * torch.eye(576, dtype=torch.float64),
+                               (a[:, layer].mean(0) - b[:, layer].mean(0))[:, None]).solution[:, 0]
+        h = b[:, layer].mean(0) / b[:, layer].mean(0).norm()
+        r = r - (r @ h) * h
+        assert torch.allclose(dirs.directions[layer].double(), r / r.norm(), atol=1e-5)
+    # no keep: the harmless prompts' own covariance; a huge shrinkage: the plain difference of means
+    plain = R.refusal_directions(smol, harmful, harmless)
+    huge = R.refusal_directions(smol, harmful, harmless, whiten=1e9)
+    assert torch.allclose(huge.directions, plain.directions, atol=1e-6)
+    own = R.refusal_directions(smol, harmful, harmless, whiten=30.0)
+    assert float((own.directions[20] @ dirs.directions[20]).abs()) < 0.999  # keep= changed it
+
+
 def test_abliterate_refuses_an_unknown_contrast_before_any_work():
     with pytest.raises(InputError, match="contrast must be"):
         S.abliterate(object(), ["a", "b"], ["c", "d"], eval_harmful=["e"], eval_harmless=["f"], contrast="heretic")
@@ -251,7 +299,11 @@ def test_behaviour_contrast_splits_by_what_the_model_refuses(smol):
     assert res.provenance["behaviour_split"] == {"refused": len(refused), "answered": len(answered),
                                                  "declined_harmless": declined, "classify_tokens": 8}
     assert res.provenance["contrast"] == "behaviour" and res.provenance["contrasts"] == ["behaviour"]
-    want = R.refusal_directions(smol, refused, answered)
+    # whitened (the default) against every answered or harmless training prompt
+    from surgery.refusal_search import WHITEN
+
+    assert res.provenance["whiten"] == WHITEN
+    want = R.refusal_directions(smol, refused, answered, whiten=WHITEN, keep=list(dict.fromkeys(answered + hl)))
     torch.testing.assert_close(res.directions.directions, want.directions, rtol=0, atol=1e-6)
     assert torch.equal(res.edit.direction, want.direction(res.trials[res.chosen]["params"]["direction_index"]))
 

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+
 from _cli.context import model_meta
 from _cli.inputs import CLIError
 from _cli.options import common, positive_int
 from _cli.report import Output
+from surgery.refusal_search import WHITEN
 
 HELP = "remove refusals: search an Abliterate edit (refusals vs KL), report it, export it verified"
 EXAMPLE = ("scalpel abliterate --harmful harmful:train --harmless harmless:train --trials 24 "
            "--report abliterate.html --out abliterated-smollm2")
+
+
+def shrinkage(text: str) -> float | None:
+    """``argparse`` type for ``--whiten``: a positive number, or 'off' (None)."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'off', got {text!r}")
+    return value
 
 
 def add_arguments(p) -> None:
@@ -24,6 +41,9 @@ def add_arguments(p) -> None:
     p.add_argument("--contrast", choices=["auto", "sets", "behaviour"], default="auto",
                    help="direction from harmful − harmless means (sets), from refused − answered prompts "
                         "(behaviour), or let the search choose (auto, default)")
+    p.add_argument("--whiten", type=shrinkage, default=WHITEN, metavar="LAMBDA",
+                   help=f"whiten the direction against the harmless prompts' covariance with this shrinkage "
+                        f"(default {WHITEN:g}; 'off': the plain difference of means)")
     p.add_argument("--max-new-tokens", type=positive_int, default=100, help="greedy tokens per scored response (default 100)")
     p.add_argument("--system-prompt", default="You are a helpful assistant.",
                    help="system message of every prompt (default 'You are a helpful assistant.')")
@@ -53,7 +73,7 @@ def run(args, ctx) -> Output:
     res = surgery.abliterate(model, sets["harmful"], sets["harmless"], eval_harmful=sets["eval_harmful"],
                              eval_harmless=sets["eval_harmless"], trials=args.trials, seed=args.seed,
                              max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt,
-                             contrast=args.contrast, progress=True)
+                             contrast=args.contrast, whiten=args.whiten, progress=True)
     data = {"command": "abliterate", "model": model_meta(model), **res.summary(), "provenance": res.provenance,
             "edits": res.plan.to_dict()}
     out = Output("abliterate", data, title="scalpel abliterate")
