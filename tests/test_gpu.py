@@ -5,6 +5,7 @@ import torch
 
 from hooks import HookedLlama
 from tests.conftest import tiny_hf
+from tests.test_edits import EDIT_NAMES, TOL, ids, make_edit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -52,13 +53,7 @@ def test_cuda_cache_everything_matches_hf_eager_and_shares_logits(dtype):
 
 
 # --------------------------------------------------------------------------- surgery on the GPU
-def _edit_names():
-    from tests.test_edits import EDIT_NAMES
-
-    return EDIT_NAMES
-
-
-@pytest.mark.parametrize("name", _edit_names())
+@pytest.mark.parametrize("name", EDIT_NAMES)
 def test_cuda_edit_equals_its_hooks_and_the_cpu_edit(name, tmp_path):
     """Each edit built and applied on a CUDA model (MeanAblateHeads / RankOneEdit compute their vectors
     there from CPU token ids): weights == hooks on the GPU, the same logits as on the CPU, a record that
@@ -66,7 +61,6 @@ def test_cuda_edit_equals_its_hooks_and_the_cpu_edit(name, tmp_path):
     import json
 
     import surgery as S
-    from tests.test_edits import TOL, ids, make_edit
 
     cpu, gpu = HookedLlama.from_hf(tiny_hf("gqa")), HookedLlama.from_hf(tiny_hf("gqa").to("cuda"))
     edit_cpu, edit_gpu = make_edit(name, cpu, tmp_path / "cpu"), make_edit(name, gpu, tmp_path / "gpu")
@@ -93,7 +87,6 @@ def test_cuda_export_reloads_on_the_cpu(tmp_path):
     from transformers import AutoModelForCausalLM
 
     import surgery as S
-    from tests.test_edits import TOL, ids, make_edit
 
     cpu, gpu = HookedLlama.from_hf(tiny_hf("gqa")), HookedLlama.from_hf(tiny_hf("gqa").to("cuda"))
     plan = S.EditPlan([make_edit(n, cpu, tmp_path) for n in ("ZeroHeads", "AbliterateNormPreserving", "AddSteering")])
