@@ -177,9 +177,9 @@ def anchors(space: dict, n_layers: int, contrasts: Sequence[str] = ("sets",)) ->
     - **attention-led**: attention at the box's top weight, nearly flat over the late layers (peak
       0.8·(L−1), width 0.45·(L−1), ends at 0.95 of the peak), the MLP at weight 1 only in a band around
       the direction's layer (peak 0.67·(L−1), width 0.23·(L−1), ends at 0.9); direction index 0.7·(L−1).
-      On SmolLM2-135M, at direction index 0.7·(L−1), it leaves 1/32 short-answer refusals at KL 0.095
-      where the broad shape leaves 8/32 at 0.109; searches that started from the broad anchors alone
-      ended at 0–1/32 short-answer refusals for KL 0.14–0.16.
+      On SmolLM2-135M (plain directions), at direction index 0.7·(L−1), it leaves 1/32 short-answer
+      refusals at KL 0.095 where the broad shape leaves 8/32 at 0.109; searches that started from the
+      broad anchors alone ended at 0–1/32 short-answer refusals for KL 0.14–0.16.
     """
     out = []
     for c in contrasts:
