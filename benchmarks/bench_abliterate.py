@@ -156,7 +156,7 @@ def run_ours(work: Path, trials: int, seed: int, contrast: str) -> dict:
     return {"tool": "llama-scalpel", "contrast": contrast, "seed": seed, "refusals_before": data["refusals_before"], "best_refusals": data["refusals_after"],
             "best_kl": data["kl"], "wall_s": wall, "timings": data["timings"], "params": data["params"],
             "confirmed": [(c["refusals"], c["kl"]) for c in data["confirmed"]],
-            "export": data.get("export", {}).get("max_abs_logit_diff")}
+            "refine": data["provenance"].get("refine"), "export": data.get("export", {}).get("max_abs_logit_diff")}
 
 
 def matched(heretic_trials, ours_refusals: int, ours_kl: float, ours_confirmed) -> dict:

@@ -52,6 +52,18 @@ def peaked_weights(n_layers: int, max_weight: float, peak: float, min_weight: fl
     return out
 
 
+def project_rows(x: torch.Tensor, r: torch.Tensor, w: float, norm_preserve: bool) -> torch.Tensor:
+    """``x`` [M, in] with ``w·r`` projected out of its columns (``r`` [M], unit); with ``norm_preserve`` the
+    rows are projected at unit norm and given back their norms. Differentiable in ``r`` (``refine_direction``)."""
+    if not norm_preserve:
+        return x - w * r[:, None] * (r @ x)[None, :]
+    tiny = torch.finfo(x.dtype).tiny
+    norms = x.norm(dim=1, keepdim=True)
+    xn = x / norms.clamp_min(tiny)
+    xn = xn - w * r[:, None] * (r @ xn)[None, :]
+    return xn / xn.norm(dim=1, keepdim=True).clamp_min(tiny) * norms
+
+
 def _weights(value, what: str, who: str) -> dict[int, float]:
     if value is None:
         return {}
@@ -153,14 +165,7 @@ class Abliterate(Edit):
     def _edited(self, lin, r: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W', b') in float64 on the weight's device."""
         x = lin.weight.detach().double()
-        r = r.to(x.device)
-        if self.norm_preserve:
-            norms = x.norm(dim=1, keepdim=True)
-            xn = x / norms.clamp_min(1e-300)
-            xn = xn - w * r[:, None] * (r @ xn)[None, :]
-            new = xn / xn.norm(dim=1, keepdim=True).clamp_min(1e-300) * norms
-        else:
-            new = x - w * r[:, None] * (r @ x)[None, :]
+        new = project_rows(x, r.to(x.device), w, self.norm_preserve)
         b = None
         if lin.bias is not None:
             bb = lin.bias.detach().double()

@@ -41,6 +41,12 @@ sequence over the same box (seeded, deterministic). The last ``LINE_STEPS`` tria
 along the strength of the best shape found (both max weights times 1.25, 1.25², 1.25³ while it still
 refuses more than the target; divided otherwise), since strength is the one parameter whose effect is
 monotone and the box's upper bound (heretic's 1.5) is too weak for some directions.
+Then the best trial so far is **refined** (``surgery.refine.refine_direction``, ``refine`` gradient
+steps on the training prompts): its direction moves to lower the first-token KL on the prompts to keep
+while answering the harmful training prompts as the trial's edit does, and the last
+``refine_trials(trials)`` trials score the refined direction with the best trial's profile (×1, ×1.25
+towards the target, ×1.25 the other way). On SmolLM2-135M the refined edit leaves as many refusals
+as its teacher at about 0.3× the KL.
 Then the Pareto front of all trials (refusals, KL) is confirmed by generation (greedy,
 ``max_new_tokens``, marker scorer, the edit baked into the weights as it will be exported): the
 lowest-KL point when it already meets ``target_refusals``; else the most aggressive point sets the goal
@@ -61,6 +67,7 @@ from hooks import InputError
 
 from .abliteration import Abliterate, peaked_weights
 from .plan import EditPlan
+from .refine import REFINE_STEPS, check_refine, refine_direction
 
 PARAMS = ("direction_index", "attn.max_weight", "attn.peak", "attn.min_weight", "attn.width",
           "mlp.max_weight", "mlp.peak", "mlp.min_weight", "mlp.width")
@@ -83,14 +90,22 @@ CONTRASTS = ("sets", "behaviour")
 WHITEN = 30.0
 
 
-def edit_for(directions, params: dict, n_layers: int, *, norm_preserve: bool = True) -> Abliterate:
+def edit_for(directions, params: dict, n_layers: int, *, norm_preserve: bool = True,
+             refined: torch.Tensor | None = None) -> Abliterate:
     """The ``Abliterate`` edit of one parameter set (``directions``: a ``RefusalDirections``, or a dict of
-    them by contrast, picked by ``params["contrast"]``)."""
+    them by contrast, picked by ``params["contrast"]``; with ``params["refined"]``, the direction is
+    ``refined``, the vector ``refine_direction`` gave)."""
     if isinstance(directions, dict):
         directions = directions[params.get("contrast") or next(iter(directions))]
     prof = {c: (params[f"{c}.max_weight"], params[f"{c}.peak"], params[f"{c}.min_weight"] * params[f"{c}.max_weight"],
                 params[f"{c}.width"]) for c in ("attn", "mlp")}
-    return Abliterate(directions.direction(params["direction_index"]),
+    if params.get("refined"):
+        if refined is None:
+            raise InputError("a refined parameter set needs the refined direction (refined=)")
+        direction = refined
+    else:
+        direction = directions.direction(params["direction_index"])
+    return Abliterate(direction,
                       attn_weights=peaked_weights(n_layers, *prof["attn"]),
                       mlp_weights=peaked_weights(n_layers, *prof["mlp"]), norm_preserve=norm_preserve)
 
@@ -231,6 +246,11 @@ def _sample(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequen
 LINE_STEPS, LINE_FACTOR = 3, 1.25  # the strength line search that ends every search of >= 12 trials
 
 
+def refine_trials(trials: int) -> int:
+    """Trials that score the refined direction (the search's last ones): min(LINE_STEPS, trials // 4)."""
+    return min(LINE_STEPS, trials // 4)
+
+
 def _propose(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequence[str] = ("sets",),
              n_layers: int | None = None, target: int = 0):
     """Parameter sets to score (send back each one's ``(refusals, kl)``): the sampler's, then a line
@@ -274,7 +294,7 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
                max_new_tokens: int = 100, positions: Sequence[int] = (-1,), project_harmless: bool = True,
                norm_preserve: bool = True, target_refusals: int = 0, max_confirm: int = 6, sampler: str = "auto",
                proxy_tokens: int = 16, batch_size: int = 32, contrast: str = "auto", classify_tokens: int = 24,
-               whiten: float | None = WHITEN, progress: bool = False) -> AbliterationResult:
+               whiten: float | None = WHITEN, refine: int = REFINE_STEPS, progress: bool = False) -> AbliterationResult:
     """Find an ``Abliterate`` edit that removes refusals at the least KL (module docstring).
 
     Args:
@@ -297,6 +317,11 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
             prompts the edit should leave alone: the harmless set, and for "behaviour" every answered or
             harmless training prompt. ``None``: plain differences of means. On SmolLM2-135M the default
             (30) removes as many refusals as the plain direction at 0.55–0.6× its harmless KL.
+        refine: steps of ``surgery.refine.refine_direction`` (0: none). The best trial after the line
+            search is the teacher; its direction is refined on the training prompts (harmful, and the
+            covariance set above as the prompts to keep), and the last ``refine_trials(trials)`` trials
+            score the refined direction at the teacher's strength ×1, then ×1.25 towards
+            ``target_refusals`` (up while it refuses more) and ×1.25 the other way.
 
     Returns:
         ``AbliterationResult``: trials, Pareto front, the chosen edit and its plan, before/after refusals.
@@ -327,6 +352,7 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
     if sampler not in ("optuna", "sobol"):
         raise InputError(f"sampler must be 'optuna', 'sobol' or 'auto', got {sampler!r}")
     check_whiten(whiten)
+    refine = check_refine(refine)
     if contrast not in ("auto", *CONTRASTS):
         raise InputError(f"contrast must be 'auto', 'sets' or 'behaviour', got {contrast!r}")
     for name, value in (("classify_tokens", classify_tokens), ("proxy_tokens", proxy_tokens)):
@@ -363,10 +389,15 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
     t_setup = time.perf_counter() - t0
     space = search_space(L)
     rows: list[dict] = []
-    gen = _propose(trials, space, seed, sampler, list(directions), L, target_refusals)
-    params = next(gen)
-    while True:
-        edit = edit_for(directions, params, L, norm_preserve=norm_preserve)
+    n_refined = refine_trials(trials) if refine else 0
+    refined = None
+
+    def edit_of(params: dict) -> Abliterate:
+        return edit_for(directions, params, L, norm_preserve=norm_preserve,
+                        refined=None if refined is None else refined.direction)
+
+    def score(params: dict) -> tuple[float, float]:
+        edit = edit_of(params)
         start = min(list(edit.attn_weights) + list(edit.mlp_weights))
         with edit.applied(model):
             proxy, kl = scorer(start)
@@ -374,19 +405,43 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         if bar is not None:
             bar.update(1)
             bar.set_postfix(proxy=f"{proxy:.2f}", kl=f"{kl:.4f}")
+        return proxy, kl
+
+    gen = _propose(trials - n_refined, space, seed, sampler, list(directions), L, target_refusals)
+    params = next(gen)
+    while True:
+        value = score(params)
         try:
-            params = gen.send((proxy, kl))
+            params = gen.send(value)
         except StopIteration:
             break
+    t_search = time.perf_counter() - t0 - t_setup
+    refine_info = None
+    if n_refined:
+        teacher = min(range(len(rows)), key=lambda i: (max(rows[i]["refusal_proxy"], target_refusals), rows[i]["kl"]))
+        tparams = rows[teacher]["params"]
+        use_behaviour = tparams.get("contrast", next(iter(directions))) == "behaviour"
+        keep = list(dict.fromkeys(answered + harmless)) if use_behaviour else list(harmless)
+        refined = refine_direction(model, edit_of(tparams), harmful, keep,
+                                   steps=refine, system_prompt=system_prompt, batch_size=batch_size, progress=progress)
+        refine_info = {"teacher_trial": teacher, **refined.to_dict()}
+        mults = [1.0]
+        while mults:
+            m = mults.pop(0)
+            proxy, _ = score({**tparams, "refined": True,
+                              **{f"{c}.max_weight": tparams[f"{c}.max_weight"] * m for c in ("attn", "mlp")}})
+            if m == 1.0:  # then a step towards the target, and one the other way (a lower-KL point)
+                first = LINE_FACTOR if proxy > target_refusals else 1 / LINE_FACTOR
+                mults = [first, 1 / first][:n_refined - 1]
     if bar is not None:
         bar.close()
-    t_search = time.perf_counter() - t0 - t_setup
+    t_refine = time.perf_counter() - t0 - t_setup - t_search
     front = _pareto([(r["refusal_proxy"], r["kl"]) for r in rows])
     results: dict[int, object] = {}
 
     def confirm(i: int) -> int:
         """Generate with trial ``i``'s edit baked into the weights (as it will be exported), count refusals."""
-        edit = edit_for(directions, rows[i]["params"], L, norm_preserve=norm_preserve)
+        edit = edit_of(rows[i]["params"])
         with edit.applied(model):
             results[i] = refusal_rate(model, eval_harmful, markers=markers, max_new_tokens=max_new_tokens,
                                       system_prompt=system_prompt, batch_size=batch_size)
@@ -395,7 +450,7 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
 
     chosen = front[_bisect_front(len(front), lambda k: confirm(front[k]), target_refusals, max_confirm)]
     after = results[chosen]
-    edit = edit_for(directions, rows[chosen]["params"], L, norm_preserve=norm_preserve)
+    edit = edit_of(rows[chosen]["params"])
     provenance = {
         "search": "llama-scalpel abliterate", "sampler": sampler, "seed": seed, "trials": trials,
         "chosen_trial": chosen, "params": rows[chosen]["params"], "norm_preserve": norm_preserve,
@@ -404,6 +459,7 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
             "refused": len(refused), "answered": len(answered), "declined_harmless": behaviour.count - len(refused),
             "classify_tokens": classify_tokens}}),
         "positions": list(positions), "project_harmless": project_harmless, "whiten": whiten,
+        "refine": {"steps": refine, "trials": n_refined, **(refine_info or {})},
         "system_prompt": system_prompt,
         "max_new_tokens": max_new_tokens,
         "prompts_sha256": {"harmful": prompts_sha256(harmful), "harmless": prompts_sha256(harmless),
@@ -415,5 +471,5 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
     return AbliterationResult(trials=rows, front=front, chosen=chosen, edit=edit, plan=EditPlan([edit]),
                               directions=directions[provenance["contrast"]], before=before, after=after, kl=rows[chosen]["kl"],
                               provenance=provenance,
-                              timings={"setup_s": t_setup, "search_s": t_search,
-                                       "confirm_s": t_total - t_setup - t_search, "total_s": t_total})
+                              timings={"setup_s": t_setup, "search_s": t_search, "refine_s": t_refine,
+                                       "confirm_s": t_total - t_setup - t_search - t_refine, "total_s": t_total})

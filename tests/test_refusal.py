@@ -239,22 +239,40 @@ def test_confirmation_bisects_the_front(counts, target, budget, want, most):
      "whiten must be a positive shrinkage (e.g. 30) or None, got True"),
     (lambda: R.refusal_directions(object(), ["a"], ["b"], keep=["c"]),
      "keep= names the prompts to whiten against; it needs whiten= (e.g. whiten=30)"),
+    (lambda: S.abliterate(object(), ["a", "b"], ["c", "d"], eval_harmful=["e"], eval_harmless=["f"], refine=-1),
+     "refine must be a number of steps >= 0 (0: off), got -1"),
+    (lambda: S.refine_direction(object(), S.Abliterate(torch.ones(4), attn_weights=[0]), ["a"], ["b"], steps=True),
+     "refine must be a number of steps >= 0 (0: off), got True"),
+    (lambda: S.refine_direction(object(), S.Orthogonalize(torch.ones(4)), ["a"], ["b"]),
+     "refine_direction takes an Abliterate edit, got Orthogonalize"),
+    (lambda: S.refine_direction(object(), S.Abliterate(torch.ones(2, 4), attn_weights=[0]), ["a"], ["b"]),
+     "refine_direction needs one direction: pass a vector, or a stack with direction_index"),
+    (lambda: S.refine_direction(object(), S.Abliterate(torch.ones(4), attn_weights=[0], embeddings=True), ["a"], ["b"]),
+     "refine_direction does not refine an edit of the embeddings (embeddings=True)"),
+    (lambda: S.refine_direction(object(), S.Abliterate(torch.ones(4), attn_weights=[0]), ["a"], ["b"], lr=float("nan")),
+     "lr must be a positive number, got nan"),
+    (lambda: S.refine_direction(object(), S.Abliterate(torch.ones(4), attn_weights=[0]), ["a"], ["b"], tokens=0),
+     "tokens must be a positive integer, got 0"),
 ])
-def test_whiten_is_checked_before_any_work(call, message):
+def test_whiten_and_refine_are_checked_before_any_work(call, message):
     with pytest.raises(InputError) as err:
         call()  # object() is no model: any work would fail otherwise
     assert str(err.value) == message
 
 
-def test_cli_abliterate_bad_whiten_exits_2(capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--whiten", "-1", "argument --whiten: expected a positive number or 'off', got '-1'"),
+    ("--refine", "-3", "argument --refine: expected a number of steps >= 0 or 'off', got '-3'"),
+])
+def test_cli_abliterate_bad_option_exits_2(flag, value, message, capsys):
     from _cli.app import main
+    from _cli.commands.abliterate import refine_steps, shrinkage
 
-    code = main(["abliterate", "--harmful", "harmful:train", "--harmless", "harmless:train", "--whiten", "-1"])
+    code = main(["abliterate", "--harmful", "harmful:train", "--harmless", "harmless:train", flag, value])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "argument --whiten: expected a positive number or 'off', got '-1'" in err[0]
-    from _cli.commands.abliterate import shrinkage
-
+    assert code == 2 and len(err) == 1 and message in err[0]
     assert shrinkage("off") is None and shrinkage("30") == 30.0
+    assert refine_steps("off") == 0 and refine_steps("12") == 12
 
 
 @pytest.mark.slow
@@ -392,3 +410,65 @@ def test_bench_matched_compares_each_side_at_the_others_fewest_refusals():
                    "at_heretic_best": {"refusals": 2, "heretic_kl": 0.282, "ours_kl": 0.0945}}
     got = _bench().matched(heretic, 4, 0.09, [(4, 0.09), (9, 0.05)])
     assert got["heretic_kl"] == 0.204 and got["at_heretic_best"]["ours_kl"] is None
+
+
+# --------------------------------------------------------------------------- refine_direction
+def test_project_rows_gradient_matches_finite_differences():
+    from surgery.abliteration import project_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    r = torch.randn(6, generator=g, dtype=torch.float64)
+    for norm_preserve in (False, True):
+        f = lambda v: project_rows(x, v / v.norm(), 0.8, norm_preserve)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (r.clone().requires_grad_(),))
+    # the edit bakes the same function: plain W - w r rᵀ W, rows' norms kept with norm_preserve
+    u = r / r.norm()
+    torch.testing.assert_close(project_rows(x, u, 0.8, False), x - 0.8 * torch.outer(u, u @ x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(project_rows(x, u, 0.8, True).norm(dim=1), x.norm(dim=1), rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_refine_direction_starts_at_the_edit_and_lowers_the_harmless_kl(smol):
+    hf, keep = R.load_prompts("harmful:train")[:4], R.load_prompts("harmless:train")[:4]
+    dirs = R.refusal_directions(smol, hf, keep)
+    edit = S.Abliterate.peaked(dirs.directions, smol.n_layers, direction_index=20.3, attn=(2.0, 23.2, 1.9, 13.05),
+                               mlp=(1.3, 19.4, 1.2, 6.7), norm_preserve=True)
+    torch.testing.assert_close(S.refine_direction(smol, edit, hf, keep, steps=0).direction, edit.unit().float(),
+                               rtol=0, atol=1e-7)
+    with torch.no_grad():  # as under a TransformerLens-style torch.set_grad_enabled(False)
+        ref = S.refine_direction(smol, edit, hf, keep, steps=4, tokens=6)
+    # step 0 is the edit itself: the differentiable hooks reproduce the baked weights' KL and the teacher
+    start_kl = R.prompt_kl(smol, keep, fwd_hooks=edit.as_hooks(smol)).mean
+    assert ref.history[0]["keep_kl"] == pytest.approx(start_kl, rel=1e-3)
+    assert ref.history[0]["harmful_kl"] < 1e-6 and ref.history[0]["cosine"] == pytest.approx(1.0)
+    # the refined edit, baked into the weights, moves the harmless prompts less than the edit it came from
+    end_kl = R.prompt_kl(smol, keep, fwd_hooks=ref.edit.as_hooks(smol)).mean
+    assert end_kl < 0.8 * start_kl and 0.9 < ref.cosine < 1.0
+    assert ref.edit.attn_weights == edit.attn_weights and ref.edit.mlp_weights == edit.mlp_weights
+    assert torch.equal(ref.edit.direction, ref.direction)
+
+
+@pytest.mark.slow
+def test_search_scores_the_refined_direction_and_replays_it(smol, tmp_path):
+    harmful, harmless = R.load_prompts("harmful:train")[:4], R.load_prompts("harmless:train")[:4]
+    eval_harmless = R.load_prompts("harmless:eval")[:3]
+    res = S.abliterate(smol, harmful, harmless, eval_harmful=R.load_prompts("harmful:eval")[:2],
+                       eval_harmless=eval_harmless, trials=4, max_new_tokens=4, sampler="sobol", refine=2,
+                       contrast="sets")
+    from surgery.refusal_search import refine_trials
+
+    assert refine_trials(4) == 1 and [bool(t["params"].get("refined")) for t in res.trials] == [False] * 3 + [True]
+    info = res.provenance["refine"]
+    assert info["steps"] == 2 and info["trials"] == 1 and info["teacher_trial"] in range(3)
+    # the refined trial is the teacher's profile with the direction refine_direction gives on its own
+    teacher = res.trials[info["teacher_trial"]]["params"]
+    from surgery.refusal_search import edit_for
+
+    want = S.refine_direction(smol, edit_for(res.directions, teacher, smol.n_layers), harmful, harmless, steps=2)
+    refined_edit = edit_for(res.directions, res.trials[3]["params"], smol.n_layers, refined=want.direction)
+    assert info["cosine"] == pytest.approx(want.cosine, abs=1e-4)
+    kl = R.prompt_kl(smol, eval_harmless, fwd_hooks=refined_edit.as_hooks(smol))
+    assert kl.mean == pytest.approx(res.trials[3]["kl"], rel=1e-3, abs=1e-6)
+    if res.trials[res.chosen]["params"].get("refined"):  # the plan carries the refined vector and replays it
+        assert torch.equal(res.edit.direction, want.direction)

@@ -9,6 +9,7 @@ from _cli.context import model_meta
 from _cli.inputs import CLIError
 from _cli.options import common, positive_int
 from _cli.report import Output
+from surgery.refine import REFINE_STEPS
 from surgery.refusal_search import WHITEN
 
 HELP = "remove refusals: search an Abliterate edit (refusals vs KL), report it, export it verified"
@@ -29,6 +30,19 @@ def shrinkage(text: str) -> float | None:
     return value
 
 
+def refine_steps(text: str) -> int:
+    """``argparse`` type for ``--refine``: a number of steps >= 0, or 'off' (0)."""
+    if text.strip().lower() == "off":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of steps >= 0 or 'off', got {text!r}")
+    return value
+
+
 def add_arguments(p) -> None:
     p.add_argument("--harmful", required=True, metavar="FILE",
                    help="prompts the model refuses: .txt (one a line) or .jsonl, or harmful:train (shipped)")
@@ -44,6 +58,10 @@ def add_arguments(p) -> None:
     p.add_argument("--whiten", type=shrinkage, default=WHITEN, metavar="LAMBDA",
                    help=f"whiten the direction against the harmless prompts' covariance with this shrinkage "
                         f"(default {WHITEN:g}; 'off': the plain difference of means)")
+    p.add_argument("--refine", type=refine_steps, default=REFINE_STEPS, metavar="STEPS",
+                   help=f"refine the best edit's direction for this many gradient steps on the training prompts "
+                        f"(less KL on harmless prompts, the same answers to harmful ones; default {REFINE_STEPS}; "
+                        f"'off': none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=100, help="greedy tokens per scored response (default 100)")
     p.add_argument("--system-prompt", default="You are a helpful assistant.",
                    help="system message of every prompt (default 'You are a helpful assistant.')")
@@ -73,13 +91,14 @@ def run(args, ctx) -> Output:
     res = surgery.abliterate(model, sets["harmful"], sets["harmless"], eval_harmful=sets["eval_harmful"],
                              eval_harmless=sets["eval_harmless"], trials=args.trials, seed=args.seed,
                              max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt,
-                             contrast=args.contrast, whiten=args.whiten, progress=True)
+                             contrast=args.contrast, whiten=args.whiten, refine=args.refine, progress=True)
     data = {"command": "abliterate", "model": model_meta(model), **res.summary(), "provenance": res.provenance,
             "edits": res.plan.to_dict()}
     out = Output("abliterate", data, title="scalpel abliterate")
     out.table("abliteration (held-out prompts)", ["", "value"], [
         ["refusals before", f"{res.before.count}/{res.before.n}"], ["refusals after", f"{res.after.count}/{res.after.n}"],
-        ["first-token KL on harmless", res.kl], ["direction from", res.provenance["contrast"]],
+        ["first-token KL on harmless", res.kl], ["direction from", res.provenance["contrast"]
+                                                 + (" (refined)" if res.trials[res.chosen]["params"].get("refined") else "")],
         ["trials", len(res.trials)], ["chosen trial", res.chosen],
         ["seconds", round(res.timings["total_s"], 1)]])
     out.table("Pareto front (short-answer refusals vs KL; 100-token refusals where confirmed)", ["trial", "short", "KL", "refusals"],
