@@ -470,7 +470,9 @@ class AbliterationResult(AnalysisResult):
     ``Abliterate`` edit and a one-edit plan; ``before`` / ``after``: ``RefusalRate`` of the unedited
     and edited model on the held-out harmful prompts; ``kl``: first-token KL(base ‖ edited) on the
     held-out harmless prompts; ``provenance``: prompt-set hashes, seed, sampler and the chosen params
-    (for an export manifest); ``timings``: seconds.
+    (for an export manifest; ``params["refined"]`` marks a trial of the refined direction, and
+    ``provenance["refine"]`` holds the refinement's steps, teacher trial, cosine and KLs); ``timings``:
+    seconds.
     """
 
     trials: list[dict]
@@ -518,8 +520,12 @@ class AbliterationResult(AnalysisResult):
         xs = [r["kl"] for r in self.trials]
         ys = [r["refusal_proxy"] for r in self.trials]
         fig = go.Figure()
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="trials", marker=dict(color="lightgray", size=8),
-                                 hovertext=[f"trial {r['trial']}" for r in self.trials]))
+        refined = [bool(r["params"].get("refined")) for r in self.trials]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="trials (◆ refined direction)",
+                                 marker=dict(color="lightgray", size=8,
+                                             symbol=["diamond" if f else "circle" for f in refined]),
+                                 hovertext=[f"trial {r['trial']}" + (" (refined)" if f else "")
+                                            for r, f in zip(self.trials, refined)]))
         fig.add_trace(go.Scatter(x=[xs[i] for i in self.front], y=[ys[i] for i in self.front], mode="lines+markers+text",
                                  name="Pareto front", text=[("" if self.trials[i]["refusals"] is None else
                                                               f"{self.trials[i]['refusals']}/{self.after.n}")

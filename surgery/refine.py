@@ -19,8 +19,8 @@ with one direction, exact as weights and as hooks.
 
 On SmolLM2-135M (whitened behaviour direction, the attention-led profile at 1.95× its weights, 100-token
 answers to the 32 held-out harmful prompts, first-token KL on the 32 held-out harmless ones): the edit
-leaving 1 refusal at KL 0.107 became, after 5 steps at lr 0.006 (cosine 0.94 to the start), one leaving
-1 at KL 0.032, and 2 at 0.024 with its weights ×0.8.
+leaving 1 refusal at KL 0.107 became, after the default 6 steps (cosine 0.93 to the start), one leaving
+1 at KL 0.030, and 2 at 0.021 with its weights ×0.8.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def refine_direction(model, edit: Abliterate, harmful, keep, *, steps: int = REF
         out = []
         for lin, w, hin, hout in targets:
             x = lin.weight.detach().float()
-            out += _delta_hooks(hin, hout, project_rows(x, r, w, edit.norm_preserve) - x, None)
+            db = None if lin.bias is None else -w * r * (r @ lin.bias.detach().float())  # as Abliterate bakes it
+            out += _delta_hooks(hin, hout, project_rows(x, r, w, edit.norm_preserve) - x, db)
         return out
 
     def step_losses(r: torch.Tensor) -> tuple[float, float]:

@@ -470,5 +470,25 @@ def test_search_scores_the_refined_direction_and_replays_it(smol, tmp_path):
     assert info["cosine"] == pytest.approx(want.cosine, abs=1e-4)
     kl = R.prompt_kl(smol, eval_harmless, fwd_hooks=refined_edit.as_hooks(smol))
     assert kl.mean == pytest.approx(res.trials[3]["kl"], rel=1e-3, abs=1e-6)
+    assert list(res.figure().data[0].marker.symbol) == ["circle"] * 3 + ["diamond"]
     if res.trials[res.chosen]["params"].get("refined"):  # the plan carries the refined vector and replays it
         assert torch.equal(res.edit.direction, want.direction)
+
+
+@pytest.mark.slow
+def test_refine_direction_carries_the_edits_biases(smol):
+    # a tiny random model with o_proj / down_proj biases, reading SmolLM2's tokenizer and chat template
+    from tests.conftest import tiny_hf
+    from hooks import HookedLlama
+
+    model = HookedLlama.from_hf(tiny_hf("bias", vocab_size=smol.cfg.d_vocab, max_position_embeddings=256),
+                                tokenizer=smol.tokenizer)
+    hf, keep = R.load_prompts("harmful:train")[:3], R.load_prompts("harmless:train")[:3]
+    r = torch.randn(model.d_model, generator=torch.Generator().manual_seed(1))
+    edit = S.Abliterate(r, attn_weights={0: 1.0, 2: 0.7}, mlp_weights={1: 1.3}, norm_preserve=True)
+    assert model.blocks[0].attn.o_proj.bias is not None and model.blocks[1].mlp.down_proj.bias is not None
+    ref = S.refine_direction(model, edit, hf, keep, steps=2, tokens=4)
+    # step 0: the hooks rebuild the baked edit, biases included (its answers' KL to the baked teacher is 0)
+    assert ref.history[0]["harmful_kl"] < 1e-9
+    assert ref.history[0]["keep_kl"] == pytest.approx(R.prompt_kl(model, keep, fwd_hooks=edit.as_hooks(model)).mean,
+                                                      rel=1e-4)

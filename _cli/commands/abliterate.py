@@ -95,10 +95,10 @@ def run(args, ctx) -> Output:
     data = {"command": "abliterate", "model": model_meta(model), **res.summary(), "provenance": res.provenance,
             "edits": res.plan.to_dict()}
     out = Output("abliterate", data, title="scalpel abliterate")
+    source = res.provenance["contrast"] + (" (refined)" if res.trials[res.chosen]["params"].get("refined") else "")
     out.table("abliteration (held-out prompts)", ["", "value"], [
         ["refusals before", f"{res.before.count}/{res.before.n}"], ["refusals after", f"{res.after.count}/{res.after.n}"],
-        ["first-token KL on harmless", res.kl], ["direction from", res.provenance["contrast"]
-                                                 + (" (refined)" if res.trials[res.chosen]["params"].get("refined") else "")],
+        ["first-token KL on harmless", res.kl], ["direction from", source],
         ["trials", len(res.trials)], ["chosen trial", res.chosen],
         ["seconds", round(res.timings["total_s"], 1)]])
     out.table("Pareto front (short-answer refusals vs KL; 100-token refusals where confirmed)", ["trial", "short", "KL", "refusals"],
