@@ -146,14 +146,14 @@ def refine_direction(model, edit: Abliterate, harmful, keep, *, steps: int = REF
             with model.hooks(fwd_hooks=hooks(r / r.norm())):
                 logits = model(resid, attention_mask=mask, start_at_layer=start)[:, -1]
             loss = kl_rows(logp, logits).sum() / n_keep
-            loss.backward()
+            loss.backward(inputs=[delta])  # only the direction: no weight gradients, nothing left on the model
             kk += float(loss.detach())
         for resid, mask, valid, teacher in answers:
             p = mask.shape[1] - teacher.shape[1]
             with model.hooks(fwd_hooks=hooks(r / r.norm())):
                 logits = model(resid, attention_mask=mask, start_at_layer=start)[:, p - 1:-1]
             loss = (kl_rows(teacher, logits) * valid).sum() / max(n_ans, 1)
-            loss.backward()
+            loss.backward(inputs=[delta])
             kh += float(loss.detach())
         return kk, kh
 

@@ -488,6 +488,7 @@ def test_refine_direction_carries_the_edits_biases(smol):
     edit = S.Abliterate(r, attn_weights={0: 1.0, 2: 0.7}, mlp_weights={1: 1.3}, norm_preserve=True)
     assert model.blocks[0].attn.o_proj.bias is not None and model.blocks[1].mlp.down_proj.bias is not None
     ref = S.refine_direction(model, edit, hf, keep, steps=2, tokens=4)
+    assert all(p.grad is None for p in model.parameters())  # only the direction was differentiated
     # step 0: the hooks rebuild the baked edit, biases included (its answers' KL to the baked teacher is 0)
     assert ref.history[0]["harmful_kl"] < 1e-9
     assert ref.history[0]["keep_kl"] == pytest.approx(R.prompt_kl(model, keep, fwd_hooks=edit.as_hooks(model)).mean,
