@@ -28,8 +28,20 @@ from _cli.parser import version as parser_version
 
 COMMAND_HELP = help_texts()
 
-__all__ = ["main", "build_parser", "execute", "Context", "check_outputs", "model_meta", "COMMAND_HELP",
-           "DEFAULT_MODEL", "PROG", "HelpShown", "UsageError", "parser_version"]
+__all__ = [
+    "main",
+    "build_parser",
+    "execute",
+    "Context",
+    "check_outputs",
+    "model_meta",
+    "COMMAND_HELP",
+    "DEFAULT_MODEL",
+    "PROG",
+    "HelpShown",
+    "UsageError",
+    "parser_version",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,14 +46,19 @@ need(len(mean_row) == 1, "the mean row")
 need(any(line.startswith("reload max |logit diff|") for line in lines), "the export table")
 
 report = job / "ablation.html"
-need(report.is_file() and "plotly" in report.read_text(encoding="utf-8", errors="replace").lower(),
-     "ablation.html with the plots")
+need(
+    report.is_file() and "plotly" in report.read_text(encoding="utf-8", errors="replace").lower(),
+    "ablation.html with the plots",
+)
 
 ckpt = job / "edited-smollm2"
 need((ckpt / "scalpel_manifest.json").is_file(), "edited-smollm2/scalpel_manifest.json")
 model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
 tok = AutoTokenizer.from_pretrained(ckpt)
-need(type(model).__name__ == "LlamaForCausalLM", f"plain transformers reloads a LlamaForCausalLM ({type(model).__name__})")
+need(
+    type(model).__name__ == "LlamaForCausalLM",
+    f"plain transformers reloads a LlamaForCausalLM ({type(model).__name__})",
+)
 worst = 0.0
 with torch.no_grad():
     for i, (prompt, correct, incorrect) in enumerate(prompts):

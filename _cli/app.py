@@ -71,8 +71,11 @@ def _main(argv: Sequence[str] | None) -> int:
             args = build_parser().parse_args(argv)
         except HelpShown as shown:
             return int(shown.args[0] or 0)
-        outputs = [("--report", getattr(args, "report", None)), ("--out", getattr(args, "out", None)),
-                   ("--csv", getattr(args, "csv", None))]
+        outputs = [
+            ("--report", getattr(args, "report", None)),
+            ("--out", getattr(args, "out", None)),
+            ("--csv", getattr(args, "csv", None)),
+        ]
         check_ignored(args)
         check_outputs(outputs, args.overwrite, gguf=getattr(args, "format", None) == "gguf")
         ctx = Context(getattr(args, "model", None), getattr(args, "dtype", None), getattr(args, "device", None))
@@ -158,9 +161,12 @@ def _message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-PYTHON_TO_FLAGS = (("pass overwrite=True", "pass --overwrite"), ("max_new_tokens=", "--max-new-tokens "),
-                   ("lower max_new_tokens", "lower --max-new-tokens"),
-                   ("use do_sample=False for greedy decoding", "leave out --sample for greedy decoding"))
+PYTHON_TO_FLAGS = (
+    ("pass overwrite=True", "pass --overwrite"),
+    ("max_new_tokens=", "--max-new-tokens "),
+    ("lower max_new_tokens", "lower --max-new-tokens"),
+    ("use do_sample=False for greedy decoding", "leave out --sample for greedy decoding"),
+)
 
 
 def _error(message: str, debug: bool) -> None:
@@ -171,8 +177,9 @@ def _error(message: str, debug: bool) -> None:
         from rich.console import Console
         from rich.text import Text
 
-        Console(stderr=True, soft_wrap=True, highlight=False).print(Text.assemble((f"{PROG}: error:", "bold red"),
-                                                                                  " " + message))
+        Console(stderr=True, soft_wrap=True, highlight=False).print(
+            Text.assemble((f"{PROG}: error:", "bold red"), " " + message)
+        )
         return
     sys.stderr.write(f"{PROG}: error: {message}\n")
     sys.stderr.flush()

@@ -38,9 +38,8 @@ class Context:
         if self._model is None:
             import warnings
 
-            from hooks import HookedLlama
-
             from _cli.progress import task
+            from hooks import HookedLlama
 
             with warnings.catch_warnings(), task(f"loading the model ({self.model_spec})"):
                 warnings.simplefilter("ignore")
@@ -54,8 +53,13 @@ class Context:
 
 def model_meta(model) -> dict[str, Any]:
     """Where the model came from, for JSON documents and reports."""
-    return {"source": model.source, "sha256": getattr(model, "source_sha256", None), "n_layers": model.n_layers,
-            "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device)}
+    return {
+        "source": model.source,
+        "sha256": getattr(model, "source_sha256", None),
+        "n_layers": model.n_layers,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "device": str(model.device),
+    }
 
 
 def check_outputs(paths: Sequence[tuple[str, str | None]], overwrite: bool, *, gguf: bool = False) -> None:
@@ -73,8 +77,13 @@ def check_outputs(paths: Sequence[tuple[str, str | None]], overwrite: bool, *, g
         for other_flag, other, other_real in seen:
             if real == other_real:
                 raise CLIError(f"{flag} {path} and {other_flag} {other} name the same path; give each output its own")
-            inner, outer = ((flag, path), (other_flag, other)) if real.startswith(other_real + os.sep) else \
-                ((other_flag, other), (flag, path)) if other_real.startswith(real + os.sep) else (None, None)
+            inner, outer = (
+                ((flag, path), (other_flag, other))
+                if real.startswith(other_real + os.sep)
+                else ((other_flag, other), (flag, path))
+                if other_real.startswith(real + os.sep)
+                else (None, None)
+            )
             if inner is not None:
                 raise CLIError(f"{inner[0]} {inner[1]} is inside {outer[0]} {outer[1]}; write it elsewhere")
         seen.append((flag, path, real))
@@ -97,8 +106,10 @@ def check_outputs(paths: Sequence[tuple[str, str | None]], overwrite: bool, *, g
             os.rmdir(tempfile.mkdtemp(prefix=".scalpel-probe-", dir=where))
         except OSError as exc:
             reason = (exc.strerror or str(exc)).lower()
-            raise CLIError(f"{flag} {path}: cannot write in {where} ({reason}); pick a writable location "
-                           "or fix the directory's permissions") from None
+            raise CLIError(
+                f"{flag} {path}: cannot write in {where} ({reason}); pick a writable location "
+                "or fix the directory's permissions"
+            ) from None
 
 
 # flags a command would silently ignore: (command, flag attribute, shown flag, condition that makes it ignored, fix)
@@ -106,13 +117,16 @@ IGNORED = (
     ("generate", "temperature", "--temperature", lambda a: not a.sample and a.temperature != 1.0, "add --sample"),
     ("generate", "top_p", "--top-p", lambda a: not a.sample and a.top_p is not None, "add --sample"),
     ("generate", "seed", "--seed", lambda a: not a.sample and a.seed != 0, "add --sample"),
-    ("edit", "gguf_dtype", "--gguf-dtype", lambda a: a.format != "gguf" and a.gguf_dtype != "f32",
-     "add --format gguf"),
-    ("edit", "max_shard_size", "--max-shard-size", lambda a: a.format == "gguf" and a.max_shard_size != "2GB",
-     "leave it out (a GGUF is one file)"),
+    ("edit", "gguf_dtype", "--gguf-dtype", lambda a: a.format != "gguf" and a.gguf_dtype != "f32", "add --format gguf"),
+    (
+        "edit",
+        "max_shard_size",
+        "--max-shard-size",
+        lambda a: a.format == "gguf" and a.max_shard_size != "2GB",
+        "leave it out (a GGUF is one file)",
+    ),
     ("ablate", "mean", "--mean", lambda a: a.mean and not a.heads, "add --heads (--mean applies to heads)"),
-    ("ablate", "answers", "--answers", lambda a: a.answers and a.metric == "loss",
-     "add --metric logit-diff or prob"),
+    ("ablate", "answers", "--answers", lambda a: a.answers and a.metric == "loss", "add --metric logit-diff or prob"),
     ("sweep", "answers", "--answers", lambda a: a.answers and a.metric == "loss", "add --metric logit-diff or prob"),
 )
 
@@ -141,7 +155,8 @@ def check_device(device: str) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                       "pick one of them")
+        raise CLIError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); pick one of them"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise CLIError(f"--device {device}: MPS is not available here; use --device cpu")

@@ -104,8 +104,10 @@ def check_heads(model, heads: list[tuple[int, int]], flag: str = "--heads") -> N
     for layer, head in heads:
         check_layers(model, [layer], flag, f"{layer}.{head}")
         if not 0 <= head < model.n_heads:
-            raise CLIError(f"{flag} {layer}.{head}: head {head} is out of range; the model has {model.n_heads} "
-                           f"query heads per layer (0..{model.n_heads - 1})")
+            raise CLIError(
+                f"{flag} {layer}.{head}: head {head} is out of range; the model has {model.n_heads} "
+                f"query heads per layer (0..{model.n_heads - 1})"
+            )
 
 
 def check_neurons(model, neurons: list[tuple[int, int]], flag: str = "--neurons") -> None:
@@ -113,8 +115,10 @@ def check_neurons(model, neurons: list[tuple[int, int]], flag: str = "--neurons"
     for layer, n in neurons:
         check_layers(model, [layer], flag, f"{layer}:{n}")
         if not 0 <= n < model.d_mlp:
-            raise CLIError(f"{flag} {layer}:{n}: neuron {n} is out of range; the model has {model.d_mlp} "
-                           f"neurons per layer (0..{model.d_mlp - 1})")
+            raise CLIError(
+                f"{flag} {layer}:{n}: neuron {n} is out of range; the model has {model.d_mlp} "
+                f"neurons per layer (0..{model.d_mlp - 1})"
+            )
 
 
 def check_layers(model, layers: list[int], flag: str = "--layers", spec: str | None = None) -> None:
@@ -122,8 +126,10 @@ def check_layers(model, layers: list[int], flag: str = "--layers", spec: str | N
     n = model.n_layers
     for layer in layers:
         if not 0 <= layer < n:
-            raise CLIError(f"{flag} {spec if spec is not None else layer}: layer {layer} is out of range; "
-                           f"the model has {n} layers (0..{n - 1})")
+            raise CLIError(
+                f"{flag} {spec if spec is not None else layer}: layer {layer} is out of range; "
+                f"the model has {n} layers (0..{n - 1})"
+            )
 
 
 # --------------------------------------------------------------------------- steering
@@ -215,8 +221,10 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
         else:
             fields = line.split("\t")
             if len(fields) > 3 or not fields[0].strip():
-                raise CLIError(f"{where}: expected PROMPT or PROMPT<TAB>CORRECT<TAB>INCORRECT, "
-                               f"got {len(fields)} tab-separated fields")
+                raise CLIError(
+                    f"{where}: expected PROMPT or PROMPT<TAB>CORRECT<TAB>INCORRECT, "
+                    f"got {len(fields)} tab-separated fields"
+                )
             fields += [None] * (3 - len(fields))
             items.append(PromptItem(fields[0], fields[1] or None, fields[2] or None, where))
     if not items:
@@ -232,13 +240,13 @@ def _json_item(line: str, where: str) -> PromptItem:
     if isinstance(obj, str):
         obj = {"prompt": obj}
     if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-        raise CLIError(f"{where}: each line must be an object with a non-empty \"prompt\" string")
+        raise CLIError(f'{where}: each line must be an object with a non-empty "prompt" string')
     unknown = sorted(set(obj) - {"prompt", "correct", "incorrect"})
     if unknown:
         raise CLIError(f"{where}: unknown key(s) {', '.join(unknown)}; keys: prompt, correct, incorrect")
     for key in ("correct", "incorrect"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
-            raise CLIError(f"{where}: \"{key}\" must be a string")
+            raise CLIError(f'{where}: "{key}" must be a string')
     return PromptItem(obj["prompt"], obj.get("correct"), obj.get("incorrect"), where)
 
 
@@ -256,8 +264,10 @@ def gather_prompts(texts: list[str] | None, files: list[str] | None, answers: li
                     item.incorrect = answers[1]
     for item in items:
         if item.correct is not None and item.correct == item.incorrect:
-            raise CLIError(f"{item.where}: the correct and incorrect answers are the same ({item.correct!r}), which "
-                           "makes every logit difference 0; give two different answers")
+            raise CLIError(
+                f"{item.where}: the correct and incorrect answers are the same ({item.correct!r}), which "
+                "makes every logit difference 0; give two different answers"
+            )
     return items
 
 

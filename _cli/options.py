@@ -28,10 +28,18 @@ def positive_int(text: str) -> int:
 
 def model_options(g) -> None:
     """``--model``, ``--dtype``, ``--device``."""
-    g.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL",
-                   help="'default' (SmolLM2-135M-Instruct), an HF checkpoint directory, a cached hub id or a .gguf")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="load the weights in this dtype (default float32)")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="MODEL",
+        help="'default' (SmolLM2-135M-Instruct), an HF checkpoint directory, a cached hub id or a .gguf",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="load the weights in this dtype (default float32)",
+    )
     g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
 
 
@@ -48,15 +56,32 @@ def common(p: argparse.ArgumentParser, *, model: bool = True, report: bool = Tru
     g.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
-def prompt_options(p: argparse.ArgumentParser, *, metric_default: str = "loss", batch_size: int = 16,
-                   batch_help: str = "prompts per forward pass") -> None:
+def prompt_options(
+    p: argparse.ArgumentParser,
+    *,
+    metric_default: str = "loss",
+    batch_size: int = 16,
+    batch_help: str = "prompts per forward pass",
+) -> None:
     """``--prompts``, ``--prompt``, ``--metric``, ``--answers``, ``--batch-size`` (ablate, sweep)."""
-    p.add_argument("--prompts", action="append", metavar="FILE",
-                   help="prompt file: one prompt per line (PROMPT<TAB>CORRECT<TAB>INCORRECT for answers) or .jsonl")
+    p.add_argument(
+        "--prompts",
+        action="append",
+        metavar="FILE",
+        help="prompt file: one prompt per line (PROMPT<TAB>CORRECT<TAB>INCORRECT for answers) or .jsonl",
+    )
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt given inline (repeatable)")
-    p.add_argument("--metric", choices=["loss", "logit-diff", "prob"], default=metric_default,
-                   help=f"loss: mean next-token loss; logit-diff: correct - incorrect logit at the last token; "
-                        f"prob: probability of the correct answer (default {metric_default})")
-    p.add_argument("--answers", nargs="+", metavar="ANSWER",
-                   help="CORRECT [INCORRECT] single-token answers for prompts that name none, e.g. ' Mary' ' John'")
+    p.add_argument(
+        "--metric",
+        choices=["loss", "logit-diff", "prob"],
+        default=metric_default,
+        help=f"loss: mean next-token loss; logit-diff: correct - incorrect logit at the last token; "
+        f"prob: probability of the correct answer (default {metric_default})",
+    )
+    p.add_argument(
+        "--answers",
+        nargs="+",
+        metavar="ANSWER",
+        help="CORRECT [INCORRECT] single-token answers for prompts that name none, e.g. ' Mary' ' John'",
+    )
     p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"{batch_help} (default {batch_size})")

@@ -53,20 +53,32 @@ def build_parser() -> Parser:
     import shtab
 
     fmt = _formatter()
-    parser = Parser(prog=PROG, formatter_class=fmt,
-                    description="Open up and modify Llama models: hooks, analyses, weight surgery, verified export.",
-                    epilog="examples (the default model, SmolLM2-135M-Instruct):\n"
-                           + "\n".join(f"  {commands.load(n).EXAMPLE}" for n in ("info", "ablate")) +
-                           f"\n\nshell completion: eval \"$({PROG} --print-completion bash)\" (zsh, tcsh, fish, powershell: likewise)")
-    parser.add_argument("--version", action="version", version=version_line(),
-                        help="print the llama-scalpel, torch and transformers versions")
+    parser = Parser(
+        prog=PROG,
+        formatter_class=fmt,
+        description="Open up and modify Llama models: hooks, analyses, weight surgery, verified export.",
+        epilog="examples (the default model, SmolLM2-135M-Instruct):\n"
+        + "\n".join(f"  {commands.load(n).EXAMPLE}" for n in ("info", "ablate"))
+        + f'\n\nshell completion: eval "$({PROG} --print-completion bash)" (zsh, tcsh, fish, powershell: likewise)',
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=version_line(),
+        help="print the llama-scalpel, torch and transformers versions",
+    )
     shtab.add_argument_to(parser, "--print-completion", help="print a shell completion script for that shell")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     for name in commands.NAMES:
         module = commands.load(name)
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=fmt,
-                           epilog=f"example (the default model):\n  {module.EXAMPLE}")
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            formatter_class=fmt,
+            epilog=f"example (the default model):\n  {module.EXAMPLE}",
+        )
         module.add_arguments(p)
     return parser
 

@@ -22,8 +22,7 @@ def build_plan(model, heads, neurons, layers, *, mean: bool = False, texts: list
     for layer, head in heads or []:
         by_layer.setdefault(layer, []).append(head)
     for layer, hs in sorted(by_layer.items()):
-        edits.append(surgery.MeanAblateHeads.compute(model, layer, hs, texts) if mean
-                     else surgery.ZeroHeads(layer, hs))
+        edits.append(surgery.MeanAblateHeads.compute(model, layer, hs, texts) if mean else surgery.ZeroHeads(layer, hs))
     by_layer = {}
     for layer, n in neurons or []:
         by_layer.setdefault(layer, []).append(n)

@@ -59,8 +59,9 @@ class Output:
     title: str = ""  # report title (default "scalpel COMMAND")
     sections: list["Output"] = field(default_factory=list)  # a report of several outputs (``run``)
 
-    def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "",
-              max_width: int = 48) -> "Output":
+    def table(
+        self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "", max_width: int = 48
+    ) -> "Output":
         """Add a table block. Example: ``out.table("effects", ["unit", "effect"], [["L5H3", -1.2]])``."""
         self.blocks.append(Block(title, list(headers), [list(r) for r in rows], note, max_width))
         return self
@@ -95,7 +96,7 @@ def fmt(value: Any, digits: int = 4) -> str:
             return "0"
         if value.is_integer() and abs(value) < 1e15:
             return str(int(value))
-        if abs(value) >= 10 ** digits or abs(value) < 10 ** -(digits - 1):
+        if abs(value) >= 10**digits or abs(value) < 10 ** -(digits - 1):
             return f"{value:.{digits - 1}e}"
         return f"{value:.{digits}g}" if abs(value) >= 1 else f"{value:.{digits - 1}f}".rstrip("0").rstrip(".")
     if isinstance(value, str):
@@ -107,8 +108,9 @@ def _numeric(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 48,
-                 color: bool = False) -> str:
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 48, color: bool = False
+) -> str:
     """Aligned table (rich): numbers right-aligned, text left-aligned, cells cut at ``max_width``;
     ``color`` adds terminal styles (bold header).
 
@@ -127,8 +129,15 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_widt
     if max_width:
         cells = [[c if len(c) <= max_width else c[: max_width - 1] + "…" for c in r] for r in cells]
     numeric = [bool(rows) and all(_numeric(r[i]) or r[i] is None for r in rows) for i in range(len(headers))]
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True,
-                  header_style="bold" if color else "", highlight=False)
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        collapse_padding=True,
+        header_style="bold" if color else "",
+        highlight=False,
+    )
     for header, right in zip(headers, numeric):
         table.add_column(header, justify="right" if right else "left", no_wrap=True)
     for r in cells:
@@ -142,8 +151,17 @@ def _render(renderable, color: bool) -> str:
     from rich.console import Console
 
     buf = io.StringIO()
-    console = Console(file=buf, width=10_000, force_terminal=color, no_color=not color, color_system="standard"
-                      if color else None, highlight=False, emoji=False, markup=False, legacy_windows=False)
+    console = Console(
+        file=buf,
+        width=10_000,
+        force_terminal=color,
+        no_color=not color,
+        color_system="standard" if color else None,
+        highlight=False,
+        emoji=False,
+        markup=False,
+        legacy_windows=False,
+    )
     console.print(renderable, crop=False, soft_wrap=False)
     return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").splitlines())
 
@@ -152,8 +170,11 @@ def render_text(output: Output, color: bool = False) -> str:
     """What a command prints on stdout (without ``--json``); ``color``: with terminal styles."""
     parts = []
     for block in output.blocks:
-        body = ("\n".join(str(r[0]) for r in block.rows) if block.headers is None
-                else format_table(block.headers, block.rows, block.max_width, color))
+        body = (
+            "\n".join(str(r[0]) for r in block.rows)
+            if block.headers is None
+            else format_table(block.headers, block.rows, block.max_width, color)
+        )
         title = (f"\x1b[1m{block.title}\x1b[0m" if color else block.title) if block.title else ""
         head = f"{title}\n" if title else ""
         parts.append(head + body + (f"\n{block.note}" if block.note else ""))
@@ -198,9 +219,14 @@ def _html_block(block: Block) -> str:
     if block.headers is None:
         return title + "<pre>" + html.escape("\n".join(str(r[0]) for r in block.rows)) + "</pre>"
     head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
-    body = "".join("<tr>" + "".join(
-        f"<td class='n'>{html.escape(fmt(c))}</td>" if _numeric(c) else f"<td>{html.escape(fmt(c))}</td>" for c in r)
-        + "</tr>" for r in block.rows)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td class='n'>{html.escape(fmt(c))}</td>" if _numeric(c) else f"<td>{html.escape(fmt(c))}</td>" for c in r
+        )
+        + "</tr>"
+        for r in block.rows
+    )
     note = f"<p>{html.escape(block.note)}</p>" if block.note else ""
     return f"{title}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
@@ -214,8 +240,9 @@ def report_html(outputs: Sequence[Output], *, title: str, meta: dict[str, Any] |
 
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if meta:
-        rows = "".join(f"<tr><td><b>{html.escape(str(k))}</b></td><td>{html.escape(fmt(v))}</td></tr>"
-                       for k, v in meta.items())
+        rows = "".join(
+            f"<tr><td><b>{html.escape(str(k))}</b></td><td>{html.escape(fmt(v))}</td></tr>" for k, v in meta.items()
+        )
         parts.append(f"<table class='meta'>{rows}</table>")
     n_fig = 0
     for output in outputs:
@@ -225,16 +252,23 @@ def report_html(outputs: Sequence[Output], *, title: str, meta: dict[str, Any] |
             parts.append(_html_block(block))
         for fig_title, fig in output.figures:
             n_fig += 1
-            div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{n_fig}",
-                              config={"displaylogo": False, "responsive": True})
+            div = fig.to_html(
+                full_html=False,
+                include_plotlyjs=False,
+                div_id=f"figure-{n_fig}",
+                config={"displaylogo": False, "responsive": True},
+            )
             parts.append(f"<div class='figure'><h3>{html.escape(fig_title)}</h3>{div}</div>")
         if output.files:
             items = "".join(f"<li><code>{html.escape(f)}</code></li>" for f in output.files)
             parts.append(f"<p>Files written:</p><ul>{items}</ul>")
-    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
-            f"<script type='text/javascript'>{get_plotlyjs()}</script></head>\n<body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+        f"<script type='text/javascript'>{get_plotlyjs()}</script></head>\n<body>\n"
+        + "\n".join(parts)
+        + "\n</body></html>\n"
+    )
 
 
 class ReportWriteError(ScalpelError, OSError):
@@ -264,8 +298,10 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
         if isinstance(exc, FileExistsError) and exc.filename == str(tmp):
             tmp = None  # not ours: left alone
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            why = (f"no space left on the device of {path.parent} (it needs about "
-                   f"{len(text.encode()) // 1024 + 1} KB); free some space or write it to another disk")
+            why = (
+                f"no space left on the device of {path.parent} (it needs about "
+                f"{len(text.encode()) // 1024 + 1} KB); free some space or write it to another disk"
+            )
         else:
             why = f"{(exc.strerror or str(exc)).lower()}; pick a writable location"
         error = ReportWriteError(f"cannot write {path}: {why}; nothing was written")
@@ -278,8 +314,9 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def write_report(path: str | os.PathLike, outputs: Sequence[Output], *, title: str,
-                 meta: dict[str, Any] | None = None) -> Path:
+def write_report(
+    path: str | os.PathLike, outputs: Sequence[Output], *, title: str, meta: dict[str, Any] | None = None
+) -> Path:
     """Write the HTML report of ``outputs`` to ``path`` (atomically). Returns the path."""
     meta = dict(meta or {})
     meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

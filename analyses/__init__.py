@@ -24,25 +24,76 @@ from .dla import DLAResult, direct_logit_attribution
 from .head_detection import HeadDetectionResult, detect_heads, repeated_random_tokens
 from .heads import HeadRef, group_size, head_ref, head_table, kv_group, parse_heads, query_heads
 from .logit_lens import LogitLensResult, logit_lens
-from .metrics import (KLDivergence, LogitDiff, Metric, TargetProb, kl_divergence, logit_diff, normalized,
-                      target_prob)
+from .metrics import KLDivergence, LogitDiff, Metric, TargetProb, kl_divergence, logit_diff, normalized, target_prob
 from .neurons import NeuronTopActivations, load_corpus, top_activating
-from .path_patching import path_patching
 from .patching import PatchingResult, activation_patching
-from .refusal import (REFUSAL_MARKERS, AbliterationResult, PromptKL, RefusalDirections, RefusalRate, is_refusal,
-                      load_prompts, prompt_kl, refusal_directions, refusal_rate)
+from .path_patching import path_patching
+from .refusal import (
+    REFUSAL_MARKERS,
+    AbliterationResult,
+    PromptKL,
+    RefusalDirections,
+    RefusalRate,
+    is_refusal,
+    load_prompts,
+    prompt_kl,
+    refusal_directions,
+    refusal_rate,
+)
 from .results import AnalysisResult
 from .steering import Steering, SteeringDirection, steer, steering_direction
 
 __all__ = [
-    "ablation_sweep", "Scorer", "Prompt", "AblationSweepResult",
-    "activation_patching", "attribution_patching", "path_patching", "direct_logit_attribution", "logit_lens",
-    "detect_heads", "repeated_random_tokens", "top_activating", "load_corpus", "steering_direction", "steer",
-    "PatchingResult", "AttributionResults", "DLAResult", "LogitLensResult", "HeadDetectionResult",
-    "NeuronTopActivations", "SteeringDirection", "Steering", "AnalysisResult",
-    "Metric", "LogitDiff", "TargetProb", "KLDivergence", "logit_diff", "target_prob", "kl_divergence", "normalized",
-    "HeadRef", "head_ref", "kv_group", "query_heads", "group_size", "parse_heads", "head_table",
-    "COMPONENTS", "Component", "get_component",
-    "refusal_rate", "refusal_directions", "prompt_kl", "load_prompts", "is_refusal", "REFUSAL_MARKERS",
-    "RefusalRate", "RefusalDirections", "PromptKL", "AbliterationResult",
+    "ablation_sweep",
+    "Scorer",
+    "Prompt",
+    "AblationSweepResult",
+    "activation_patching",
+    "attribution_patching",
+    "path_patching",
+    "direct_logit_attribution",
+    "logit_lens",
+    "detect_heads",
+    "repeated_random_tokens",
+    "top_activating",
+    "load_corpus",
+    "steering_direction",
+    "steer",
+    "PatchingResult",
+    "AttributionResults",
+    "DLAResult",
+    "LogitLensResult",
+    "HeadDetectionResult",
+    "NeuronTopActivations",
+    "SteeringDirection",
+    "Steering",
+    "AnalysisResult",
+    "Metric",
+    "LogitDiff",
+    "TargetProb",
+    "KLDivergence",
+    "logit_diff",
+    "target_prob",
+    "kl_divergence",
+    "normalized",
+    "HeadRef",
+    "head_ref",
+    "kv_group",
+    "query_heads",
+    "group_size",
+    "parse_heads",
+    "head_table",
+    "COMPONENTS",
+    "Component",
+    "get_component",
+    "refusal_rate",
+    "refusal_directions",
+    "prompt_kl",
+    "load_prompts",
+    "is_refusal",
+    "REFUSAL_MARKERS",
+    "RefusalRate",
+    "RefusalDirections",
+    "PromptKL",
+    "AbliterationResult",
 ]

@@ -59,8 +59,12 @@ def as_prompts(prompts: Sequence[Any], answers: Sequence[str] | None = None) -> 
         if isinstance(p, str):
             text, correct, incorrect, where = p, None, None, f"prompt #{i}"
         elif isinstance(p, (tuple, list)):
-            text, correct, incorrect, where = (list(p) + [None, None])[0], (list(p) + [None, None])[1], \
-                (list(p) + [None, None, None])[2], f"prompt #{i}"
+            text, correct, incorrect, where = (
+                (list(p) + [None, None])[0],
+                (list(p) + [None, None])[1],
+                (list(p) + [None, None, None])[2],
+                f"prompt #{i}",
+            )
         else:
             text, correct, incorrect = p.text, getattr(p, "correct", None), getattr(p, "incorrect", None)
             where = getattr(p, "where", f"prompt #{i}")
@@ -74,8 +78,10 @@ def as_prompts(prompts: Sequence[Any], answers: Sequence[str] | None = None) -> 
 def _single_token(model, text: str, where: str) -> int:
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise InputError(f"{where}: answer {text!r} is {len(ids)} tokens; answers must be single tokens "
-                         "(mind the leading space, e.g. ' Mary')")
+        raise InputError(
+            f"{where}: answer {text!r} is {len(ids)} tokens; answers must be single tokens "
+            "(mind the leading space, e.g. ' Mary')"
+        )
     return ids[0]
 
 
@@ -111,14 +117,17 @@ class Scorer:
         if not items:
             raise InputError("no prompts: pass --prompts FILE or --prompt TEXT")
         if model.tokenizer is None:
-            raise InputError("this model has no tokenizer, so it cannot read text prompts; load a checkpoint with "
-                             "tokenizer files")
+            raise InputError(
+                "this model has no tokenizer, so it cannot read text prompts; load a checkpoint with tokenizer files"
+            )
         need = {"loss": (), "prob": ("correct",), "logit-diff": ("correct", "incorrect")}[metric]
         for item in items:
             for key in need:
                 if getattr(item, key) is None:
-                    raise InputError(f"{item.where}: --metric {metric} needs a {key} answer for every prompt; add "
-                                     "PROMPT<TAB>CORRECT<TAB>INCORRECT lines or pass --answers CORRECT INCORRECT")
+                    raise InputError(
+                        f"{item.where}: --metric {metric} needs a {key} answer for every prompt; add "
+                        "PROMPT<TAB>CORRECT<TAB>INCORRECT lines or pass --answers CORRECT INCORRECT"
+                    )
         ids = {key: torch.tensor([_single_token(model, getattr(it, key), it.where) for it in items]) for key in need}
         if metric == "loss":
             for item in items:
@@ -147,8 +156,9 @@ class Scorer:
             return LogitDiff(self.correct[rows], self.incorrect[rows])
         return TargetProb(self.correct[rows])
 
-    def score(self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
-              ) -> dict[str, torch.Tensor]:
+    def score(
+        self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Per-row metric values for logits [B, P, V] of prompts ``rows`` [B] (indices into ``items``),
         with the answers' logits for ``logit-diff`` and ``prob``."""
         if self.metric == "loss":
@@ -187,9 +197,17 @@ class AblationSweepResult(AnalysisResult):
 
     title = "ablation sweep"
 
-    def __init__(self, component: str, units: list[tuple[int, int | None]], base: torch.Tensor,
-                 effects: torch.Tensor, metric: str, ablation: str, n_heads: int | None = None,
-                 prompts: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        component: str,
+        units: list[tuple[int, int | None]],
+        base: torch.Tensor,
+        effects: torch.Tensor,
+        metric: str,
+        ablation: str,
+        n_heads: int | None = None,
+        prompts: list[str] | None = None,
+    ) -> None:
         self.component, self.units, self.base, self.effects = component, units, base, effects
         self.metric, self.ablation, self.n_heads, self.prompts = metric, ablation, n_heads, prompts or []
 
@@ -211,14 +229,29 @@ class AblationSweepResult(AnalysisResult):
     def rows(self) -> list[dict]:
         """One row per unit, ranked by |mean effect|."""
         mean, base_mean = self.mean_effects, float(self.base.double().mean())
-        return [{"rank": r + 1, "unit": self.label(self.units[u]), "layer": self.units[u][0],
-                 "index": self.units[u][1], "mean_effect": float(mean[u]), "mean_ablated": base_mean + float(mean[u]),
-                 "effects": [float(x) for x in self.effects[u]]} for r, u in enumerate(self.ranking())]
+        return [
+            {
+                "rank": r + 1,
+                "unit": self.label(self.units[u]),
+                "layer": self.units[u][0],
+                "index": self.units[u][1],
+                "mean_effect": float(mean[u]),
+                "mean_ablated": base_mean + float(mean[u]),
+                "effects": [float(x) for x in self.effects[u]],
+            }
+            for r, u in enumerate(self.ranking())
+        ]
 
     def to_dict(self) -> dict:
-        return {"component": self.component, "metric": self.metric, "ablation": self.ablation,
-                "prompts": list(self.prompts), "base": [float(x) for x in self.base],
-                "base_mean": float(self.base.double().mean()), "units": self.rows()}
+        return {
+            "component": self.component,
+            "metric": self.metric,
+            "ablation": self.ablation,
+            "prompts": list(self.prompts),
+            "base": [float(x) for x in self.base],
+            "base_mean": float(self.base.double().mean()),
+            "units": self.rows(),
+        }
 
     def figure(self, top: int = 30):
         """Heads: a layer x head heatmap of the mean effect; neurons and layers: the top units as bars."""
@@ -229,9 +262,15 @@ class AblationSweepResult(AnalysisResult):
             z = torch.full((len(layers), self.n_heads), float("nan"))
             for u, (layer, head) in enumerate(self.units):
                 z[layers.index(layer), head] = self.mean_effects[u]
-            return heatmap(z, [f"H{h}" for h in range(self.n_heads)], [f"L{layer}" for layer in layers],
-                           title=f"mean effect of ablating each head on {self.metric}", x_title="head",
-                           y_title="layer", colorbar_title="effect")
+            return heatmap(
+                z,
+                [f"H{h}" for h in range(self.n_heads)],
+                [f"L{layer}" for layer in layers],
+                title=f"mean effect of ablating each head on {self.metric}",
+                x_title="head",
+                y_title="layer",
+                colorbar_title="effect",
+            )
         return self.bar_figure(top)
 
     def bar_figure(self, top: int = 30):
@@ -239,10 +278,19 @@ class AblationSweepResult(AnalysisResult):
         import plotly.graph_objects as go
 
         ranked = self.rows()[:top]
-        fig = go.Figure(go.Bar(x=[r["unit"] for r in ranked], y=[r["mean_effect"] for r in ranked],
-                               marker_color=["#c0392b" if r["mean_effect"] < 0 else "#2471a3" for r in ranked]))
-        fig.update_layout(xaxis_title="unit", yaxis_title=f"mean effect on {self.metric}", xaxis_type="category",
-                          margin=dict(l=60, r=20, t=40, b=80))
+        fig = go.Figure(
+            go.Bar(
+                x=[r["unit"] for r in ranked],
+                y=[r["mean_effect"] for r in ranked],
+                marker_color=["#c0392b" if r["mean_effect"] < 0 else "#2471a3" for r in ranked],
+            )
+        )
+        fig.update_layout(
+            xaxis_title="unit",
+            yaxis_title=f"mean effect on {self.metric}",
+            xaxis_type="category",
+            margin=dict(l=60, r=20, t=40, b=80),
+        )
         return fig
 
 
@@ -253,8 +301,9 @@ def sweep_units(model, component: str, layers: list[int] | None) -> list[tuple[i
     layers = list(range(model.n_layers)) if layers is None else list(layers)
     bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
     if bad:
-        raise InputError(f"layer {bad[0]} is out of range; the model has {model.n_layers} layers "
-                         f"(0..{model.n_layers - 1})")
+        raise InputError(
+            f"layer {bad[0]} is out of range; the model has {model.n_layers} layers (0..{model.n_layers - 1})"
+        )
     if component == "heads":
         return [(layer, h) for layer in layers for h in range(model.n_heads)]
     if component == "neurons":
@@ -271,9 +320,16 @@ def _replacement(component: str, means: dict | None):
 
 
 @torch.no_grad()
-def ablation_sweep(model, scorer: Scorer, component: str, layers: list[int] | None = None, *,
-                   means: dict[int, torch.Tensor] | None = None, batch_size: int = 64,
-                   progress: Callable | None = None) -> AblationSweepResult:
+def ablation_sweep(
+    model,
+    scorer: Scorer,
+    component: str,
+    layers: list[int] | None = None,
+    *,
+    means: dict[int, torch.Tensor] | None = None,
+    batch_size: int = 64,
+    progress: Callable | None = None,
+) -> AblationSweepResult:
     """Ablate each unit of ``component`` ("heads", "neurons" or "layers") in turn — zero a head or a
     neuron, or with ``means`` (``{layer: [n_heads, d_head]}``, e.g. ``surgery.mean_activations(model,
     scorer.texts)``) replace a head's output by its mean; remove a layer — and measure the metric on
@@ -303,12 +359,13 @@ def ablation_sweep(model, scorer: Scorer, component: str, layers: list[int] | No
         setup = replacement_setup(model, comp, inputs, used, replace)
         metric = scorer.metric_for(rows, tokens, mask)
         for s in range(0, len(variants), per_pass):
-            part = variants[s:s + per_pass]
+            part = variants[s : s + per_pass]
             mark_variants(comp, setup, part, metric, reuse_prefix=True)
             values = run_variants(model, comp, setup, part, metric, max_batch=per_pass, per_prompt=True)
-            effects[s:s + len(part), rows] = values.float() - base["values"][rows][None]
+            effects[s : s + len(part), rows] = values.float() - base["values"][rows][None]
             if step:
                 step(len(part))
     ablation = "mean" if means is not None else ("remove" if component == "layers" else "zero")
-    return AblationSweepResult(component, units, base["values"], effects, scorer.metric, ablation,
-                               n_heads=model.n_heads, prompts=scorer.texts)
+    return AblationSweepResult(
+        component, units, base["values"], effects, scorer.metric, ablation, n_heads=model.n_heads, prompts=scorer.texts
+    )

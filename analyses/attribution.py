@@ -24,8 +24,8 @@ from typing import Sequence
 
 import torch
 
-from hooks.errors import takes_model
 from hooks import InputError
+from hooks.model import takes_model
 
 from .components import Component, get_component
 from .engine import FINAL, EngineStats, PairInputs, _capture, _Captured, prepare_pair, unembed_normalized
@@ -142,10 +142,18 @@ class AttributionResults(AnalysisResult):
 
 
 @takes_model
-def attribution_patching(model, clean, corrupted, metric: Metric | str | None = None, *, answers=None,
-                         components: str | Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
-                         per_position: bool = True, layers: Sequence[int] | None = None,
-                         attention_mask=None) -> AttributionResults:
+def attribution_patching(
+    model,
+    clean,
+    corrupted,
+    metric: Metric | str | None = None,
+    *,
+    answers=None,
+    components: str | Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
+    per_position: bool = True,
+    layers: Sequence[int] | None = None,
+    attention_mask=None,
+) -> AttributionResults:
     """Gradient × (clean − corrupted) estimates of activation patching for every cell of ``components``.
 
     Args:
@@ -182,9 +190,19 @@ def attribution_patching(model, clean, corrupted, metric: Metric | str | None = 
         positions = list(range(inputs.n_pos)) if per_position else None
         units = list(range(comp.n_units(model))) if comp.unit else None
         results[comp.name] = PatchingResult(
-            component=comp.name, method="attribution", metric_name=_metric_name(metric),
-            values=(corr_value + attr).cpu(), axes=patch_axes(comp, per_position), layers=layers,
-            positions=positions, units=units, unit_kind=comp.unit, clean_value=clean_value,
-            corrupted_value=corr_value, str_tokens=inputs.str_tokens, group_size=group_size(model),
-            stats=EngineStats(n_forward_calls=2))
+            component=comp.name,
+            method="attribution",
+            metric_name=_metric_name(metric),
+            values=(corr_value + attr).cpu(),
+            axes=patch_axes(comp, per_position),
+            layers=layers,
+            positions=positions,
+            units=units,
+            unit_kind=comp.unit,
+            clean_value=clean_value,
+            corrupted_value=corr_value,
+            str_tokens=inputs.str_tokens,
+            group_size=group_size(model),
+            stats=EngineStats(n_forward_calls=2),
+        )
     return AttributionResults(results)

@@ -93,8 +93,7 @@ COMPONENTS: dict[str, Component] = {
     "pattern": Component("pattern", "pattern", "head", 2, 1),
     "neurons": Component("neurons", "post", "neuron", 1, 2),
 }
-_ALIASES = {"post": "neurons", "mlp_post": "neurons", "neuron": "neurons", "head": "z", "heads": "z",
-            "attn": "pattern"}
+_ALIASES = {"post": "neurons", "mlp_post": "neurons", "neuron": "neurons", "head": "z", "heads": "z", "attn": "pattern"}
 
 
 def get_component(name: str | Component) -> Component:
@@ -104,6 +103,7 @@ def get_component(name: str | Component) -> Component:
     key = _ALIASES.get(name, name)
     if key not in COMPONENTS:
         close = difflib.get_close_matches(str(name), list(COMPONENTS) + list(_ALIASES), n=3)
-        raise InputError(f"unknown component {name!r}; closest: {', '.join(close) or 'none'} "
-                         f"(all: {', '.join(COMPONENTS)})")
+        raise InputError(
+            f"unknown component {name!r}; closest: {', '.join(close) or 'none'} (all: {', '.join(COMPONENTS)})"
+        )
     return COMPONENTS[key]

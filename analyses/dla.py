@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hooks.errors import takes_model
 from hooks import act_name
+from hooks.model import takes_model
 
 from .engine import _tokens
 from .heads import group_size
@@ -61,17 +61,46 @@ class DLAResult(AnalysisResult):
     def rows(self) -> list[dict]:
         rows = [{"component": "embed", "kind": "embed", "layer": None, "index": None, "value": float(self.embed)}]
         for layer in range(self.attn.shape[0]):
-            rows.append({"component": f"L{layer} attn", "kind": "attn", "layer": layer, "index": None,
-                         "value": float(self.attn[layer])})
+            rows.append(
+                {
+                    "component": f"L{layer} attn",
+                    "kind": "attn",
+                    "layer": layer,
+                    "index": None,
+                    "value": float(self.attn[layer]),
+                }
+            )
             for h in range(self.heads.shape[1]):
-                rows.append({"component": f"L{layer}H{h}", "kind": "head", "layer": layer, "index": h,
-                             "kv_group": h // self.group_size, "value": float(self.heads[layer, h])})
-            rows.append({"component": f"L{layer} mlp", "kind": "mlp", "layer": layer, "index": None,
-                         "value": float(self.mlp[layer])})
+                rows.append(
+                    {
+                        "component": f"L{layer}H{h}",
+                        "kind": "head",
+                        "layer": layer,
+                        "index": h,
+                        "kv_group": h // self.group_size,
+                        "value": float(self.heads[layer, h]),
+                    }
+                )
+            rows.append(
+                {
+                    "component": f"L{layer} mlp",
+                    "kind": "mlp",
+                    "layer": layer,
+                    "index": None,
+                    "value": float(self.mlp[layer]),
+                }
+            )
             if self.neurons is not None:
                 for f in range(self.neurons.shape[1]):
-                    rows.append({"component": f"L{layer}N{f}", "kind": "neuron", "layer": layer, "index": f,
-                                 "value": float(self.neurons[layer, f])})
+                    rows.append(
+                        {
+                            "component": f"L{layer}N{f}",
+                            "kind": "neuron",
+                            "layer": layer,
+                            "index": f,
+                            "value": float(self.neurons[layer, f]),
+                        }
+                    )
         return rows
 
     def top_rows(self, n: int = 10) -> list[dict]:
@@ -89,10 +118,21 @@ class DLAResult(AnalysisResult):
         return [(int(i) // F, int(i) % F, float(flat[i])) for i in idx]
 
     def to_dict(self) -> dict:
-        return jsonable({"answer": self.answer, "embed": self.embed, "attn": self.attn, "mlp": self.mlp,
-                         "attn_bias": self.attn_bias, "mlp_bias": self.mlp_bias, "heads": self.heads,
-                         "neurons": self.neurons, "total": self.total, "direct_sum": self.direct_sum,
-                         "top_neurons": self.top_neurons(20)})
+        return jsonable(
+            {
+                "answer": self.answer,
+                "embed": self.embed,
+                "attn": self.attn,
+                "mlp": self.mlp,
+                "attn_bias": self.attn_bias,
+                "mlp_bias": self.mlp_bias,
+                "heads": self.heads,
+                "neurons": self.neurons,
+                "total": self.total,
+                "direct_sum": self.direct_sum,
+                "top_neurons": self.top_neurons(20),
+            }
+        )
 
     def figure(self):
         """Left: per-head heatmap (layer × head); right: per-layer attention and MLP bars."""
@@ -100,24 +140,39 @@ class DLAResult(AnalysisResult):
         from plotly.subplots import make_subplots
 
         L, H = self.heads.shape
-        fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45],
-                            subplot_titles=("heads (layer × head)", "layers"))
-        fig.add_trace(go.Heatmap(z=self.heads.double().tolist(), x=[f"H{h}" for h in range(H)],
-                                 y=[f"L{l}" for l in range(L)], colorscale="RdBu", zmid=0,
-                                 colorbar=dict(x=0.5, title=dict(text="logit diff")),
-                                 hovertemplate="%{y}%{x}: %{z:.4g}<extra></extra>"), row=1, col=1)
+        fig = make_subplots(
+            rows=1, cols=2, column_widths=[0.55, 0.45], subplot_titles=("heads (layer × head)", "layers")
+        )
+        fig.add_trace(
+            go.Heatmap(
+                z=self.heads.double().tolist(),
+                x=[f"H{h}" for h in range(H)],
+                y=[f"L{l}" for l in range(L)],
+                colorscale="RdBu",
+                zmid=0,
+                colorbar=dict(x=0.5, title=dict(text="logit diff")),
+                hovertemplate="%{y}%{x}: %{z:.4g}<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
         layers = [f"L{l}" for l in range(L)]
         fig.add_trace(go.Bar(x=layers, y=self.attn.double().tolist(), name="attention"), row=1, col=2)
         fig.add_trace(go.Bar(x=layers, y=self.mlp.double().tolist(), name="MLP"), row=1, col=2)
         fig.update_yaxes(autorange="reversed", type="category", row=1, col=1)
-        fig.update_layout(title=dict(text=f"direct logit attribution to {self.answer} "
-                                          f"(total {self.total:.3f}, embed {self.embed:.3f})"), barmode="group")
+        fig.update_layout(
+            title=dict(
+                text=f"direct logit attribution to {self.answer} (total {self.total:.3f}, embed {self.embed:.3f})"
+            ),
+            barmode="group",
+        )
         return fig
 
 
 @takes_model
-def direct_logit_attribution(model, prompt, answer, wrong=None, *, pos: int = -1, neurons: bool = True,
-                             attention_mask=None) -> DLAResult:
+def direct_logit_attribution(
+    model, prompt, answer, wrong=None, *, pos: int = -1, neurons: bool = True, attention_mask=None
+) -> DLAResult:
     """Direct contributions of embeddings, heads, attention / MLP layers and neurons to a logit difference.
 
     Args:
@@ -173,7 +228,15 @@ def direct_logit_attribution(model, prompt, answer, wrong=None, *, pos: int = -1
             if neurons:
                 w_down = layer.mlp.down_proj.weight.float()  # [M, F]
                 neuron_vals.append((cache["post", i][:, pos].float() * (d @ w_down)).mean(0))
-    return DLAResult(embed=embed, attn=torch.stack(attn).cpu(), mlp=torch.stack(mlp).cpu(),
-                     attn_bias=torch.stack(attn_bias).cpu(), mlp_bias=torch.stack(mlp_bias).cpu(),
-                     heads=torch.stack(heads).cpu(), neurons=torch.stack(neuron_vals).cpu() if neurons else None,
-                     total=total, answer=label, group_size=group_size(model))
+    return DLAResult(
+        embed=embed,
+        attn=torch.stack(attn).cpu(),
+        mlp=torch.stack(mlp).cpu(),
+        attn_bias=torch.stack(attn_bias).cpu(),
+        mlp_bias=torch.stack(mlp_bias).cpu(),
+        heads=torch.stack(heads).cpu(),
+        neurons=torch.stack(neuron_vals).cpu() if neurons else None,
+        total=total,
+        answer=label,
+        group_size=group_size(model),
+    )

@@ -72,8 +72,10 @@ def prepare_pair(model, clean, corrupted, attention_mask=None) -> PairInputs:
     c, cm = _tokens(model, clean, attention_mask)
     k, km = _tokens(model, corrupted, attention_mask)
     if c.shape != k.shape:
-        raise InputError(f"clean and corrupted inputs must have the same shape, got {tuple(c.shape)} and "
-                         f"{tuple(k.shape)}; pick corruptions that tokenize to the same length")
+        raise InputError(
+            f"clean and corrupted inputs must have the same shape, got {tuple(c.shape)} and "
+            f"{tuple(k.shape)}; pick corruptions that tokenize to the same length"
+        )
     mask = None
     if cm is not None or km is not None:
         cm = torch.ones_like(c) if cm is None else torch.as_tensor(cm).to(c.device)
@@ -103,8 +105,10 @@ class PrefixKV(KVCache):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pk, pv = self.prefix_keys[layer], self.prefix_values[layer]
         reps = k.shape[0] // pk.shape[0]
-        return (torch.cat([pk.repeat(reps, 1, 1, 1).to(k.dtype), k], dim=2),
-                torch.cat([pv.repeat(reps, 1, 1, 1).to(v.dtype), v], dim=2))
+        return (
+            torch.cat([pk.repeat(reps, 1, 1, 1).to(k.dtype), k], dim=2),
+            torch.cat([pv.repeat(reps, 1, 1, 1).to(v.dtype), v], dim=2),
+        )
 
 
 class _Captured(Exception):
@@ -151,8 +155,10 @@ class EngineStats:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("n_patches", "n_computed", "n_skipped", "n_chunks",
-                                              "n_forward_calls", "seconds")}
+        return {
+            k: getattr(self, k)
+            for k in ("n_patches", "n_computed", "n_skipped", "n_chunks", "n_forward_calls", "seconds")
+        }
 
 
 @dataclass
@@ -177,8 +183,9 @@ def run_setup(model, comp: Component, inputs: PairInputs, layers: list[int]) -> 
     corr_names |= {act_name(n, layer) for layer in range(lo, model.n_layers) for n in ("rot_k", "v")}
     with torch.no_grad():
         clean_logits, clean = model.run_with_cache(inputs.clean, attention_mask=inputs.mask, names_filter=names)
-        corr_logits, corr = model.run_with_cache(inputs.corrupted, attention_mask=inputs.mask,
-                                                 names_filter=sorted(corr_names))
+        corr_logits, corr = model.run_with_cache(
+            inputs.corrupted, attention_mask=inputs.mask, names_filter=sorted(corr_names)
+        )
     return PatchSetup(
         inputs=inputs,
         clean_acts={layer: clean[comp.hook_name(layer)] for layer in layers},
@@ -186,11 +193,18 @@ def run_setup(model, comp: Component, inputs: PairInputs, layers: list[int]) -> 
         resid_pre={layer: corr["resid_pre", layer] for layer in layers},
         prefix_k={layer: corr["rot_k", layer].transpose(1, 2) for layer in range(lo, model.n_layers)},
         prefix_v={layer: corr["v", layer].transpose(1, 2) for layer in range(lo, model.n_layers)},
-        clean_logits=clean_logits, corrupted_logits=corr_logits)
+        clean_logits=clean_logits,
+        corrupted_logits=corr_logits,
+    )
 
 
-def replacement_setup(model, comp: Component, inputs: PairInputs, layers: list[int],
-                      replace: Callable[[int, torch.Tensor, dict], torch.Tensor]) -> PatchSetup:
+def replacement_setup(
+    model,
+    comp: Component,
+    inputs: PairInputs,
+    layers: list[int],
+    replace: Callable[[int, torch.Tensor, dict], torch.Tensor],
+) -> PatchSetup:
     """An ablation as a patch: one forward on ``inputs.corrupted`` (the prompts), and for each layer
     the value ``replace(layer, activation, cache)`` to write in place of the component's activation (zeros,
     a mean, or another hook point's value) where a patch from a clean run would write it."""
@@ -203,12 +217,16 @@ def replacement_setup(model, comp: Component, inputs: PairInputs, layers: list[i
     acts = {layer: cache[comp.hook_name(layer)] for layer in layers}
     return PatchSetup(
         inputs=inputs,
-        clean_acts={layer: replace(layer, acts[layer], cache).to(acts[layer].dtype).expand_as(acts[layer]) for layer in layers},
+        clean_acts={
+            layer: replace(layer, acts[layer], cache).to(acts[layer].dtype).expand_as(acts[layer]) for layer in layers
+        },
         corrupted_acts=acts,
         resid_pre={layer: cache["resid_pre", layer] for layer in layers},
         prefix_k={layer: cache["rot_k", layer].transpose(1, 2) for layer in range(lo, model.n_layers)},
         prefix_v={layer: cache["v", layer].transpose(1, 2) for layer in range(lo, model.n_layers)},
-        clean_logits=logits, corrupted_logits=logits)
+        clean_logits=logits,
+        corrupted_logits=logits,
+    )
 
 
 def mark_variants(comp: Component, setup: PatchSetup, variants: list[Variant], metric, reuse_prefix: bool) -> None:
@@ -240,8 +258,9 @@ def _row_bytes(model, T: int, P: int, n_logit_pos: int) -> int:
     return T * per_token + el * 4 * G * P * D + 4 * 3 * n_logit_pos * V
 
 
-def chunk_variants(model, variants: list[Variant], B: int, P: int, full_logits: bool, max_batch: int | None,
-                   memory_budget_mb: float) -> list[tuple[int, list[Variant]]]:
+def chunk_variants(
+    model, variants: list[Variant], B: int, P: int, full_logits: bool, max_batch: int | None, memory_budget_mb: float
+) -> list[tuple[int, list[Variant]]]:
     """Group computed variants by first changed position, sorted by layer, in chunks fitting the budget."""
     groups: dict[int, list[Variant]] = {}
     for v in variants:
@@ -255,12 +274,13 @@ def chunk_variants(model, variants: list[Variant], B: int, P: int, full_logits: 
         size = max(1, int(memory_budget_mb * 2**20 // per_variant))
         if max_batch is not None:
             size = max(1, min(size, int(max_batch)))
-        chunks += [(start, vs[i:i + size]) for i in range(0, len(vs), size)]
+        chunks += [(start, vs[i : i + size]) for i in range(0, len(vs), size)]
     return chunks
 
 
-def _mask_for(comp: Component, act_shape: tuple, n_rows: int, first: int, joining: list[Variant],
-              start: int) -> torch.Tensor:
+def _mask_for(
+    comp: Component, act_shape: tuple, n_rows: int, first: int, joining: list[Variant], start: int
+) -> torch.Tensor:
     """Bool [A, 1, *act_shape[1:] (1 where not indexed)] that is True on the slices the joining rows patch."""
     per_pos = joining[0].pos is not None
     shape = [n_rows, 1] + [1] * (len(act_shape) - 1)
@@ -290,8 +310,15 @@ def _patch_hook(mask: torch.Tensor, clean: torch.Tensor, B: int):
     return patch
 
 
-def run_chunk(model, comp: Component, setup: PatchSetup, start: int, chunk: list[Variant],
-              logit_positions: list[int] | None, stats: EngineStats) -> torch.Tensor:
+def run_chunk(
+    model,
+    comp: Component,
+    setup: PatchSetup,
+    start: int,
+    chunk: list[Variant],
+    logit_positions: list[int] | None,
+    stats: EngineStats,
+) -> torch.Tensor:
     """Final-norm logits of every variant of one chunk: [len(chunk), B, n_positions, V] (chunk order).
 
     ``logit_positions`` are absolute positions (None: all positions, then ``start`` must be 0).
@@ -314,8 +341,15 @@ def run_chunk(model, comp: Component, setup: PatchSetup, start: int, chunk: list
         hooks = [(comp.hook_name(layer), _patch_hook(mask, clean, B))]
         if end == n:
             hooks.append((FINAL, _capture))
-        kv = PrefixKV({k: t[:, :, :start] for k, t in setup.prefix_k.items()},
-                      {k: t[:, :, :start] for k, t in setup.prefix_v.items()}, start) if start > 0 else None
+        kv = (
+            PrefixKV(
+                {k: t[:, :, :start] for k, t in setup.prefix_k.items()},
+                {k: t[:, :, :start] for k, t in setup.prefix_v.items()},
+                start,
+            )
+            if start > 0
+            else None
+        )
         am = setup.inputs.mask.repeat(n_rows, 1) if setup.inputs.mask is not None else None
         stats.n_forward_calls += 1
         with model.hooks(fwd_hooks=hooks):
@@ -345,17 +379,28 @@ def score_logits(metric, logits: torch.Tensor, per_prompt: bool = False) -> torc
     return torch.stack([torch.as_tensor(metric(logits[a])).float().reshape(shape) for a in range(logits.shape[0])])
 
 
-def run_variants(model, comp: Component, setup: PatchSetup, variants: list[Variant], metric: Metric | Callable,
-                 *, max_batch: int | None = None, memory_budget_mb: float = 1024.0, progress: bool = False,
-                 stats: EngineStats | None = None, per_prompt: bool = False) -> torch.Tensor:
+def run_variants(
+    model,
+    comp: Component,
+    setup: PatchSetup,
+    variants: list[Variant],
+    metric: Metric | Callable,
+    *,
+    max_batch: int | None = None,
+    memory_budget_mb: float = 1024.0,
+    progress: bool = False,
+    stats: EngineStats | None = None,
+    per_prompt: bool = False,
+) -> torch.Tensor:
     """The metric after each patch, [len(variants)] (no-op variants get the corrupted run's value);
     ``per_prompt``: [len(variants), B]."""
     stats = stats if stats is not None else EngineStats()
     t0 = time.perf_counter()
     P, B = setup.inputs.n_pos, setup.inputs.batch
     full = not isinstance(metric, Metric)
-    corrupted_value = score_logits(metric, setup.corrupted_logits[None] if full else
-                                   setup.corrupted_logits[None, :, [metric.pos]], per_prompt)[0]
+    corrupted_value = score_logits(
+        metric, setup.corrupted_logits[None] if full else setup.corrupted_logits[None, :, [metric.pos]], per_prompt
+    )[0]
     out = torch.full((len(variants),) + ((B,) if per_prompt else ()), float("nan"))
     index = {id(v): i for i, v in enumerate(variants)}
     chunks = chunk_variants(model, variants, B, P, full, max_batch, memory_budget_mb)

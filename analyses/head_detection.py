@@ -27,8 +27,8 @@ from typing import Sequence
 
 import torch
 
-from hooks.errors import takes_model
 from hooks import InputError, act_name
+from hooks.model import takes_model
 
 from .heads import HeadRef, head_ref
 from .patching import _check_indices
@@ -37,8 +37,9 @@ from .results import AnalysisResult, jsonable
 KINDS = ("previous_token", "duplicate_token", "induction")
 
 
-def repeated_random_tokens(model, seq_len: int = 20, n_seqs: int = 8, seed: int = 0,
-                           prepend_bos: bool = True) -> torch.Tensor:
+def repeated_random_tokens(
+    model, seq_len: int = 20, n_seqs: int = 8, seed: int = 0, prepend_bos: bool = True
+) -> torch.Tensor:
     """[n_seqs, (1 +) 2 * seq_len] sequences ``[BOS] R R`` of random non-special tokens (seeded).
 
     Example: ``repeated_random_tokens(model, 10, 4).shape == (4, 21)``.
@@ -108,18 +109,32 @@ class HeadDetectionResult(AnalysisResult):
 
     def rows(self) -> list[dict]:
         H = self.induction.shape[1]
-        return [{"layer": layer, "head": h, "kv_group": h // self.group_size,
-                 **{kind: float(self.scores(kind)[li, h]) for kind in KINDS}}
-                for li, layer in enumerate(self.layers) for h in range(H)]
+        return [
+            {
+                "layer": layer,
+                "head": h,
+                "kv_group": h // self.group_size,
+                **{kind: float(self.scores(kind)[li, h]) for kind in KINDS},
+            }
+            for li, layer in enumerate(self.layers)
+            for h in range(H)
+        ]
 
     def top_rows(self, n: int = 10) -> list[dict]:
         """The heads with the highest induction score."""
         return sorted(self.rows(), key=lambda r: -r["induction"])[:n]
 
     def to_dict(self) -> dict:
-        return jsonable({"layers": self.layers, "seq_len": self.seq_len, "n_seqs": self.n_seqs, "seed": self.seed,
-                         **{kind: self.scores(kind) for kind in KINDS},
-                         "top": {kind: [r.to_dict() for r in self.top(kind, 5)] for kind in KINDS}})
+        return jsonable(
+            {
+                "layers": self.layers,
+                "seq_len": self.seq_len,
+                "n_seqs": self.n_seqs,
+                "seed": self.seed,
+                **{kind: self.scores(kind) for kind in KINDS},
+                "top": {kind: [r.to_dict() for r in self.top(kind, 5)] for kind in KINDS},
+            }
+        )
 
     def figure(self):
         """Three layer × head heatmaps side by side (previous-token, duplicate-token, induction)."""
@@ -127,22 +142,49 @@ class HeadDetectionResult(AnalysisResult):
         from plotly.subplots import make_subplots
 
         H = self.induction.shape[1]
-        fig = make_subplots(rows=1, cols=3, subplot_titles=[k.replace("_", "-") for k in KINDS],
-                            shared_yaxes=True, horizontal_spacing=0.03)
+        fig = make_subplots(
+            rows=1,
+            cols=3,
+            subplot_titles=[k.replace("_", "-") for k in KINDS],
+            shared_yaxes=True,
+            horizontal_spacing=0.03,
+        )
         for c, kind in enumerate(KINDS, start=1):
-            fig.add_trace(go.Heatmap(z=self.scores(kind).double().tolist(), x=[f"H{h}" for h in range(H)],
-                                     y=[f"L{l}" for l in self.layers], zmin=0, zmax=1, colorscale="Blues",
-                                     showscale=c == 3, hovertemplate="%{y}%{x}: %{z:.3f}<extra>" + kind + "</extra>"),
-                          row=1, col=c)
+            fig.add_trace(
+                go.Heatmap(
+                    z=self.scores(kind).double().tolist(),
+                    x=[f"H{h}" for h in range(H)],
+                    y=[f"L{l}" for l in self.layers],
+                    zmin=0,
+                    zmax=1,
+                    colorscale="Blues",
+                    showscale=c == 3,
+                    hovertemplate="%{y}%{x}: %{z:.3f}<extra>" + kind + "</extra>",
+                ),
+                row=1,
+                col=c,
+            )
         fig.update_yaxes(autorange="reversed", type="category")
-        fig.update_layout(title=dict(text=f"head detection ({self.n_seqs} repeated random sequences of "
-                                          f"{self.seq_len} tokens, seed {self.seed})"))
+        fig.update_layout(
+            title=dict(
+                text=f"head detection ({self.n_seqs} repeated random sequences of "
+                f"{self.seq_len} tokens, seed {self.seed})"
+            )
+        )
         return fig
 
 
 @takes_model
-def detect_heads(model, *, seq_len: int = 20, n_seqs: int = 8, seed: int = 0, layers: Sequence[int] | None = None,
-                 prepend_bos: bool = True, tokens: torch.Tensor | None = None) -> HeadDetectionResult:
+def detect_heads(
+    model,
+    *,
+    seq_len: int = 20,
+    n_seqs: int = 8,
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+    prepend_bos: bool = True,
+    tokens: torch.Tensor | None = None,
+) -> HeadDetectionResult:
     """Previous-token, duplicate-token and induction scores of every head on repeated random sequences.
 
     Args:
@@ -159,7 +201,9 @@ def detect_heads(model, *, seq_len: int = 20, n_seqs: int = 8, seed: int = 0, la
 
         detect_heads(model).top("previous_token", 3)
     """
-    layers = list(range(model.n_layers)) if layers is None else sorted(set(_check_indices(layers, model.n_layers, "layer")))
+    layers = (
+        list(range(model.n_layers)) if layers is None else sorted(set(_check_indices(layers, model.n_layers, "layer")))
+    )
     for layer in layers:
         head_ref(model, layer, 0)  # range check
     if tokens is None:
@@ -170,10 +214,19 @@ def detect_heads(model, *, seq_len: int = 20, n_seqs: int = 8, seed: int = 0, la
         raise InputError(f"tokens of length {tokens.shape[1]} are not [BOS?] + 2 × seq_len={seq_len}")
     stop = max(layers) + 1
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[act_name("pattern", i) for i in layers],
-                                        stop_at_layer=stop if stop < model.n_layers else None)
+        _, cache = model.run_with_cache(
+            tokens,
+            names_filter=[act_name("pattern", i) for i in layers],
+            stop_at_layer=stop if stop < model.n_layers else None,
+        )
     per_layer = torch.stack([pattern_scores(cache["pattern", i], seq_len, offset) for i in layers])  # [L, 3, H]
-    return HeadDetectionResult(previous_token=per_layer[:, 0].cpu(), duplicate_token=per_layer[:, 1].cpu(),
-                               induction=per_layer[:, 2].cpu(), layers=layers,
-                               group_size=model.n_heads // model.n_kv_heads, seq_len=seq_len,
-                               n_seqs=tokens.shape[0], seed=seed)
+    return HeadDetectionResult(
+        previous_token=per_layer[:, 0].cpu(),
+        duplicate_token=per_layer[:, 1].cpu(),
+        induction=per_layer[:, 2].cpu(),
+        layers=layers,
+        group_size=model.n_heads // model.n_kv_heads,
+        seq_len=seq_len,
+        n_seqs=tokens.shape[0],
+        seed=seed,
+    )

@@ -87,8 +87,9 @@ def parse_heads(model, heads: Iterable) -> list[tuple[int, int]]:
 
     Example: ``parse_heads(model, ["L3H5", (4, 1)]) == [(3, 5), (4, 1)]``.
     """
-    if isinstance(heads, (str, HeadRef)) or (isinstance(heads, tuple) and len(heads) == 2
-                                               and all(isinstance(x, int) for x in heads)):
+    if isinstance(heads, (str, HeadRef)) or (
+        isinstance(heads, tuple) and len(heads) == 2 and all(isinstance(x, int) for x in heads)
+    ):
         heads = [heads]
     out = []
     for h in heads:

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from hooks.errors import takes_model
 from hooks import InputError, act_name
+from hooks.model import takes_model
 from hooks.tokens import is_messages
 
 from .metrics import token_ids
@@ -74,27 +74,53 @@ class LogitLensResult(AnalysisResult):
         return last[::-1][:n]
 
     def to_dict(self) -> dict:
-        return jsonable({"stages": self.stages, "positions": self.positions, "tokens": self.str_tokens,
-                         "top_ids": self.top_ids, "top_probs": self.top_probs, "top_tokens": self.top_tokens,
-                         "targets": self.target_labels, "target_ids": self.target_ids,
-                         "target_probs": self.target_probs, "target_ranks": self.target_ranks})
+        return jsonable(
+            {
+                "stages": self.stages,
+                "positions": self.positions,
+                "tokens": self.str_tokens,
+                "top_ids": self.top_ids,
+                "top_probs": self.top_probs,
+                "top_tokens": self.top_tokens,
+                "targets": self.target_labels,
+                "target_ids": self.target_ids,
+                "target_probs": self.target_probs,
+                "target_ranks": self.target_ranks,
+            }
+        )
 
     def figure(self, target: int | None = None):
         """Stage × position heatmap: the top-1 probability with the top-1 token written in each cell, or,
         with ``target=t`` (an index into the targets), that target's probability."""
-        x = position_labels(self.str_tokens, len(self.str_tokens or []), self.positions) \
-            if self.str_tokens is not None else [str(p) for p in self.positions]
+        x = (
+            position_labels(self.str_tokens, len(self.str_tokens or []), self.positions)
+            if self.str_tokens is not None
+            else [str(p) for p in self.positions]
+        )
         text = [[toks[0] for toks in row] for row in self.top_tokens]
-        hover = [["<br>".join(f"{t!r} {float(p):.3f}" for t, p in zip(toks, probs))
-                  for toks, probs in zip(row_t, row_p)] for row_t, row_p in zip(self.top_tokens, self.top_probs)]
+        hover = [
+            ["<br>".join(f"{t!r} {float(p):.3f}" for t, p in zip(toks, probs)) for toks, probs in zip(row_t, row_p)]
+            for row_t, row_p in zip(self.top_tokens, self.top_probs)
+        ]
         if target is None:
             z, title = self.top_probs[..., 0], "logit lens: top-1 probability (text: top-1 token)"
         else:
             if self.target_probs is None:
                 raise InputError("this logit lens has no targets; pass targets=[...] to logit_lens")
             z, title = self.target_probs[..., target], f"logit lens: p({self.target_labels[target]})"
-        return heatmap(z, x, self.stages, title=title, x_title="position", y_title="stage", zmid=None,
-                       colorscale="Blues", text=text, hover=hover, colorbar_title="probability")
+        return heatmap(
+            z,
+            x,
+            self.stages,
+            title=title,
+            x_title="position",
+            y_title="stage",
+            zmid=None,
+            colorscale="Blues",
+            text=text,
+            hover=hover,
+            colorbar_title="probability",
+        )
 
 
 def _stage_names(n_layers: int, kinds: Sequence[str], layers: Sequence[int]) -> list[tuple[str, str]]:
@@ -107,9 +133,17 @@ def _stage_names(n_layers: int, kinds: Sequence[str], layers: Sequence[int]) -> 
 
 
 @takes_model
-def logit_lens(model, prompt, targets=None, *, k: int = 5, stages: str | Sequence[str] = _KINDS,
-               layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-               prepend_bos: bool | None = None) -> LogitLensResult:
+def logit_lens(
+    model,
+    prompt,
+    targets=None,
+    *,
+    k: int = 5,
+    stages: str | Sequence[str] = _KINDS,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    prepend_bos: bool | None = None,
+) -> LogitLensResult:
     """Decode the residual stream at every stage with the final norm and unembedding.
 
     Args:
@@ -148,8 +182,9 @@ def logit_lens(model, prompt, targets=None, *, k: int = 5, stages: str | Sequenc
     target_ids = token_ids(model, targets).reshape(-1) if targets is not None else None
     with torch.no_grad():
         stop = max(layers) + 1
-        _, cache = model.run_with_cache(tokens, names_filter=[n for n, _ in named],
-                                        stop_at_layer=stop if stop < model.n_layers else None)
+        _, cache = model.run_with_cache(
+            tokens, names_filter=[n for n, _ in named], stop_at_layer=stop if stop < model.n_layers else None
+        )
         top_ids, top_probs, t_probs, t_ranks = [], [], [], []
         for name, _ in named:
             resid = cache[name][0, positions]  # [P', M]
@@ -169,9 +204,14 @@ def logit_lens(model, prompt, targets=None, *, k: int = 5, stages: str | Sequenc
     top_tokens = [[[decode(int(i)) for i in cell] for cell in stage] for stage in top_ids_t]
     str_tokens = [decode(int(i)) for i in tokens[0].tolist()] if tok is not None else None
     return LogitLensResult(
-        stages=[label for _, label in named], positions=positions, str_tokens=str_tokens, top_ids=top_ids_t,
-        top_probs=torch.stack(top_probs).cpu(), top_tokens=top_tokens,
+        stages=[label for _, label in named],
+        positions=positions,
+        str_tokens=str_tokens,
+        top_ids=top_ids_t,
+        top_probs=torch.stack(top_probs).cpu(),
+        top_tokens=top_tokens,
         target_ids=target_ids.cpu() if target_ids is not None else None,
         target_labels=[decode(int(i)) for i in target_ids] if target_ids is not None else None,
         target_probs=torch.stack(t_probs).cpu() if target_ids is not None else None,
-        target_ranks=torch.stack(t_ranks).cpu() if target_ids is not None else None)
+        target_ranks=torch.stack(t_ranks).cpu() if target_ids is not None else None,
+    )

@@ -153,19 +153,26 @@ def kl_divergence(reference_logits, pos: int = -1, **kwargs):
 
         return prompt_kl(reference_logits, pos, **kwargs)
     if kwargs:
-        raise InputError(f"kl_divergence(reference_logits) takes no {', '.join(sorted(kwargs))}; pass a model "
-                         "first to compare over prompts")
+        raise InputError(
+            f"kl_divergence(reference_logits) takes no {', '.join(sorted(kwargs))}; pass a model "
+            "first to compare over prompts"
+        )
     return KLDivergence(reference_logits, pos)
 
 
 def check_answer_count(answers, batch: int) -> None:
     """Per-prompt answers must number one per prompt."""
-    for part in (answers if isinstance(answers, tuple) and len(answers) == 2 else (answers,)):
-        n = len(part) if isinstance(part, (list, tuple)) else (part.numel() if isinstance(part, torch.Tensor)
-                                                               and part.dim() > 0 else 1)
+    for part in answers if isinstance(answers, tuple) and len(answers) == 2 else (answers,):
+        n = (
+            len(part)
+            if isinstance(part, (list, tuple))
+            else (part.numel() if isinstance(part, torch.Tensor) and part.dim() > 0 else 1)
+        )
         if n not in (1, batch):
-            raise InputError(f"answers give {n} tokens for {batch} prompts; pass one (correct, incorrect) pair "
-                             "per prompt, or a single pair for all")
+            raise InputError(
+                f"answers give {n} tokens for {batch} prompts; pass one (correct, incorrect) pair "
+                "per prompt, or a single pair for all"
+            )
 
 
 def normalized(value, clean, corrupted):
@@ -217,8 +224,14 @@ def reads_last_position_only(fn, logits: torch.Tensor) -> bool:
             b = torch.as_tensor(fn(logits[:, -1:])).float()
     except Exception:  # the callable indexes other positions: run it on full logits
         return False
-    return (full.numel() == 1 and a.shape == full.shape and b.shape == full.shape and bool(torch.isfinite(full).all())
-            and torch.equal(a, full) and torch.equal(b, full))
+    return (
+        full.numel() == 1
+        and a.shape == full.shape
+        and b.shape == full.shape
+        and bool(torch.isfinite(full).all())
+        and torch.equal(a, full)
+        and torch.equal(b, full)
+    )
 
 
 def answer_pairs(answers):
@@ -227,12 +240,13 @@ def answer_pairs(answers):
     two per-prompt lists, stays."""
     if isinstance(answers, torch.Tensor) and answers.dim() == 2:
         if answers.shape[1] != 2:
-            raise InputError(f"answers as a tensor must be [batch, 2] (correct, incorrect) ids, got {tuple(answers.shape)}")
+            raise InputError(
+                f"answers as a tensor must be [batch, 2] (correct, incorrect) ids, got {tuple(answers.shape)}"
+            )
         return answers[:, 0], answers[:, 1]
     # a list of pairs [(c, i), ...] is TransformerLens's; a tuple of two lists (corrects, incorrects) is ours
     inner = (list, tuple) if isinstance(answers, list) else tuple
-    if (isinstance(answers, (list, tuple)) and answers
-            and all(isinstance(a, inner) and len(a) == 2 for a in answers)):
+    if isinstance(answers, (list, tuple)) and answers and all(isinstance(a, inner) and len(a) == 2 for a in answers):
         return [a[0] for a in answers], [a[1] for a in answers]
     return answers
 
@@ -255,8 +269,10 @@ def resolve_metric(model, metric, answers, clean_logits: torch.Tensor | None):
         check_answer_count(answers, clean_logits.shape[0])
     if metric is None:
         if answers is None:
-            raise InputError("pass metric= (a Metric, a callable on logits, or 'logit_diff' / 'target_prob' / 'kl') "
-                             "or answers=(correct, incorrect) for a logit difference")
+            raise InputError(
+                "pass metric= (a Metric, a callable on logits, or 'logit_diff' / 'target_prob' / 'kl') "
+                "or answers=(correct, incorrect) for a logit difference"
+            )
         metric = "logit_diff" if isinstance(answers, (tuple, list)) and len(answers) == 2 else "target_prob"
     if metric == "logit_diff":
         if not (isinstance(answers, (tuple, list)) and len(answers) == 2):

@@ -20,8 +20,8 @@ from typing import Sequence
 
 import torch
 
-from hooks.errors import takes_model
 from hooks import InputError, act_name
+from hooks.model import takes_model
 
 from .results import AnalysisResult, jsonable
 
@@ -60,19 +60,40 @@ class NeuronTopActivations(AnalysisResult):
         return f"top activations of layer {self.layer} neurons"
 
     def rows(self) -> list[dict]:
-        return [{"layer": self.layer, "neuron": n, "rank": r, "activation": float(self.values[i, r]),
-                 "doc": int(self.doc[i, r]), "pos": int(self.pos[i, r]), "token": self.tokens[i][r],
-                 "context": self.contexts[i][r]}
-                for i, n in enumerate(self.neurons) for r in range(self.values.shape[1]) if int(self.doc[i, r]) >= 0]
+        return [
+            {
+                "layer": self.layer,
+                "neuron": n,
+                "rank": r,
+                "activation": float(self.values[i, r]),
+                "doc": int(self.doc[i, r]),
+                "pos": int(self.pos[i, r]),
+                "token": self.tokens[i][r],
+                "context": self.contexts[i][r],
+            }
+            for i, n in enumerate(self.neurons)
+            for r in range(self.values.shape[1])
+            if int(self.doc[i, r]) >= 0
+        ]
 
     def top_rows(self, n: int = 10) -> list[dict]:
         """Each neuron's strongest activation."""
         return [r for r in self.rows() if r["rank"] == 0][:n]
 
     def to_dict(self) -> dict:
-        return jsonable({"layer": self.layer, "neurons": self.neurons, "values": self.values, "doc": self.doc,
-                         "pos": self.pos, "tokens": self.tokens, "contexts": self.contexts, "n_docs": self.n_docs,
-                         "n_tokens": self.n_tokens})
+        return jsonable(
+            {
+                "layer": self.layer,
+                "neurons": self.neurons,
+                "values": self.values,
+                "doc": self.doc,
+                "pos": self.pos,
+                "tokens": self.tokens,
+                "contexts": self.contexts,
+                "n_docs": self.n_docs,
+                "n_tokens": self.n_tokens,
+            }
+        )
 
     def figure(self, max_neurons: int = 64):
         """Heatmap neuron × rank of the top activations; hover shows the token in context."""
@@ -81,9 +102,19 @@ class NeuronTopActivations(AnalysisResult):
         m = min(max_neurons, len(self.neurons))
         text = [[repr(t) for t in row] for row in self.tokens[:m]]
         hover = [[c.replace("\n", " ") for c in row] for row in self.contexts[:m]]
-        return heatmap(self.values[:m], [f"#{r + 1}" for r in range(self.values.shape[1])],
-                       [f"N{n}" for n in self.neurons[:m]], title=self.title, x_title="rank", y_title="neuron",
-                       zmid=None, colorscale="Viridis", text=text, hover=hover, colorbar_title="activation")
+        return heatmap(
+            self.values[:m],
+            [f"#{r + 1}" for r in range(self.values.shape[1])],
+            [f"N{n}" for n in self.neurons[:m]],
+            title=self.title,
+            x_title="rank",
+            y_title="neuron",
+            zmid=None,
+            colorscale="Viridis",
+            text=text,
+            hover=hover,
+            colorbar_title="activation",
+        )
 
 
 def _doc_ids(model, doc, max_tokens: int) -> torch.Tensor:
@@ -107,7 +138,7 @@ def _batches(model, corpus, batch_size: int, max_tokens: int):
         tokens = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            tokens[i, width - len(r):], mask[i, width - len(r):] = r, 1
+            tokens[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
         yield start, tokens, mask
         start += len(chunk)
 
@@ -127,8 +158,7 @@ def iter_corpus(path: str | Path | None = None):
     return lines()
 
 
-def stream_top_k(model, corpus, read, n_units: int, k: int, batch_size: int, max_tokens: int,
-                 context: int) -> dict:
+def stream_top_k(model, corpus, read, n_units: int, k: int, batch_size: int, max_tokens: int, context: int) -> dict:
     """Top-``k`` (document, position) per unit of ``read(tokens, mask) -> [b, P, N]`` over ``corpus``:
     the top-k fields of ``NeuronTopActivations`` (``values``, ``doc``, ``pos``, ``tokens``, ``contexts``,
     ``n_docs``, ``n_tokens``) as a dict.
@@ -151,7 +181,7 @@ def stream_top_k(model, corpus, read, n_units: int, k: int, batch_size: int, max
             n_tokens += int(real.sum())
             n_docs = offset + b
             for i in range(b):
-                all_tokens[offset + i] = tokens[i, int(pad[i]):].tolist()
+                all_tokens[offset + i] = tokens[i, int(pad[i]) :].tolist()
             flat = acts.reshape(b * P, N).T  # [N, b*P]
             doc = (torch.arange(b)[:, None].expand(b, P) + offset).reshape(-1)
             pos = (torch.arange(P)[None, :] - pad[:, None]).reshape(-1)
@@ -166,8 +196,11 @@ def stream_top_k(model, corpus, read, n_units: int, k: int, batch_size: int, max
         raise InputError("the corpus is empty")
     missing = ~torch.isfinite(best_v)
     best_doc, best_pos = best_doc.masked_fill(missing, -1), best_pos.masked_fill(missing, -1)
-    decode = (lambda ids: model.tokenizer.decode(ids)) if model.tokenizer is not None else \
-        (lambda ids: " ".join(str(i) for i in ids))
+    decode = (
+        (lambda ids: model.tokenizer.decode(ids))
+        if model.tokenizer is not None
+        else (lambda ids: " ".join(str(i) for i in ids))
+    )
     tok_strs, contexts = [], []
     for i in range(N):
         ts, cs = [], []
@@ -178,16 +211,31 @@ def stream_top_k(model, corpus, read, n_units: int, k: int, batch_size: int, max
                 continue
             ids = all_tokens[d]
             ts.append(decode([ids[p]]))
-            cs.append(decode(ids[max(0, p - context):p]) + "[[" + decode([ids[p]]) + "]]"
-                      + decode(ids[p + 1:p + 1 + context]))
+            cs.append(
+                decode(ids[max(0, p - context) : p])
+                + "[["
+                + decode([ids[p]])
+                + "]]"
+                + decode(ids[p + 1 : p + 1 + context])
+            )
         tok_strs.append(ts), contexts.append(cs)
-    return dict(values=best_v, doc=best_doc, pos=best_pos, tokens=tok_strs, contexts=contexts, n_docs=n_docs,
-                n_tokens=n_tokens)
+    return dict(
+        values=best_v, doc=best_doc, pos=best_pos, tokens=tok_strs, contexts=contexts, n_docs=n_docs, n_tokens=n_tokens
+    )
 
 
 @takes_model
-def top_activating(model, layer: int, neurons: Sequence[int] | int | None = None, corpus=None, k: int = 10, *,
-                   batch_size: int = 16, max_tokens: int = 64, context: int = 6) -> NeuronTopActivations:
+def top_activating(
+    model,
+    layer: int,
+    neurons: Sequence[int] | int | None = None,
+    corpus=None,
+    k: int = 10,
+    *,
+    batch_size: int = 16,
+    max_tokens: int = 64,
+    context: int = 6,
+) -> NeuronTopActivations:
     """The ``k`` corpus tokens on which each neuron of ``layer`` is most active.
 
     Args:

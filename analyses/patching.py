@@ -22,13 +22,14 @@ from typing import Sequence
 
 import torch
 
-from hooks.errors import takes_model
 from hooks import InputError
+from hooks.model import takes_model
 
 from .components import Component, get_component
 from .engine import EngineStats, PairInputs, Variant, mark_variants, prepare_pair, run_setup, run_variants
 from .heads import group_size
-from .metrics import Metric, normalized as _normalized, resolve_metric
+from .metrics import Metric, resolve_metric
+from .metrics import normalized as _normalized
 from .plotting import heatmap, position_labels
 from .results import AnalysisResult, jsonable
 
@@ -75,8 +76,13 @@ class PatchingResult(AnalysisResult):
         return _normalized(self.values, self.clean_value, self.corrupted_value)
 
     def _index_lists(self) -> list[list[int]]:
-        lists = {"layer": self.layers, "pos": self.positions, "head": self.units, "kv_head": self.units,
-                 "neuron": self.units}
+        lists = {
+            "layer": self.layers,
+            "pos": self.positions,
+            "head": self.units,
+            "kv_head": self.units,
+            "neuron": self.units,
+        }
         return [lists[a] for a in self.axes]
 
     def rows(self) -> list[dict]:
@@ -104,11 +110,25 @@ class PatchingResult(AnalysisResult):
         return sorted(self.rows(), key=lambda r: -abs(r["effect"]))[:n]
 
     def to_dict(self) -> dict:
-        return jsonable({"component": self.component, "method": self.method, "metric": self.metric_name,
-                         "axes": list(self.axes), "layers": self.layers, "positions": self.positions,
-                         "units": self.units, "unit_kind": self.unit_kind, "tokens": self.str_tokens,
-                         "values": self.values, "normalized": self.normalized, "clean_value": self.clean_value,
-                         "corrupted_value": self.corrupted_value, "stats": self.stats.to_dict(), **self.extra})
+        return jsonable(
+            {
+                "component": self.component,
+                "method": self.method,
+                "metric": self.metric_name,
+                "axes": list(self.axes),
+                "layers": self.layers,
+                "positions": self.positions,
+                "units": self.units,
+                "unit_kind": self.unit_kind,
+                "tokens": self.str_tokens,
+                "values": self.values,
+                "normalized": self.normalized,
+                "clean_value": self.clean_value,
+                "corrupted_value": self.corrupted_value,
+                "stats": self.stats.to_dict(),
+                **self.extra,
+            }
+        )
 
     def figure(self, normalize: bool = True, max_rows: int = 2000):
         """Heatmap: layers (× units) down, positions or units across; the normalised score by default."""
@@ -116,26 +136,50 @@ class PatchingResult(AnalysisResult):
         z = self.normalized if use_norm else self.effect
         what = "normalised score" if use_norm else "effect on metric"
         unit_name = {"head": "H", "kv_head": "G", "neuron": "N"}.get(self.unit_kind or "", "")
-        pos_labels = position_labels(self.str_tokens, len(self.str_tokens or []), self.positions) \
-            if self.positions is not None else None
+        pos_labels = (
+            position_labels(self.str_tokens, len(self.str_tokens or []), self.positions)
+            if self.positions is not None
+            else None
+        )
         title = f"{self.title}: {what}"
         if self.axes == ("layer",):
-            return heatmap(z[:, None], ["all positions"], [f"L{l}" for l in self.layers], title=title,
-                           y_title="layer", colorbar_title=what)
+            return heatmap(
+                z[:, None],
+                ["all positions"],
+                [f"L{l}" for l in self.layers],
+                title=title,
+                y_title="layer",
+                colorbar_title=what,
+            )
         if self.axes == ("layer", "pos"):
-            return heatmap(z, pos_labels, [f"L{l}" for l in self.layers], title=title, x_title="position",
-                           y_title="layer", colorbar_title=what)
+            return heatmap(
+                z,
+                pos_labels,
+                [f"L{l}" for l in self.layers],
+                title=title,
+                x_title="position",
+                y_title="layer",
+                colorbar_title=what,
+            )
         if len(self.axes) == 2:  # layer × unit
-            return heatmap(z, [f"{unit_name}{u}" for u in self.units], [f"L{l}" for l in self.layers], title=title,
-                           x_title=self.axes[1], y_title="layer", colorbar_title=what)
+            return heatmap(
+                z,
+                [f"{unit_name}{u}" for u in self.units],
+                [f"L{l}" for l in self.layers],
+                title=title,
+                x_title=self.axes[1],
+                y_title="layer",
+                colorbar_title=what,
+            )
         # layer × pos × unit: rows are (layer, unit), columns positions; keep the strongest rows
         flat = z.permute(0, 2, 1).reshape(-1, z.shape[1])  # [layer*unit, pos]
         labels = [f"L{l}{unit_name}{u}" for l in self.layers for u in self.units]
         if flat.shape[0] > max_rows:
             keep = flat.abs().nan_to_num(0).amax(1).topk(max_rows).indices.sort().values
             flat, labels = flat[keep], [labels[i] for i in keep.tolist()]
-        return heatmap(flat, pos_labels, labels, title=title, x_title="position", y_title="layer, unit",
-                       colorbar_title=what)
+        return heatmap(
+            flat, pos_labels, labels, title=title, x_title="position", y_title="layer, unit", colorbar_title=what
+        )
 
 
 def _check_indices(values, n: int, what: str) -> list[int]:
@@ -167,12 +211,25 @@ def patch_axes(comp: Component, per_position: bool) -> tuple[str, ...]:
 
 
 @takes_model
-def activation_patching(model, clean, corrupted, metric: Metric | str | None = None, *, answers=None,
-                        component: str | Component = "resid_pre", per_position: bool = True,
-                        layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
-                        heads: Sequence[int] | None = None, neurons: Sequence[int] | None = None,
-                        attention_mask=None, max_batch: int | None = None, memory_budget_mb: float = 1024.0,
-                        reuse_prefix: bool = True, progress: bool = False) -> PatchingResult:
+def activation_patching(
+    model,
+    clean,
+    corrupted,
+    metric: Metric | str | None = None,
+    *,
+    answers=None,
+    component: str | Component = "resid_pre",
+    per_position: bool = True,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    neurons: Sequence[int] | None = None,
+    attention_mask=None,
+    max_batch: int | None = None,
+    memory_budget_mb: float = 1024.0,
+    reuse_prefix: bool = True,
+    progress: bool = False,
+) -> PatchingResult:
     """Patch clean activations into the corrupted run, one cell at a time, batched.
 
     Args:
@@ -204,23 +261,44 @@ def activation_patching(model, clean, corrupted, metric: Metric | str | None = N
     layers = list(range(model.n_layers)) if layers is None else _check_indices(layers, model.n_layers, "layer")
     if not layers:
         raise InputError("layers is empty; pass at least one layer")
-    pos_list = (list(range(P)) if positions is None else _check_indices(positions, P, "position")) \
-        if per_position else None
+    pos_list = (
+        (list(range(P)) if positions is None else _check_indices(positions, P, "position")) if per_position else None
+    )
     units = _units_for(model, comp, heads, neurons)
     setup = run_setup(model, comp, inputs, layers)
     metric = resolve_metric(model, metric, answers, setup.clean_logits)
     variants = [Variant(layer, p, u) for layer in layers for p in (pos_list or [None]) for u in (units or [None])]
     mark_variants(comp, setup, variants, metric, reuse_prefix)
     stats = EngineStats()
-    values = run_variants(model, comp, setup, variants, metric, max_batch=max_batch,
-                          memory_budget_mb=memory_budget_mb, progress=progress, stats=stats)
+    values = run_variants(
+        model,
+        comp,
+        setup,
+        variants,
+        metric,
+        max_batch=max_batch,
+        memory_budget_mb=memory_budget_mb,
+        progress=progress,
+        stats=stats,
+    )
     shape = [len(layers)] + ([len(pos_list)] if per_position else []) + ([len(units)] if units is not None else [])
     clean_v, corr_v = _baselines(metric, setup.clean_logits, setup.corrupted_logits)
-    return PatchingResult(component=comp.name, method="activation", metric_name=_metric_name(metric),
-                          values=values.reshape(shape), axes=patch_axes(comp, per_position), layers=layers,
-                          positions=pos_list, units=units, unit_kind=comp.unit, clean_value=clean_v,
-                          corrupted_value=corr_v, str_tokens=inputs.str_tokens, group_size=group_size(model),
-                          stats=stats)
+    return PatchingResult(
+        component=comp.name,
+        method="activation",
+        metric_name=_metric_name(metric),
+        values=values.reshape(shape),
+        axes=patch_axes(comp, per_position),
+        layers=layers,
+        positions=pos_list,
+        units=units,
+        unit_kind=comp.unit,
+        clean_value=clean_v,
+        corrupted_value=corr_v,
+        str_tokens=inputs.str_tokens,
+        group_size=group_size(model),
+        stats=stats,
+    )
 
 
 def _metric_name(metric) -> str:
@@ -230,5 +308,3 @@ def _metric_name(metric) -> str:
 def _baselines(metric, clean_logits: torch.Tensor, corrupted_logits: torch.Tensor) -> tuple[float, float]:
     with torch.no_grad():
         return float(metric(clean_logits)), float(metric(corrupted_logits))
-
-

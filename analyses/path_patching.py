@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from hooks.errors import takes_model
 from hooks import InputError, act_name
+from hooks.model import takes_model
 
 from .engine import FINAL, EngineStats, _capture, _Captured, prepare_pair, score_logits, unembed_normalized
 from .heads import group_size, kv_group, parse_heads
@@ -59,9 +59,20 @@ def _freeze_hook(frozen: torch.Tensor, n_rows: int):
 
 
 @takes_model
-def path_patching(model, clean, corrupted, metric: Metric | str | None = None, *, answers=None,
-                  receivers=None, receiver_input: str = "qkv", senders=None, freeze_mlps: bool = False,
-                  attention_mask=None, max_batch: int | None = None) -> PatchingResult:
+def path_patching(
+    model,
+    clean,
+    corrupted,
+    metric: Metric | str | None = None,
+    *,
+    answers=None,
+    receivers=None,
+    receiver_input: str = "qkv",
+    senders=None,
+    freeze_mlps: bool = False,
+    attention_mask=None,
+    max_batch: int | None = None,
+) -> PatchingResult:
     """Effect of each sender head on the metric through the receivers' inputs only (see module docstring).
 
     Args:
@@ -100,14 +111,16 @@ def path_patching(model, clean, corrupted, metric: Metric | str | None = None, *
     lo = send_layers[0]
     stop = max(l for l, _ in recv) + 1 if recv else n
     names_c = [act_name("z", l) for l in send_layers]
-    names_k = {act_name("z", l) for l in range(lo, n)} | {act_name("resid_pre", l) for l in send_layers + [first_recv]
-                                                         if l < n}
+    names_k = {act_name("z", l) for l in range(lo, n)} | {
+        act_name("resid_pre", l) for l in send_layers + [first_recv] if l < n
+    }
     if freeze_mlps:
         names_k |= {act_name("mlp_out", l) for l in range(lo, n)}
     with torch.no_grad():
         clean_logits, cc = model.run_with_cache(inputs.clean, attention_mask=inputs.mask, names_filter=names_c)
-        corr_logits, kc = model.run_with_cache(inputs.corrupted, attention_mask=inputs.mask,
-                                               names_filter=sorted(names_k))
+        corr_logits, kc = model.run_with_cache(
+            inputs.corrupted, attention_mask=inputs.mask, names_filter=sorted(names_k)
+        )
     metric = resolve_metric(model, metric, answers, clean_logits)
     P = inputs.n_pos
     full = not isinstance(metric, Metric)
@@ -119,7 +132,7 @@ def path_patching(model, clean, corrupted, metric: Metric | str | None = None, *
         for li, Ls in enumerate(send_layers):
             heads = [h for l, h in send if l == Ls]
             for c0 in range(0, len(heads), size):
-                hs = heads[c0:c0 + size]
+                hs = heads[c0 : c0 + size]
                 c = len(hs)
                 am = inputs.mask.repeat(c, 1) if inputs.mask is not None else None
                 hooks = [(act_name("z", Ls), _set_sender_hook(hs, cc["z", Ls], B))]
@@ -167,10 +180,25 @@ def path_patching(model, clean, corrupted, metric: Metric | str | None = None, *
                 stats.n_chunks += 1
     stats.n_patches = stats.n_computed = len(send)
     clean_v, corr_v = _baselines(metric, clean_logits, corr_logits)
-    extra = {"receivers": [{"layer": l, "head": h, "kv_group": kv_group(model, h)} for l, h in recv],
-             "receiver_input": "".join(kinds) if recv else "logits", "freeze_mlps": freeze_mlps}
-    return PatchingResult(component="z" if not recv else f"z → {''.join(kinds)} of {len(recv)} receivers",
-                          method="path", metric_name=_metric_name(metric), values=values, axes=("layer", "head"),
-                          layers=send_layers, positions=None, units=list(range(H)), unit_kind="head",
-                          clean_value=clean_v, corrupted_value=corr_v, str_tokens=inputs.str_tokens,
-                          group_size=group_size(model), stats=stats, extra=extra)
+    extra = {
+        "receivers": [{"layer": l, "head": h, "kv_group": kv_group(model, h)} for l, h in recv],
+        "receiver_input": "".join(kinds) if recv else "logits",
+        "freeze_mlps": freeze_mlps,
+    }
+    return PatchingResult(
+        component="z" if not recv else f"z → {''.join(kinds)} of {len(recv)} receivers",
+        method="path",
+        metric_name=_metric_name(metric),
+        values=values,
+        axes=("layer", "head"),
+        layers=send_layers,
+        positions=None,
+        units=list(range(H)),
+        unit_kind="head",
+        clean_value=clean_v,
+        corrupted_value=corr_v,
+        str_tokens=inputs.str_tokens,
+        group_size=group_size(model),
+        stats=stats,
+        extra=extra,
+    )

@@ -34,9 +34,21 @@ def position_labels(str_tokens: Sequence[str] | None, n: int, positions: Sequenc
     return [f"{p}: {str_tokens[p]!r}" if p < len(str_tokens) else str(p) for p in positions]
 
 
-def heatmap(z, x_labels: Sequence, y_labels: Sequence, *, title: str = "", x_title: str = "", y_title: str = "",
-            zmid: float | None = 0.0, colorscale: str = "RdBu", text=None, hover: Sequence[Sequence[str]] | None = None,
-            colorbar_title: str = "", reverse_y: bool = True):
+def heatmap(
+    z,
+    x_labels: Sequence,
+    y_labels: Sequence,
+    *,
+    title: str = "",
+    x_title: str = "",
+    y_title: str = "",
+    zmid: float | None = 0.0,
+    colorscale: str = "RdBu",
+    text=None,
+    hover: Sequence[Sequence[str]] | None = None,
+    colorbar_title: str = "",
+    reverse_y: bool = True,
+):
     """An imshow-like heatmap: ``z`` [rows, cols] with row labels ``y_labels`` and column labels ``x_labels``.
 
     ``zmid=0`` centres a diverging colour scale on zero (pass ``None`` for a sequential scale).
@@ -51,8 +63,13 @@ def heatmap(z, x_labels: Sequence, y_labels: Sequence, *, title: str = "", x_tit
 
     if isinstance(z, torch.Tensor):
         z = z.detach().cpu().double().tolist()
-    kwargs = dict(z=z, x=unique_labels(x_labels), y=unique_labels(y_labels), colorscale=colorscale,
-                  colorbar=dict(title=dict(text=colorbar_title)))
+    kwargs = dict(
+        z=z,
+        x=unique_labels(x_labels),
+        y=unique_labels(y_labels),
+        colorscale=colorscale,
+        colorbar=dict(title=dict(text=colorbar_title)),
+    )
     if zmid is not None:
         kwargs["zmid"] = zmid
     if text is not None:
@@ -65,8 +82,10 @@ def heatmap(z, x_labels: Sequence, y_labels: Sequence, *, title: str = "", x_tit
     else:
         kwargs["hovertemplate"] = "%{y}<br>%{x}<br>value %{z:.4g}<extra></extra>"
     fig = go.Figure(go.Heatmap(**kwargs))
-    fig.update_layout(title=dict(text=title), xaxis=dict(title=dict(text=x_title), type="category"),
-                      yaxis=dict(title=dict(text=y_title), type="category",
-                                 autorange="reversed" if reverse_y else True),
-                      margin=dict(l=60, r=20, t=60, b=60))
+    fig.update_layout(
+        title=dict(text=title),
+        xaxis=dict(title=dict(text=x_title), type="category"),
+        yaxis=dict(title=dict(text=y_title), type="category", autorange="reversed" if reverse_y else True),
+        margin=dict(l=60, r=20, t=60, b=60),
+    )
     return fig

@@ -49,8 +49,10 @@ def rows_to_html(rows: list[dict], max_rows: int = 10) -> str:
         return "<p>(no rows)</p>"
     cols = list(rows[0])
     head = "".join(f"<th style='text-align:left'>{html.escape(str(c))}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(_fmt(r.get(c)))}</td>" for c in cols)
-                   + "</tr>" for r in rows[:max_rows])
+    body = "".join(
+        "<tr>" + "".join(f"<td style='text-align:left'>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
+        for r in rows[:max_rows]
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -104,5 +106,8 @@ class AnalysisResult:
     def _repr_html_(self) -> str:
         """For HTML front ends other than Jupyter (plotly.js from its CDN, to keep the page small)."""
         fig = self.figure()
-        return (fig.to_html(full_html=False, include_plotlyjs="cdn")
-                + f"<p><b>{html.escape(self.title)}</b>: top rows</p>" + rows_to_html(self.top_rows()))
+        return (
+            fig.to_html(full_html=False, include_plotlyjs="cdn")
+            + f"<p><b>{html.escape(self.title)}</b>: top rows</p>"
+            + rows_to_html(self.top_rows())
+        )

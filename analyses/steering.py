@@ -24,8 +24,8 @@ from typing import Sequence
 
 import torch
 
-from hooks.errors import takes_model
 from hooks import InputError, act_name
+from hooks.model import takes_model
 
 from .results import AnalysisResult, jsonable
 
@@ -88,33 +88,51 @@ class SteeringDirection(AnalysisResult):
     def rows(self) -> list[dict]:
         if self.separation is None:
             return [{"layer": self.layer, "at": self.at, "norm": self.norm}]
-        return [{"layer": layer, "at": self.at, "separation": float(s)}
-                for layer, s in zip(self.separation_layers, self.separation)]
+        return [
+            {"layer": layer, "at": self.at, "separation": float(s)}
+            for layer, s in zip(self.separation_layers, self.separation)
+        ]
 
     def to_dict(self) -> dict:
-        return jsonable({"layer": self.layer, "at": self.at, "pos": self.pos, "norm": self.norm, "unit": self.unit,
-                         "separation": self.separation, "separation_layers": self.separation_layers})
+        return jsonable(
+            {
+                "layer": self.layer,
+                "at": self.at,
+                "pos": self.pos,
+                "norm": self.norm,
+                "unit": self.unit,
+                "separation": self.separation,
+                "separation_layers": self.separation_layers,
+            }
+        )
 
     def figure(self):
         """Separation per layer (when computed), else the sorted components of the unit vector."""
         import plotly.graph_objects as go
 
         if self.separation is not None:
-            fig = go.Figure(go.Scatter(x=self.separation_layers, y=self.separation.double().tolist(),
-                                       mode="lines+markers"))
-            fig.update_layout(title=dict(text=f"steering: separation of the two prompt sets per layer ({self.at})"),
-                              xaxis=dict(title=dict(text="layer")), yaxis=dict(title=dict(text="separation (d′)")))
+            fig = go.Figure(
+                go.Scatter(x=self.separation_layers, y=self.separation.double().tolist(), mode="lines+markers")
+            )
+            fig.update_layout(
+                title=dict(text=f"steering: separation of the two prompt sets per layer ({self.at})"),
+                xaxis=dict(title=dict(text="layer")),
+                yaxis=dict(title=dict(text="separation (d′)")),
+            )
             return fig
         vals = self.unit.sort(descending=True).values.double().tolist()
         fig = go.Figure(go.Bar(y=vals))
-        fig.update_layout(title=dict(text=f"steering direction at layer {self.layer} {self.at} (norm {self.norm:.3f})"),
-                          xaxis=dict(title=dict(text="component (sorted)")))
+        fig.update_layout(
+            title=dict(text=f"steering direction at layer {self.layer} {self.at} (norm {self.norm:.3f})"),
+            xaxis=dict(title=dict(text="component (sorted)")),
+        )
         return fig
 
 
 @takes_model
-def steering_direction(model, prompts_a, prompts_b, layer: int, at: str = "resid_post", pos: int = -1, *,
-                       all_layers: bool = False) -> SteeringDirection:
+def steering_direction(
+    model, prompts_a, prompts_b, layer: int, at: str = "resid_post", pos: int = -1, *, all_layers: bool = False
+) -> SteeringDirection:
     """Unit difference of means (set A minus set B) of ``blocks.{layer}.hook_{at}`` at ``pos``.
 
     Args:
@@ -136,8 +154,10 @@ def steering_direction(model, prompts_a, prompts_b, layer: int, at: str = "resid
         raise InputError(f"at={at!r} is not one of {', '.join(_AT)}")
     for name, prompts in (("prompts_a", prompts_a), ("prompts_b", prompts_b)):
         if not isinstance(prompts, (list, tuple, torch.Tensor)):
-            raise InputError(f"{name} must be a list of prompts (strings or chat messages) or token ids "
-                             f"[batch, pos], got {type(prompts).__name__}")
+            raise InputError(
+                f"{name} must be a list of prompts (strings or chat messages) or token ids "
+                f"[batch, pos], got {type(prompts).__name__}"
+            )
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise InputError(f"layer must be an integer, got {layer!r}")
     if not -model.n_layers <= int(layer) < model.n_layers:  # negatives count from the end
@@ -164,9 +184,17 @@ def steering_direction(model, prompts_a, prompts_b, layer: int, at: str = "resid
             pooled = torch.sqrt((pa.var(unbiased=False) + pb.var(unbiased=False)) / 2).clamp_min(1e-12)
             seps.append((pa.mean() - pb.mean()) / pooled)
         separation = torch.stack(seps).cpu()
-    return SteeringDirection(layer=layer, at=at, unit=(diff / norm).cpu(), norm=norm, mean_a=a[here].mean(0).cpu(),
-                             mean_b=b[here].mean(0).cpu(), pos=pos, separation=separation,
-                             separation_layers=layers if all_layers else [])
+    return SteeringDirection(
+        layer=layer,
+        at=at,
+        unit=(diff / norm).cpu(),
+        norm=norm,
+        mean_a=a[here].mean(0).cpu(),
+        mean_b=b[here].mean(0).cpu(),
+        pos=pos,
+        separation=separation,
+        separation_layers=layers if all_layers else [],
+    )
 
 
 class Steering:
@@ -176,13 +204,21 @@ class Steering:
     gives) to ``run_with_hooks`` / ``hooks()``.
     """
 
-    def __init__(self, model, vector: torch.Tensor, layer: int, scale: float, at: str = "resid_post",
-                 positions: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        vector: torch.Tensor,
+        layer: int,
+        scale: float,
+        at: str = "resid_post",
+        positions: Sequence[int] | None = None,
+    ) -> None:
         self.model, self.layer, self.scale, self.at = model, int(layer), float(scale), at
         self.vector = vector.detach().reshape(-1)
         if self.vector.shape[0] != model.d_model:
-            raise InputError(f"steering vector has {self.vector.shape[0]} entries; "
-                             f"the model's d_model is {model.d_model}")
+            raise InputError(
+                f"steering vector has {self.vector.shape[0]} entries; the model's d_model is {model.d_model}"
+            )
         self.positions = None if positions is None else list(positions)
         self.name = act_name(at, self.layer)
         self._ctx = None
@@ -213,8 +249,15 @@ class Steering:
 
 
 @takes_model
-def steer(model, direction: SteeringDirection | torch.Tensor, layer: int | None = None, scale: float = 1.0, *,
-          at: str | None = None, positions: Sequence[int] | None = None) -> Steering:
+def steer(
+    model,
+    direction: SteeringDirection | torch.Tensor,
+    layer: int | None = None,
+    scale: float = 1.0,
+    *,
+    at: str | None = None,
+    positions: Sequence[int] | None = None,
+) -> Steering:
     """Add ``scale * direction`` to ``blocks.{layer}.hook_resid_post`` (a context manager / fwd_hooks list).
 
     Args:

@@ -84,9 +84,13 @@ def behaviour_files(work: Path) -> tuple[Path, Path]:
         from hooks import HookedLlama
         from surgery.refusal_search import behaviour_split
 
-        refused, answered, _ = behaviour_split(HookedLlama.default(), load_prompts("harmful:train"),
-                                               load_prompts("harmless:train"), classify_tokens=CLASSIFY_TOKENS,
-                                               system_prompt=SYSTEM_PROMPT)
+        refused, answered, _ = behaviour_split(
+            HookedLlama.default(),
+            load_prompts("harmful:train"),
+            load_prompts("harmless:train"),
+            classify_tokens=CLASSIFY_TOKENS,
+            system_prompt=SYSTEM_PROMPT,
+        )
         bad.write_text("\n".join(refused) + "\n")
         good.write_text("\n".join(answered) + "\n")
     return bad, good
@@ -104,23 +108,48 @@ def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int, seed: int, 
 
     bad, good = behaviour_files(work) if split == "behaviour" else ("harmful_train.txt", "harmless_train.txt")
 
-    (cwd / "config.toml").write_text("\n".join([
-        f'model = "{model_dir}"', f"n_trials = {trials}", f"n_startup_trials = {startup_trials(trials)}",
-        f"seed = {seed}", "batch_size = 32", "max_response_length = 100",
-        f'system_prompt = "{SYSTEM_PROMPT}"',
-        f"good_prompts = {spec(good)}", f"bad_prompts = {spec(bad)}",
-        f"good_evaluation_prompts = {spec('harmless_eval.txt')}", f"bad_evaluation_prompts = {spec('harmful_eval.txt')}",
-    ]) + "\n")
-    env = {**one_thread(os.environ), "COLAB_GPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "NO_COLOR": "1",
-           "PYTHONUNBUFFERED": "1",
-           "TERM": "dumb", "COLUMNS": "200"}
+    (cwd / "config.toml").write_text(
+        "\n".join(
+            [
+                f'model = "{model_dir}"',
+                f"n_trials = {trials}",
+                f"n_startup_trials = {startup_trials(trials)}",
+                f"seed = {seed}",
+                "batch_size = 32",
+                "max_response_length = 100",
+                f'system_prompt = "{SYSTEM_PROMPT}"',
+                f"good_prompts = {spec(good)}",
+                f"bad_prompts = {spec(bad)}",
+                f"good_evaluation_prompts = {spec('harmless_eval.txt')}",
+                f"bad_evaluation_prompts = {spec('harmful_eval.txt')}",
+            ]
+        )
+        + "\n"
+    )
+    env = {
+        **one_thread(os.environ),
+        "COLAB_GPU": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "NO_COLOR": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TERM": "dumb",
+        "COLUMNS": "200",
+    }
     log = cwd / "heretic.log"
     t0 = time.perf_counter()
     last_trial_end = None
     kls, refusals = [], []
     with open(log, "w") as fh:
-        proc = subprocess.Popen([str(exe)], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [str(exe)],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for line in proc.stdout:
             fh.write(line)
             m = re.search(r"\* KL divergence: ([0-9.]+)", line)
@@ -134,18 +163,50 @@ def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int, seed: int, 
     base_line = re.search(r"Initial refusals: (\d+)/(\d+)", log.read_text())
     pairs = list(zip(refusals, kls))
     best = min(pairs) if pairs else None
-    return {"tool": "heretic 1.4.0", "prompts": split, "seed": seed, "trials": pairs, "refusals_before": int(base_line.group(1)) if base_line else None,
-            "best_refusals": best[0] if best else None, "best_kl": best[1] if best else None,
-            "wall_s": last_trial_end, "log": str(log), "exit_code": proc.returncode}
+    return {
+        "tool": "heretic 1.4.0",
+        "prompts": split,
+        "seed": seed,
+        "trials": pairs,
+        "refusals_before": int(base_line.group(1)) if base_line else None,
+        "best_refusals": best[0] if best else None,
+        "best_kl": best[1] if best else None,
+        "wall_s": last_trial_end,
+        "log": str(log),
+        "exit_code": proc.returncode,
+    }
 
 
 def run_ours(work: Path, trials: int, seed: int, contrast: str) -> dict:
     out = work / "ours"
-    cmd = [sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "abliterate",
-           "--harmful", str(DATA / "harmful_train.txt"), "--harmless", str(DATA / "harmless_train.txt"),
-           "--eval-harmful", str(DATA / "harmful_eval.txt"), "--eval-harmless", str(DATA / "harmless_eval.txt"),
-           "--trials", str(trials), "--seed", str(seed), "--contrast", contrast, "--system-prompt", SYSTEM_PROMPT, "--out", str(out), "--overwrite", "--json",
-           "--report", str(work / "abliterate.html")]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys, cli; sys.exit(cli.main())",
+        "abliterate",
+        "--harmful",
+        str(DATA / "harmful_train.txt"),
+        "--harmless",
+        str(DATA / "harmless_train.txt"),
+        "--eval-harmful",
+        str(DATA / "harmful_eval.txt"),
+        "--eval-harmless",
+        str(DATA / "harmless_eval.txt"),
+        "--trials",
+        str(trials),
+        "--seed",
+        str(seed),
+        "--contrast",
+        contrast,
+        "--system-prompt",
+        SYSTEM_PROMPT,
+        "--out",
+        str(out),
+        "--overwrite",
+        "--json",
+        "--report",
+        str(work / "abliterate.html"),
+    ]
     env = {**one_thread(os.environ), "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -153,10 +214,20 @@ def run_ours(work: Path, trials: int, seed: int, contrast: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"scalpel abliterate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     data = json.loads(proc.stdout)
-    return {"tool": "llama-scalpel", "contrast": contrast, "seed": seed, "refusals_before": data["refusals_before"], "best_refusals": data["refusals_after"],
-            "best_kl": data["kl"], "wall_s": wall, "timings": data["timings"], "params": data["params"],
-            "confirmed": [(c["refusals"], c["kl"]) for c in data["confirmed"]],
-            "refine": data["provenance"].get("refine"), "export": data.get("export", {}).get("max_abs_logit_diff")}
+    return {
+        "tool": "llama-scalpel",
+        "contrast": contrast,
+        "seed": seed,
+        "refusals_before": data["refusals_before"],
+        "best_refusals": data["refusals_after"],
+        "best_kl": data["kl"],
+        "wall_s": wall,
+        "timings": data["timings"],
+        "params": data["params"],
+        "confirmed": [(c["refusals"], c["kl"]) for c in data["confirmed"]],
+        "refine": data["provenance"].get("refine"),
+        "export": data.get("export", {}).get("max_abs_logit_diff"),
+    }
 
 
 def matched(heretic_trials, ours_refusals: int, ours_kl: float, ours_confirmed) -> dict:
@@ -166,9 +237,16 @@ def matched(heretic_trials, ours_refusals: int, ours_kl: float, ours_confirmed) 
     within = [kl for r, kl in heretic_trials if r <= ours_refusals]
     h_refusals, h_kl = min(heretic_trials)
     ours_within = [kl for r, kl in ours_confirmed if r <= h_refusals]
-    return {"refusals": ours_refusals, "ours_kl": ours_kl, "heretic_kl": min(within) if within else None,
-            "at_heretic_best": {"refusals": h_refusals, "heretic_kl": h_kl,
-                                "ours_kl": min(ours_within) if ours_within else None}}
+    return {
+        "refusals": ours_refusals,
+        "ours_kl": ours_kl,
+        "heretic_kl": min(within) if within else None,
+        "at_heretic_best": {
+            "refusals": h_refusals,
+            "heretic_kl": h_kl,
+            "ours_kl": min(ours_within) if ours_within else None,
+        },
+    }
 
 
 def main() -> None:
@@ -179,9 +257,15 @@ def main() -> None:
     ap.add_argument("--heretic-venv", default="/work/heretic-venv")
     ap.add_argument("--seed", type=int, default=0, help="both searches' seed")
     ap.add_argument("--contrast", choices=["auto", "sets", "behaviour"], default="auto", help="ours: --contrast")
-    ap.add_argument("--heretic-split", choices=["sets", "behaviour"], default="sets",
-                    help="heretic's training prompts: the shipped sets, or our behaviour split")
-    ap.add_argument("--heretic-results", help="an earlier --json file whose heretic run (same seed, split, trials) to reuse")
+    ap.add_argument(
+        "--heretic-split",
+        choices=["sets", "behaviour"],
+        default="sets",
+        help="heretic's training prompts: the shipped sets, or our behaviour split",
+    )
+    ap.add_argument(
+        "--heretic-results", help="an earlier --json file whose heretic run (same seed, split, trials) to reuse"
+    )
     ap.add_argument("--json")
     ap.add_argument("--sequential", action="store_true", help="one tool after the other (default: both at once)")
     args = ap.parse_args()
@@ -212,17 +296,27 @@ def main() -> None:
             results |= {name: f.result() for name, f in futures.items()}
     print(f"{'':16}{'refusals before':>16}{'refusals after':>16}{'KL harmless':>13}{'wall s':>9}")
     for name, r in results.items():
-        print(f"{name:16}{str(r['refusals_before']):>16}{str(r['best_refusals']):>16}"
-              f"{(r['best_kl'] if r['best_kl'] is not None else float('nan')):>13.4f}{(r['wall_s'] or 0):>9.0f}")
+        print(
+            f"{name:16}{str(r['refusals_before']):>16}{str(r['best_refusals']):>16}"
+            f"{(r['best_kl'] if r['best_kl'] is not None else float('nan')):>13.4f}{(r['wall_s'] or 0):>9.0f}"
+        )
     if "heretic" in results and "ours" in results:
-        results["matched"] = matched(results["heretic"]["trials"], results["ours"]["best_refusals"],
-                                     results["ours"]["best_kl"], results["ours"]["confirmed"])
+        results["matched"] = matched(
+            results["heretic"]["trials"],
+            results["ours"]["best_refusals"],
+            results["ours"]["best_kl"],
+            results["ours"]["confirmed"],
+        )
         m = results["matched"]
-        print(f"at <= {m['refusals']} refusals (ours): ours KL {m['ours_kl']:.4f}, heretic "
-              + (f"KL {m['heretic_kl']:.4f}" if m["heretic_kl"] is not None else "never got there"))
+        print(
+            f"at <= {m['refusals']} refusals (ours): ours KL {m['ours_kl']:.4f}, heretic "
+            + (f"KL {m['heretic_kl']:.4f}" if m["heretic_kl"] is not None else "never got there")
+        )
         h = m["at_heretic_best"]
-        print(f"at <= {h['refusals']} refusals (heretic's fewest): heretic KL {h['heretic_kl']:.4f}, ours "
-              + (f"KL {h['ours_kl']:.4f}" if h["ours_kl"] is not None else "none confirmed"))
+        print(
+            f"at <= {h['refusals']} refusals (heretic's fewest): heretic KL {h['heretic_kl']:.4f}, ours "
+            + (f"KL {h['ours_kl']:.4f}" if h["ours_kl"] is not None else "none confirmed")
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

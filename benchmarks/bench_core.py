@@ -51,9 +51,16 @@ CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 BASE = "HF sdpa forward"
 # cases measured for memory (the no-cache forward is the reference each is measured over)
-MEMORY_CASES = ["HookedLlama cache everything", "HookedLlama cache residual stream", "HookedLlama cache patterns",
-                "HookedLlama no-op hook on every point", "HF sdpa forward", "HF eager + hidden states + attentions",
-                "TransformerLens run_with_cache", "nnsight cache (all modules)"]
+MEMORY_CASES = [
+    "HookedLlama cache everything",
+    "HookedLlama cache residual stream",
+    "HookedLlama cache patterns",
+    "HookedLlama no-op hook on every point",
+    "HF sdpa forward",
+    "HF eager + hidden states + attentions",
+    "TransformerLens run_with_cache",
+    "nnsight cache (all modules)",
+]
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -75,12 +82,25 @@ class Bench:
         else:
             from transformers import LlamaConfig
 
-            config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                                 tie_word_embeddings=True, rms_norm_eps=1e-5,
-                                 rope_parameters={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-                                                  "rope_theta": 500000.0})
+            config = LlamaConfig(
+                hidden_size=2048,
+                intermediate_size=8192,
+                num_hidden_layers=16,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                vocab_size=128256,
+                max_position_embeddings=131072,
+                tie_word_embeddings=True,
+                rms_norm_eps=1e-5,
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "factor": 32.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                    "rope_theta": 500000.0,
+                },
+            )
             with torch.device(args.device):  # initialise on the device: a 1B model is slow to fill on a CPU
                 self.model = HookedLlama.from_config(config, seed=0, dtype=self.dtype)
         self.model.eval()
@@ -109,8 +129,12 @@ class Bench:
                 self.tl_missing = True
                 return None
             self._tl = transformer_lens.TransformerBridge.boot_transformers(
-                "HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=self.model.to_hf(), tokenizer=self.model.tokenizer,
-                dtype=self.model.dtype, device=self.args.device).eval()
+                "HuggingFaceTB/SmolLM2-135M-Instruct",
+                hf_model=self.model.to_hf(),
+                tokenizer=self.model.tokenizer,
+                dtype=self.model.dtype,
+                device=self.args.device,
+            ).eval()
             self._tl.cfg.default_prepend_bos = False
         return self._tl
 
@@ -146,6 +170,7 @@ def forward_cases(b: Bench, ids, names: list[str] | None = None) -> dict:
         def run():
             with torch.no_grad():
                 return fn()
+
         return run
 
     def ours_noop():
@@ -154,13 +179,17 @@ def forward_cases(b: Bench, ids, names: list[str] | None = None) -> dict:
 
     cases = {
         BASE: lambda: b.hf(ids, use_cache=False).logits,
-        "HF eager + hidden states + attentions": lambda: b.hf_eager(ids, use_cache=False, output_hidden_states=True,
-                                                                   output_attentions=True),
+        "HF eager + hidden states + attentions": lambda: b.hf_eager(
+            ids, use_cache=False, output_hidden_states=True, output_attentions=True
+        ),
         "HookedLlama no hook": lambda: model(ids),
         "HookedLlama cache everything": lambda: model.run_with_cache(ids),
         "HookedLlama cache residual stream": lambda: model.run_with_cache(
-            ids, names_filter=lambda n: "hook_resid_" in n),
-        "HookedLlama cache patterns": lambda: model.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern")),
+            ids, names_filter=lambda n: "hook_resid_" in n
+        ),
+        "HookedLlama cache patterns": lambda: model.run_with_cache(
+            ids, names_filter=lambda n: n.endswith("hook_pattern")
+        ),
         "HookedLlama no-op hook on every point": ours_noop,
     }
     if names is None or any(n.startswith("TransformerLens") for n in names):
@@ -169,6 +198,7 @@ def forward_cases(b: Bench, ids, names: list[str] | None = None) -> dict:
             cases["TransformerLens run_with_cache"] = lambda: b.tl.run_with_cache(ids)
     if names is None or any(n.startswith("nnsight") for n in names):
         if b.nn is not None:
+
             def nn_forward():
                 with b.nn.trace(ids):
                     out = b.nn.output.logits.save()
@@ -178,6 +208,7 @@ def forward_cases(b: Bench, ids, names: list[str] | None = None) -> dict:
                 with b.nn.trace(ids) as tracer:
                     cache = tracer.cache(device=None)
                 return cache
+
             cases["nnsight trace forward"] = nn_forward
             cases["nnsight cache (all modules)"] = nn_cache
     if names is not None:
@@ -204,7 +235,7 @@ def interleaved(b: Bench, cases: dict, rounds: int, base: str) -> dict[str, tupl
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             gc.collect()
             b.sync()
@@ -217,6 +248,7 @@ def interleaved(b: Bench, cases: dict, rounds: int, base: str) -> dict[str, tupl
 
     def ratio(xs, n):
         return statistics.median(x / max(bx, 1e-9) for x, bx in zip(xs[n], xs[base]))
+
     return {n: (statistics.median(wall[n]) * 1000, ratio(wall, n), ratio(cpu, n)) for n in names}
 
 
@@ -239,13 +271,14 @@ def held_bytes(obj) -> int | None:
             return False
         if hasattr(o, "cache_dict"):  # TransformerLens ActivationCache
             o = o.cache_dict
-        elif hasattr(o, "store") and isinstance(getattr(o, "store"), dict):  # ours
+        elif hasattr(o, "store") and isinstance(o.store, dict):  # ours
             o = o.store
         if isinstance(o, dict):
             return all([walk(v, depth + 1) for v in o.values()]) if o else True
         if isinstance(o, (list, tuple)):
             return all([walk(v, depth + 1) for v in o]) if o else True
         return o is None
+
     return sum(seen.values()) if walk(obj) else None
 
 
@@ -270,7 +303,10 @@ def cuda_memory(b: Bench, cases: dict) -> dict[str, dict]:
     res = {}
 
     def peak(fn):
-        gc.collect(); torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         out = fn()
         torch.cuda.synchronize()
@@ -297,8 +333,12 @@ def shape_table(args) -> str:
     ids = b.ids(B, S)
     cases = forward_cases(b, ids)
     res = interleaved(b, cases, args.rounds, BASE)
-    lines = [f"#### b{B}×s{S}: speed ({args.rounds} interleaved rounds)", "",
-             "| case | ms | × HF sdpa | × HF sdpa, CPU time |", "|---|---|---|---|"]
+    lines = [
+        f"#### b{B}×s{S}: speed ({args.rounds} interleaved rounds)",
+        "",
+        "| case | ms | × HF sdpa | × HF sdpa, CPU time |",
+        "|---|---|---|---|",
+    ]
     lines += speed_rows(res)
     if args.device.startswith("cuda"):
         lines += [""] + memory_lines(B, S, cuda_memory(b, cases))
@@ -306,8 +346,12 @@ def shape_table(args) -> str:
 
 
 def memory_lines(B: int, S: int, mem: dict[str, dict]) -> list[str]:
-    lines = [f"#### b{B}×s{S}: peak memory over the no-cache forward", "",
-             "| case | peak over forward MiB | held MiB | peak ÷ held |", "|---|---|---|---|"]
+    lines = [
+        f"#### b{B}×s{S}: peak memory over the no-cache forward",
+        "",
+        "| case | peak over forward MiB | held MiB | peak ÷ held |",
+        "|---|---|---|---|",
+    ]
     for name, m in mem.items():
         if m.get("skipped"):
             continue
@@ -345,18 +389,27 @@ def workflow_table(args) -> str:
     cases = {
         "HF sdpa forward (IOI prompt)": hf_forward,
         "IOI resid_pre sweep, answers=": lambda: activation_patching(
-            model, clean, corrupt, answers=(mary, john), component="resid_pre", layers=layers),
+            model, clean, corrupt, answers=(mary, john), component="resid_pre", layers=layers
+        ),
         "IOI resid_pre sweep, metric callable": lambda: activation_patching(
-            model, clean, corrupt, tl_metric, component="resid_pre", layers=layers),
+            model, clean, corrupt, tl_metric, component="resid_pre", layers=layers
+        ),
         "attribution patching (resid_pre, attn_out, mlp_out, z)": lambda: attribution_patching(
-            model, clean, corrupt, answers=(mary, john)),
+            model, clean, corrupt, answers=(mary, john)
+        ),
     }
     res = interleaved(b, cases, args.wf_rounds, "HF sdpa forward (IOI prompt)")
     n_tok = clean.shape[1]
-    lines = [f"#### Workflows ({args.wf_rounds} interleaved rounds)", "",
-             f"IOI pair, {n_tok} tokens; sweep = every layer × position"
-             + (" (quick: 2 layers)" if args.quick else "") + ".", "",
-             "| case | ms | × HF forward of the clean prompt | same, CPU time |", "|---|---|---|---|"]
+    lines = [
+        f"#### Workflows ({args.wf_rounds} interleaved rounds)",
+        "",
+        f"IOI pair, {n_tok} tokens; sweep = every layer × position"
+        + (" (quick: 2 layers)" if args.quick else "")
+        + ".",
+        "",
+        "| case | ms | × HF forward of the clean prompt | same, CPU time |",
+        "|---|---|---|---|",
+    ]
     lines += speed_rows(res)
 
     n = args.gen_tokens
@@ -368,36 +421,60 @@ def workflow_table(args) -> str:
             return model.generate(prompt, n, stop_at_eos=False)
 
     gen = {
-        "HF generate": lambda: b.hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                             pad_token_id=0),
+        "HF generate": lambda: b.hf.generate(
+            prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        ),
         "HookedLlama generate, no hook": lambda: model.generate(prompt, n, stop_at_eos=False),
         "HookedLlama generate, 1 hook": ours_hooked,
     }
     if b.tl is not None:
+
         def tl_hooked():
             with b.tl.hooks(fwd_hooks=[hook]):
                 return b.tl.generate(prompt, max_new_tokens=n, do_sample=False, stop_at_eos=False, verbose=False)
+
         gen["TransformerLens generate, 1 hook"] = tl_hooked
     if b.nn is not None:
+
         def nn_hooked():
             with b.nn.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0) as tr:
                 for _ in tr.iter[:n]:
                     b.nn.model.layers[0].mlp.output[:] = b.nn.model.layers[0].mlp.output * 0.5
+
         gen["nnsight generate, 1 intervention"] = nn_hooked
     with torch.no_grad():
         res = interleaved(b, gen, args.wf_rounds, "HF generate")
-    lines += ["", f"Greedy generation, 64-token prompt, {n} new tokens:", "",
-              "| case | ms per token | × HF generate | same, CPU time |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Greedy generation, 64-token prompt, {n} new tokens:",
+        "",
+        "| case | ms per token | × HF generate | same, CPU time |",
+        "|---|---|---|---|",
+    ]
     lines += speed_rows(res, per=n)
     return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------- driver
 def child(args, *extra: str) -> str:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--dtype", args.dtype,
-           "--model", args.model, "--threads", str(args.threads), "--gen-tokens", str(args.gen_tokens),
-           *(["--no-interop"] if args.no_interop else []), *(["--quick"] if args.quick else []),
-           *(["--keep-freed-memory"] if args.keep_freed_memory else []), *extra]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--model",
+        args.model,
+        "--threads",
+        str(args.threads),
+        "--gen-tokens",
+        str(args.gen_tokens),
+        *(["--no-interop"] if args.no_interop else []),
+        *(["--quick"] if args.quick else []),
+        *(["--keep-freed-memory"] if args.keep_freed_memory else []),
+        *extra,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"benchmark child {' '.join(extra)} failed:\n{done.stderr[-4000:]}")
@@ -414,13 +491,18 @@ def header(args) -> str:
             from importlib.metadata import version
 
             versions.append(f"{pkg} {version(pkg.replace('_', '-'))}")
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    where = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    )
     model = "SmolLM2-135M-Instruct" if args.model == "default" else "random Llama-3.2-1B-shaped model"
     alloc = ", glibc keeping freed memory (`hooks.keep_freed_memory()`)" if args.keep_freed_memory else ""
-    return (f"### {model}, {args.device} {args.dtype}, {args.threads} torch thread(s){alloc}\n\n"
-            f"Machine: {where}; {', '.join(versions)}. Load average at start: "
-            f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n")
+    return (
+        f"### {model}, {args.device} {args.dtype}, {args.threads} torch thread(s){alloc}\n\n"
+        f"Machine: {where}; {', '.join(versions)}. Load average at start: "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}.\n"
+    )
 
 
 def main() -> None:
@@ -435,9 +517,12 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=20)
     ap.add_argument("--no-interop", action="store_true", help="skip TransformerLens and nnsight")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory tables")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="every table's process calls hooks.keep_freed_memory() first (glibc keeps freed "
-                         "memory): the docs' tuning for caching large activations on a CPU")
+    ap.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="every table's process calls hooks.keep_freed_memory() first (glibc keeps freed "
+        "memory): the docs' tuning for caching large activations on a CPU",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 rounds, 2-layer sweeps")
     ap.add_argument("--out", default=None, help="write the Markdown tables to this file")
     # internal: one table, or one memory case, per process

@@ -51,8 +51,9 @@ CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
 
 
 def run_ours(model, **kwargs):
-    return activation_patching(model, CLEAN, CORRUPT, answers=(" Mary", " John"), component="resid_pre",
-                               **kwargs).values
+    return activation_patching(
+        model, CLEAN, CORRUPT, answers=(" Mary", " John"), component="resid_pre", **kwargs
+    ).values
 
 
 def run_ours_tl_metric(model):
@@ -68,8 +69,13 @@ def make_tl(model):
     import transformer_lens as tl
     import transformer_lens.patching as tl_patching
 
-    bridge = tl.TransformerBridge.boot_transformers("HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=model.to_hf(),
-                                                    tokenizer=model.tokenizer, dtype=torch.float32, device="cpu")
+    bridge = tl.TransformerBridge.boot_transformers(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        hf_model=model.to_hf(),
+        tokenizer=model.tokenizer,
+        dtype=torch.float32,
+        device="cpu",
+    )
     bridge.cfg.default_prepend_bos = False
     bridge.eval()
     mary, john = model.to_single_token(" Mary"), model.to_single_token(" John")
@@ -133,8 +139,20 @@ def make_hf(model, batched: bool):
 def attribution_cost(model, rounds: int) -> dict:
     """Attribution patching (4 and all 12 components) in forward-equivalents, median over rounds."""
     ids = model.to_tokens(CLEAN)
-    every = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "result", "q", "k", "v",
-             "pattern", "neurons"]
+    every = [
+        "resid_pre",
+        "resid_mid",
+        "resid_post",
+        "attn_out",
+        "mlp_out",
+        "z",
+        "result",
+        "q",
+        "k",
+        "v",
+        "pattern",
+        "neurons",
+    ]
     fwd, four, all12 = [], [], []
     for _ in range(rounds):
         with torch.no_grad():
@@ -148,10 +166,13 @@ def attribution_cost(model, rounds: int) -> dict:
         attribution_patching(model, CLEAN, CORRUPT, answers=(" Mary", " John"), components=every)
         all12.append(time.perf_counter() - t)
     f = statistics.median(fwd)
-    return {"forward_s": f, "attr_4_components_s": statistics.median(four),
-            "attr_4_components_fwd_equiv": statistics.median(four) / f,
-            "attr_all_12_components_s": statistics.median(all12),
-            "attr_all_12_components_fwd_equiv": statistics.median(all12) / f}
+    return {
+        "forward_s": f,
+        "attr_4_components_s": statistics.median(four),
+        "attr_4_components_fwd_equiv": statistics.median(four) / f,
+        "attr_all_12_components_s": statistics.median(all12),
+        "attr_all_12_components_fwd_equiv": statistics.median(all12) / f,
+    }
 
 
 def correlations(model) -> dict:
@@ -175,9 +196,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = HookedLlama.default()
-    methods = {"ours": lambda: run_ours(model), "ours_tl_metric": lambda: run_ours_tl_metric(model),
-               "ours_no_prefix": lambda: run_ours(model, reuse_prefix=False),
-               "hf_batched": make_hf(model, batched=True)}
+    methods = {
+        "ours": lambda: run_ours(model),
+        "ours_tl_metric": lambda: run_ours_tl_metric(model),
+        "ours_no_prefix": lambda: run_ours(model, reuse_prefix=False),
+        "hf_batched": make_hf(model, batched=True),
+    }
     if not args.quick:
         try:
             methods["tl"] = make_tl(model)
@@ -189,7 +213,7 @@ def main(argv=None) -> int:
     times = {n: [] for n in names}
     grids = {}
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             t = time.perf_counter()
             grids[name] = methods[name]()
@@ -200,8 +224,12 @@ def main(argv=None) -> int:
     ours = statistics.median(times["ours"])
     for name in names:
         med = statistics.median(times[name])
-        report["methods"][name] = {"median_s": med, "all_s": times[name], "speedup_of_ours": med / ours,
-                                   "max_abs_diff_vs_ours": float((grids[name].float() - ref).abs().max())}
+        report["methods"][name] = {
+            "median_s": med,
+            "all_s": times[name],
+            "speedup_of_ours": med / ours,
+            "max_abs_diff_vs_ours": float((grids[name].float() - ref).abs().max()),
+        }
     report["attribution"] = attribution_cost(model, max(3, args.rounds))
     report["attribution_vs_activation_pearson"] = correlations(model)
     metric = logit_diff(model, " Mary", " John")
@@ -213,10 +241,14 @@ def main(argv=None) -> int:
     for name, row in report["methods"].items():
         print(f"{name:15s} {row['median_s']:9.2f} {row['speedup_of_ours']:10.1f} {row['max_abs_diff_vs_ours']:16.2e}")
     a = report["attribution"]
-    print(f"attribution patching: 4 components {a['attr_4_components_fwd_equiv']:.2f} forward-equivalents, "
-          f"all 12 {a['attr_all_12_components_fwd_equiv']:.2f} (one forward {a['forward_s'] * 1e3:.0f} ms)")
-    print("attribution vs activation patching (Pearson):",
-          ", ".join(f"{k} {v:.3f}" for k, v in report["attribution_vs_activation_pearson"].items()))
+    print(
+        f"attribution patching: 4 components {a['attr_4_components_fwd_equiv']:.2f} forward-equivalents, "
+        f"all 12 {a['attr_all_12_components_fwd_equiv']:.2f} (one forward {a['forward_s'] * 1e3:.0f} ms)"
+    )
+    print(
+        "attribution vs activation patching (Pearson):",
+        ", ".join(f"{k} {v:.3f}" for k, v in report["attribution_vs_activation_pearson"].items()),
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -65,20 +65,49 @@ def main() -> None:
     train = [p for i, p in enumerate(paras) if i % 10]
     held = [p for i, p in enumerate(paras) if i % 10 == 0]
     hook = f"blocks.{args.layer}.hook_resid_post"
-    res = train_sae(model, hook, train, args.out, expansion=args.expansion, k=args.k, steps=args.steps,
-                    batch_size=args.batch_size, lr=args.lr, max_tokens=args.max_tokens, overwrite=True)
+    res = train_sae(
+        model,
+        hook,
+        train,
+        args.out,
+        expansion=args.expansion,
+        k=args.k,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_tokens=args.max_tokens,
+        overwrite=True,
+    )
     t_train = time.time() - t0
     m = sae_metrics(model, res.sae, held, max_tokens=args.max_tokens)
     inl = sae_metrics(model, res.sae, held, max_tokens=args.max_tokens, outlier_ratio=10.0)
     total = time.time() - t0
-    print(json.dumps({"hook": hook, "d_sae": res.sae.d_sae, "k": args.k, "steps": res.steps,
-                      "train_texts": len(train), "heldout_texts": len(held), "heldout_tokens": m.n_tokens,
-                      "fve": round(m.fve, 4), "fve_without_outliers": round(inl.fve, 4),
-                      "outlier_tokens": m.n_tokens - inl.n_tokens, "l0": m.l0, "ce_clean": round(m.ce_clean, 4),
-                      "ce_spliced": round(m.ce_spliced, 4), "ce_zero": round(m.ce_zero, 4),
-                      "ce_recovered": round(m.ce_recovered, 4), "kl": round(m.kl, 4),
-                      "ce_recovered_without_outliers": round(inl.ce_recovered, 4), "dead": m.dead,
-                      "seconds_to_trained": round(t_train), "seconds_total": round(total)}))
+    print(
+        json.dumps(
+            {
+                "hook": hook,
+                "d_sae": res.sae.d_sae,
+                "k": args.k,
+                "steps": res.steps,
+                "train_texts": len(train),
+                "heldout_texts": len(held),
+                "heldout_tokens": m.n_tokens,
+                "fve": round(m.fve, 4),
+                "fve_without_outliers": round(inl.fve, 4),
+                "outlier_tokens": m.n_tokens - inl.n_tokens,
+                "l0": m.l0,
+                "ce_clean": round(m.ce_clean, 4),
+                "ce_spliced": round(m.ce_spliced, 4),
+                "ce_zero": round(m.ce_zero, 4),
+                "ce_recovered": round(m.ce_recovered, 4),
+                "kl": round(m.kl, 4),
+                "ce_recovered_without_outliers": round(inl.ce_recovered, 4),
+                "dead": m.dead,
+                "seconds_to_trained": round(t_train),
+                "seconds_total": round(total),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

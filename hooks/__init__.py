@@ -7,11 +7,23 @@
 
 from .allocator import keep_freed_memory
 from .cache import ActivationCache
-from .errors import (HookError, InputError, LoadError, NonFiniteError, ScalpelError,
-                     UnsupportedArchitectureError)
+from .errors import HookError, InputError, LoadError, NonFiniteError, ScalpelError, UnsupportedArchitectureError
 from .generation import KVCache
 from .hook_points import HookPoint, act_name, get_act_name
 from .model import HookedLlama
 
-__all__ = ["HookedLlama", "ActivationCache", "HookPoint", "KVCache", "act_name", "get_act_name", "ScalpelError", "HookError",
-           "InputError", "LoadError", "NonFiniteError", "UnsupportedArchitectureError", "keep_freed_memory"]
+__all__ = [
+    "HookedLlama",
+    "ActivationCache",
+    "HookPoint",
+    "KVCache",
+    "act_name",
+    "get_act_name",
+    "ScalpelError",
+    "HookError",
+    "InputError",
+    "LoadError",
+    "NonFiniteError",
+    "UnsupportedArchitectureError",
+    "keep_freed_memory",
+]

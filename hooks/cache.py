@@ -45,9 +45,14 @@ class ActivationCache:
         if name in self.store:
             return self.store[name]
         if name in self.model.hook_registry.points:
-            hint = ("hook_result is computed only when asked: run_with_cache(..., names_filter=...) naming it, "
-                    "or use cache.stack_head_results()") if name.endswith("hook_result") else \
-                "run_with_cache with a names_filter that includes it"
+            hint = (
+                (
+                    "hook_result is computed only when asked: run_with_cache(..., names_filter=...) naming it, "
+                    "or use cache.stack_head_results()"
+                )
+                if name.endswith("hook_result")
+                else "run_with_cache with a names_filter that includes it"
+            )
             raise HookError(f"{name!r} was not cached; {hint}")
         self.model.hook_registry.get(name)  # raises with the closest valid names
         raise HookError(f"{name!r} was not cached")
@@ -71,8 +76,9 @@ class ActivationCache:
         return self.store.items()
 
     def to(self, device=None, dtype=None) -> "ActivationCache":
-        return ActivationCache({k: v.to(device=device, dtype=dtype) for k, v in self.store.items()}, self.model,
-                               self.has_batch_dim)
+        return ActivationCache(
+            {k: v.to(device=device, dtype=dtype) for k, v in self.store.items()}, self.model, self.has_batch_dim
+        )
 
     def remove_batch_dim(self) -> "ActivationCache":
         """Drop a batch dimension of size 1 from every activation (a new cache)."""
@@ -100,13 +106,16 @@ class ActivationCache:
         if layer is None:
             return n
         if isinstance(layer, bool) or not isinstance(layer, int) or not -(n + 1) <= layer <= n:
-            raise InputError(f"{what}={layer!r} is out of range; pass 0..{n} ({n} = the final residual stream) "
-                             f"or -{n + 1}..-1 (-1 = {n})")
+            raise InputError(
+                f"{what}={layer!r} is out of range; pass 0..{n} ({n} = the final residual stream) "
+                f"or -{n + 1}..-1 (-1 = {n})"
+            )
         return layer + n + 1 if layer < 0 else layer
 
     # ----------------------------------------------------------------- stacking
-    def stack_activation(self, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None
-                         ) -> torch.Tensor:
+    def stack_activation(
+        self, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None
+    ) -> torch.Tensor:
         """[layer, ...] of a per-layer activation for every layer before ``layer`` (default: all),
         e.g. ``stack_activation("pattern")``."""
         stop = self._boundary(layer)
@@ -115,9 +124,16 @@ class ActivationCache:
             return first.new_zeros((0,) + tuple(first.shape))
         return torch.stack([self[activation_name, i, sublayer_type] for i in range(stop)])
 
-    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
-                          pos_slice=None, mlp_input: bool = False, return_labels: bool = False,
-                          recompute_ln: bool | None = None):
+    def accumulated_resid(
+        self,
+        layer: int | None = None,
+        incl_mid: bool = False,
+        apply_ln: bool = False,
+        pos_slice=None,
+        mlp_input: bool = False,
+        return_labels: bool = False,
+        recompute_ln: bool | None = None,
+    ):
         """The residual stream at each layer boundary up to and including ``layer`` (TransformerLens's
         semantics): ``0_pre … {layer}_pre``, with ``final_post`` when ``layer`` is n_layers (the default,
         also -1). ``incl_mid`` adds ``{l}_mid`` for the layers before ``layer``; ``mlp_input`` adds
@@ -132,21 +148,32 @@ class ActivationCache:
         parts, labels = [], []
         for i in range(stop + 1):
             if i == n:
-                parts.append(self["resid_post", n - 1]); labels.append("final_post")
+                parts.append(self["resid_post", n - 1])
+                labels.append("final_post")
                 continue
-            parts.append(self["resid_pre", i]); labels.append(f"{i}_pre")
+            parts.append(self["resid_pre", i])
+            labels.append(f"{i}_pre")
             if (incl_mid and i < stop) or (mlp_input and i == stop):
-                parts.append(self["resid_mid", i]); labels.append(f"{i}_mid")
+                parts.append(self["resid_mid", i])
+                labels.append(f"{i}_mid")
         stack = torch.stack([_slice(p, pos_slice) for p in parts])
         if apply_ln:
             recompute = (stop == n) if recompute_ln is None else recompute_ln
-            stack = self.apply_ln_to_stack(stack, stop, mlp_input=mlp_input, pos_slice=pos_slice,
-                                           recompute_ln=recompute)
+            stack = self.apply_ln_to_stack(
+                stack, stop, mlp_input=mlp_input, pos_slice=pos_slice, recompute_ln=recompute
+            )
         return (stack, labels) if return_labels else stack
 
-    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
-                        apply_ln: bool = False, pos_slice=None, incl_embeds: bool = True,
-                        return_labels: bool = False):
+    def decompose_resid(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        mode: str = "all",
+        apply_ln: bool = False,
+        pos_slice=None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+    ):
         """Everything written to the residual stream before ``layer`` (default and -1: the unembed):
         embed, then ``{l}_attn_out`` / ``{l}_mlp_out`` for each earlier layer, plus ``{layer}_attn_out``
         with ``mlp_input``. ``mode`` "attn" / "mlp" keeps one kind. The components sum to the residual
@@ -158,21 +185,31 @@ class ActivationCache:
             raise InputError("mlp_input=True needs a layer below n_layers (the unembed has no MLP)")
         parts, labels = [], []
         if incl_embeds:
-            parts.append(self["hook_embed"]); labels.append("embed")
+            parts.append(self["hook_embed"])
+            labels.append("embed")
         for i in range(stop):
             if mode != "mlp":
-                parts.append(self["attn_out", i]); labels.append(f"{i}_attn_out")
+                parts.append(self["attn_out", i])
+                labels.append(f"{i}_attn_out")
             if mode != "attn":
-                parts.append(self["mlp_out", i]); labels.append(f"{i}_mlp_out")
+                parts.append(self["mlp_out", i])
+                labels.append(f"{i}_mlp_out")
         if mlp_input and mode != "mlp":
-            parts.append(self["attn_out", stop]); labels.append(f"{stop}_attn_out")
+            parts.append(self["attn_out", stop])
+            labels.append(f"{stop}_attn_out")
         stack = self._stack(parts, pos_slice)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, stop, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
-    def stack_head_results(self, layer: int | None = -1, return_labels: bool = False, incl_remainder: bool = False,
-                           pos_slice=None, apply_ln: bool = False):
+    def stack_head_results(
+        self,
+        layer: int | None = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice=None,
+        apply_ln: bool = False,
+    ):
         """Per-head contributions to the residual stream of every layer before ``layer`` (default: all),
         [layer*head (+1), B, P, M]; o_proj bias excluded. ``incl_remainder`` appends the rest of the
         residual stream entering ``layer`` (so the stack sums to it).
@@ -216,10 +253,18 @@ class ActivationCache:
             idx = torch.as_tensor(neurons, dtype=torch.long).reshape(-1)
             post, w = post[..., idx], w[:, idx]
         return post.movedim(-1, 0)[..., None] * w.T.to(post.device, post.dtype).reshape(
-            (w.shape[1],) + (1,) * (post.dim() - 1) + (w.shape[0],))
+            (w.shape[1],) + (1,) * (post.dim() - 1) + (w.shape[0],)
+        )
 
-    def stack_neuron_results(self, layer: int | None, pos_slice=None, neuron_slice=None, return_labels: bool = False,
-                             incl_remainder: bool = False, apply_ln: bool = False):
+    def stack_neuron_results(
+        self,
+        layer: int | None,
+        pos_slice=None,
+        neuron_slice=None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+    ):
         """Every MLP neuron's contribution of every layer before ``layer`` (TransformerLens's semantics;
         -1 = all layers), [layer*neuron (+1), B, P, M], labels ``L{l}N{n}``. ``neuron_slice`` picks
         neurons (an int, a list or a slice); ``incl_remainder`` appends the rest of the residual stream."""
@@ -229,23 +274,30 @@ class ActivationCache:
         labels = [f"L{i}N{j}" for i in range(stop) for j in idx.tolist()]
         return self._finish_stack(parts, labels, stop, pos_slice, incl_remainder, apply_ln, return_labels)
 
-    def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
-                                     expand_neurons: bool = True, apply_ln: bool = False, pos_slice=None,
-                                     return_labels: bool = False):
+    def get_full_resid_decomposition(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice=None,
+        return_labels: bool = False,
+    ):
         """Every head, every neuron (or MLP layer with ``expand_neurons=False``), the embedding and the
         summed biases that make the residual stream entering ``layer`` (its MLP with ``mlp_input``):
         [component, B, P, M] in TransformerLens's order (heads, neurons, ``embed``, ``bias``)."""
         stop = self._boundary(layer)
-        heads, labels = self.stack_head_results(stop + (1 if mlp_input else 0), return_labels=True,
-                                                pos_slice=pos_slice)
+        heads, labels = self.stack_head_results(stop + (1 if mlp_input else 0), return_labels=True, pos_slice=pos_slice)
         parts = [heads]
         if stop > 0:
             if expand_neurons:
                 neurons, more = self.stack_neuron_results(stop, pos_slice=pos_slice, return_labels=True)
             else:
-                neurons, more = self.decompose_resid(stop, mode="mlp", pos_slice=pos_slice, incl_embeds=False,
-                                                     return_labels=True)
-            parts.append(neurons); labels = labels + more
+                neurons, more = self.decompose_resid(
+                    stop, mode="mlp", pos_slice=pos_slice, incl_embeds=False, return_labels=True
+                )
+            parts.append(neurons)
+            labels = labels + more
         embed = _slice(self["hook_embed"], pos_slice)[None]
         bias = self._bias_into(stop, mlp_input, expand_neurons).to(embed.device, embed.dtype).expand_as(embed)
         parts += [embed, bias]
@@ -286,9 +338,16 @@ class ActivationCache:
         return layer % n
 
     # ----------------------------------------------------------------- final norm and logits
-    def apply_ln_to_stack(self, residual_stack: torch.Tensor, layer: int | None = None, mlp_input: bool = False,
-                          pos_slice=None, batch_slice=None, has_batch_dim: bool = True,
-                          recompute_ln: bool = False) -> torch.Tensor:
+    def apply_ln_to_stack(
+        self,
+        residual_stack: torch.Tensor,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        pos_slice=None,
+        batch_slice=None,
+        has_batch_dim: bool = True,
+        recompute_ln: bool = False,
+    ) -> torch.Tensor:
         """Treat each component of ``residual_stack`` as input of the RMSNorm before ``layer`` (default
         and -1: the final norm; ``mlp_input``: ln2) and normalise it linearly: divide by the scale cached
         at that norm's ``hook_scale`` and multiply by the norm's weight, so components sum to the
@@ -321,8 +380,16 @@ class ActivationCache:
             scale = _slice(scale, batch_slice, dim=0)
         return stack / scale.to(stack.device, stack.dtype) * weight
 
-    def logit_attrs(self, residual_stack: torch.Tensor, tokens, incorrect_tokens=None, pos_slice=None,
-                    batch_slice=None, has_batch_dim: bool = True, has_ln: bool = False) -> torch.Tensor:
+    def logit_attrs(
+        self,
+        residual_stack: torch.Tensor,
+        tokens,
+        incorrect_tokens=None,
+        pos_slice=None,
+        batch_slice=None,
+        has_batch_dim: bool = True,
+        has_ln: bool = False,
+    ) -> torch.Tensor:
         """Direct logit attribution of each component of ``residual_stack`` [component, B, (P,) M] to
         ``tokens`` (minus ``incorrect_tokens``): components go through the final norm (cached scale and
         weight, see ``apply_ln_to_stack``) unless ``has_ln``, then onto the unembedding directions.
@@ -330,8 +397,9 @@ class ActivationCache:
         was sliced with (e.g. -1)."""
         stack = residual_stack
         if not has_ln:
-            stack = self.apply_ln_to_stack(stack, pos_slice=pos_slice, batch_slice=batch_slice,
-                                           has_batch_dim=has_batch_dim)
+            stack = self.apply_ln_to_stack(
+                stack, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
+            )
         directions = self._unembed_dirs(tokens, stack)
         if incorrect_tokens is not None:
             directions = directions - self._unembed_dirs(incorrect_tokens, stack)

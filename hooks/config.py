@@ -14,8 +14,12 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from .errors import LoadError, UnsupportedArchitectureError
 
 # model_type -> the family's own transformers class (the reference for every check)
-FAMILY_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
+FAMILY_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_CLASSES)
 SUPPORTED_CLASSES = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM"
 SUPPORTED_TEXT = f"{SUPPORTED_CLASSES} checkpoints (model_type 'llama', 'mistral', 'qwen2' or 'qwen3')"
@@ -122,7 +126,9 @@ def rope_init(config: LlamaConfig, device=None, seq_len: int | None = None) -> t
     if kind == "default":
         dim = head_dim(config)
         base = rope_parameters(config)["rope_theta"]
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        inv_freq = 1.0 / (
+            base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim)
+        )
         return inv_freq, 1.0
     if kind not in ROPE_INIT_FUNCTIONS:
         raise UnsupportedArchitectureError(
@@ -149,8 +155,16 @@ def check_supported(config) -> None:
 
 
 # config.json fields the model is built from, with the type each must have (absent or null: the default).
-_POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim")
+_POSITIVE_INTS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "head_dim",
+)
 _POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 _OPTIONAL = ("num_key_value_heads", "head_dim", "rope_theta", "attention_bias", "mlp_bias", "tie_word_embeddings")
@@ -158,10 +172,12 @@ _OPTIONAL = ("num_key_value_heads", "head_dim", "rope_theta", "attention_bias", 
 
 def check_config_fields(raw: dict, file) -> None:
     """A wrongly typed or out-of-domain value in config.json, as one line naming the field (before any work)."""
+
     def bad(key: str, must: str) -> LoadError:
         value = raw[key]
-        return LoadError(f"{file}: {key!r} is {value!r} ({type(value).__name__}) but must be {must}; "
-                         "fix it in config.json")
+        return LoadError(
+            f"{file}: {key!r} is {value!r} ({type(value).__name__}) but must be {must}; fix it in config.json"
+        )
 
     for key in _POSITIVE_INTS + _POSITIVE_FLOATS + _BOOLS:
         if key not in raw or (raw[key] is None and key in _OPTIONAL):

@@ -35,8 +35,14 @@ def wants_sampling(do_sample: bool | None, temperature: float | None, top_k, top
     return temperature is not None or top_k is not None or top_p is not None
 
 
-def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float | None, top_k: int | None,
-                top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    do_sample: bool,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Next token ids [B] from last-position logits [B, V] (temperature → top-k → top-p, as HF)."""
     if not do_sample:
         return logits.argmax(-1)
@@ -66,24 +72,44 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, do_sample=None) -
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if temperature is not None and not (number(temperature) and temperature == 0 and do_sample is not True):
         if not number(temperature) or not math.isfinite(temperature) or temperature <= 0:
-            raise InputError(f"temperature must be a finite number > 0, got {temperature!r}; use do_sample=False for "
-                             "greedy decoding")
+            raise InputError(
+                f"temperature must be a finite number > 0, got {temperature!r}; use do_sample=False for greedy decoding"
+            )
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
         raise InputError(f"top_k must be an integer >= 1 (or 0/None for no top-k filtering), got {top_k!r}")
     if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
         raise InputError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
-def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sample: bool | None, temperature, top_k,
-             top_p, stop_at_eos: bool, return_type: str, seed: int | None, verbose: bool, use_past_kv_cache: bool = True,
-             eos_token_id=None, freq_penalty: float = 0.0, prepend_bos: bool | None = None, streamer=None,
-             min_new_tokens: int = 0):
+def generate(
+    model,
+    input,
+    max_new_tokens: int,
+    *,
+    attention_mask=None,
+    do_sample: bool | None,
+    temperature,
+    top_k,
+    top_p,
+    stop_at_eos: bool,
+    return_type: str,
+    seed: int | None,
+    verbose: bool,
+    use_past_kv_cache: bool = True,
+    eos_token_id=None,
+    freq_penalty: float = 0.0,
+    prepend_bos: bool | None = None,
+    streamer=None,
+    min_new_tokens: int = 0,
+):
     if return_type not in ("input", "str", "tokens", "completion"):
         raise InputError(f"return_type must be 'input', 'str', 'tokens' or 'completion', got {return_type!r}")
     _check_sampling(max_new_tokens, temperature, top_k, top_p, do_sample)
     if not isinstance(input, (str, list, tuple, torch.Tensor)):
-        raise InputError(f"generate takes a prompt string, a list of prompts, chat messages or a token tensor, "
-                         f"got {type(input).__name__}")
+        raise InputError(
+            f"generate takes a prompt string, a list of prompts, chat messages or a token tensor, "
+            f"got {type(input).__name__}"
+        )
     do_sample = wants_sampling(do_sample, temperature, top_k, top_p)
     text_in = not isinstance(input, torch.Tensor)
     single_text = isinstance(input, str) or (text_in and input and isinstance(input[0], dict))
@@ -93,15 +119,19 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
         tokens = input[None] if input.dim() == 1 else input
         mask = torch.ones_like(tokens) if attention_mask is None else torch.as_tensor(attention_mask)
         if mask.shape != tokens.shape:
-            raise InputError(f"attention_mask has shape {tuple(mask.shape)} but the tokens have shape "
-                             f"{tuple(tokens.shape)}; pass one 0/1 entry per token (0 = padding)")
+            raise InputError(
+                f"attention_mask has shape {tuple(mask.shape)} but the tokens have shape "
+                f"{tuple(tokens.shape)}; pass one 0/1 entry per token (0 = padding)"
+            )
     limit = model.config.max_position_embeddings
     n_prompt = tokens.shape[-1]
     if n_prompt <= limit < n_prompt + max_new_tokens - 1:  # checked up front: no work is thrown away at the limit
-        raise InputError(f"the prompt ({n_prompt} tokens) plus max_new_tokens={max_new_tokens} needs "
-                         f"{n_prompt + max_new_tokens - 1} positions but the model supports {limit} "
-                         f"(max_position_embeddings); lower max_new_tokens to at most {limit - n_prompt + 1} or "
-                         "shorten the prompt")
+        raise InputError(
+            f"the prompt ({n_prompt} tokens) plus max_new_tokens={max_new_tokens} needs "
+            f"{n_prompt + max_new_tokens - 1} positions but the model supports {limit} "
+            f"(max_position_embeddings); lower max_new_tokens to at most {limit - n_prompt + 1} or "
+            "shorten the prompt"
+        )
     device = model.device
     tokens, mask = tokens.to(device), mask.to(device)
     generator = None
@@ -110,7 +140,7 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
     eos = eos_token_id if eos_token_id is not None else getattr(model.config, "eos_token_id", None)
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
     tok = model.tokenizer
-    pad = (tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None)
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else None
     pad = pad if pad is not None else (min(eos_ids) if eos_ids else 0)
 
     cache = KVCache(model.n_layers) if use_past_kv_cache else None
@@ -131,7 +161,7 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
             logits = model(out, attention_mask=mask)
         last = logits[:, -1]
         if freq_penalty:
-            new = out[:, tokens.shape[1]:]
+            new = out[:, tokens.shape[1] :]
             counts = torch.zeros_like(last).scatter_add_(-1, new, torch.ones_like(new, dtype=last.dtype))
             last = last - freq_penalty * counts
         nxt = sample_next(last, do_sample, temperature, top_k, top_p, generator)
@@ -149,10 +179,10 @@ def generate(model, input, max_new_tokens: int, *, attention_mask=None, do_sampl
         streamer.end()
     if return_type == "tokens" or (return_type == "input" and not text_in):
         return out
-    new = out[:, tokens.shape[1]:]
+    new = out[:, tokens.shape[1] :]
     texts = [tok.decode(row, skip_special_tokens=True) for row in new.tolist()]
     if return_type == "completion":  # the new text only (e.g. an assistant's reply to chat messages)
         return texts[0] if single_text else texts
-    prompts = [tok.decode(row[m.bool()].tolist()) for row, m in zip(tokens, mask[:, :tokens.shape[1]])]
+    prompts = [tok.decode(row[m.bool()].tolist()) for row, m in zip(tokens, mask[:, : tokens.shape[1]])]
     full = [p + t for p, t in zip(prompts, texts)]
     return full[0] if single_text else full

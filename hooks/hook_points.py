@@ -79,10 +79,28 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
 
 get_act_name = act_name  # TransformerLens's name for it
 
-_TL_ALIASES = {"attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v", "mlp_pre": "pre",
-               "mlp_post": "post", "attention": "pattern"}
-_TL_LAYER_TYPES = {"a": "attn", "attention": "attn", "m": "mlp", "b": "", "block": "", "blocks": "",
-                   "ln1": "ln1", "ln2": "ln2", "attn": "attn", "mlp": "mlp", "": ""}
+_TL_ALIASES = {
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_post": "post",
+    "attention": "pattern",
+}
+_TL_LAYER_TYPES = {
+    "a": "attn",
+    "attention": "attn",
+    "m": "mlp",
+    "b": "",
+    "block": "",
+    "blocks": "",
+    "ln1": "ln1",
+    "ln2": "ln2",
+    "attn": "attn",
+    "mlp": "mlp",
+    "": "",
+}
 
 
 def _tl_act_name(name: str, layer, layer_type) -> str:
@@ -95,8 +113,9 @@ def _tl_act_name(name: str, layer, layer_type) -> str:
         if layer is None:
             return f"ln_final.hook_{name}"
         if layer_type not in ("ln1", "ln2"):
-            raise HookError(f"act_name({name!r}, {layer}) needs layer_type 'ln1' or 'ln2', "
-                            f"e.g. act_name({name!r}, {layer}, 'ln1')")
+            raise HookError(
+                f"act_name({name!r}, {layer}) needs layer_type 'ln1' or 'ln2', e.g. act_name({name!r}, {layer}, 'ln1')"
+            )
         return f"blocks.{int(layer)}.{layer_type}.hook_{name}"
     if name in _ACT_NAMES and layer is not None and "{}" in _ACT_NAMES[name]:
         return _ACT_NAMES[name].format(int(layer))
@@ -256,8 +275,10 @@ class HookPoint(nn.Module):
             from .errors import NonFiniteError
 
             after = " (after its hooks ran)" if self.fwd_hooks else ""
-            raise NonFiniteError(f"non-finite value (NaN or inf) at {self.name}{after}; check the input, the weights "
-                                 "or the hook that produced it")
+            raise NonFiniteError(
+                f"non-finite value (NaN or inf) at {self.name}{after}; check the input, the weights "
+                "or the hook that produced it"
+            )
         return x
 
     def _run(self, handle: HookHandle, x: torch.Tensor) -> torch.Tensor:
@@ -305,9 +326,13 @@ def check_replacement(name: str, fn, x: torch.Tensor, out) -> torch.Tensor:
             "return a tensor of the same shape"
         )
     if out.dtype != x.dtype:
-        raise HookError(f"{where} returned dtype {out.dtype} but the hook point has {x.dtype}; cast with .to({x.dtype})")
+        raise HookError(
+            f"{where} returned dtype {out.dtype} but the hook point has {x.dtype}; cast with .to({x.dtype})"
+        )
     if out.device != x.device:
-        raise HookError(f"{where} returned a tensor on {out.device} but the hook point is on {x.device}; move it with .to()")
+        raise HookError(
+            f"{where} returned a tensor on {out.device} but the hook point is on {x.device}; move it with .to()"
+        )
     return out
 
 
@@ -326,7 +351,7 @@ class HookRegistry:
         """Our name for an alias, and ``blocks.-1.…`` counted from the end (``blocks.{n-1}.…``)."""
         match = re.match(r"blocks\.(-\d+)\.", name)
         if match and -self.n_layers <= int(match.group(1)) < 0:
-            name = f"blocks.{int(match.group(1)) + self.n_layers}." + name[match.end():]
+            name = f"blocks.{int(match.group(1)) + self.n_layers}." + name[match.end() :]
         return self.aliases.get(name, name)
 
     def resolve(self, name_or_filter: NameOrFilter | Iterable[str]) -> list[HookPoint]:
@@ -354,10 +379,17 @@ class HookRegistry:
 
 
 # TransformerLens 4.3 bridge names that are the same tensor as one of ours (per block, then global).
-_BLOCK_ALIASES = {"hook_in": "hook_resid_pre", "hook_out": "hook_resid_post", "ln1.hook_in": "hook_resid_pre",
-                  "ln2.hook_in": "hook_resid_mid", "attn.hook_out": "hook_attn_out", "mlp.hook_out": "hook_mlp_out",
-                  "mlp.gate.hook_out": "mlp.hook_pre", "mlp.in.hook_out": "mlp.hook_pre_linear",
-                  "mlp.out.hook_in": "mlp.hook_post"}
+_BLOCK_ALIASES = {
+    "hook_in": "hook_resid_pre",
+    "hook_out": "hook_resid_post",
+    "ln1.hook_in": "hook_resid_pre",
+    "ln2.hook_in": "hook_resid_mid",
+    "attn.hook_out": "hook_attn_out",
+    "mlp.hook_out": "hook_mlp_out",
+    "mlp.gate.hook_out": "mlp.hook_pre",
+    "mlp.in.hook_out": "mlp.hook_pre_linear",
+    "mlp.out.hook_in": "mlp.hook_post",
+}
 _GLOBAL_ALIASES = {"embed.hook_out": "hook_embed", "hook_unembed": "hook_logits", "unembed.hook_out": "hook_logits"}
 
 

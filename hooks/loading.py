@@ -29,9 +29,16 @@ GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # Buffers some checkpoints carry that are derived, not learned.
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
@@ -59,8 +66,7 @@ def resolve_source(path_or_id: str) -> Path:
     if path.exists():
         return path
     text = str(path_or_id)
-    looks_like_id = (text.count("/") == 1 and not text.startswith((".", "/", "~"))
-                     and not text.endswith(("/", ".gguf")))
+    looks_like_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(("/", ".gguf"))
     if not looks_like_id:
         raise LoadError(f"no such file or directory: {text}")
     try:
@@ -83,7 +89,9 @@ def read_config(directory: Path) -> LlamaConfig:
     except json.JSONDecodeError as exc:
         raise LoadError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is corrupt") from None
     if not isinstance(raw, dict):
-        raise LoadError(f"{file} holds a JSON {type(raw).__name__}, not an object of config fields; the file is corrupt")
+        raise LoadError(
+            f"{file} holds a JSON {type(raw).__name__}, not an object of config fields; the file is corrupt"
+        )
     model_type = raw.get("model_type")
     if model_type not in cfg.SUPPORTED_MODEL_TYPES:
         arch = ", ".join(raw.get("architectures") or []) or "unknown"
@@ -121,11 +129,15 @@ def read_state_dict(directory: Path, allow_pickle: bool = False) -> dict[str, to
     else:
         pickles = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
         if not pickles:
-            raise LoadError(f"{directory} has no model.safetensors (or index) and no pytorch_model.bin; "
-                            "it is not a complete checkpoint")
+            raise LoadError(
+                f"{directory} has no model.safetensors (or index) and no pytorch_model.bin; "
+                "it is not a complete checkpoint"
+            )
         if not allow_pickle:
-            raise LoadError(f"{directory} has only pickle weights ({pickles[0]}), which can run code when loaded; "
-                            "convert it to safetensors, or pass allow_pickle=True if you trust the file")
+            raise LoadError(
+                f"{directory} has only pickle weights ({pickles[0]}), which can run code when loaded; "
+                "convert it to safetensors, or pass allow_pickle=True if you trust the file"
+            )
         state = {}
         for name in pickles:
             state.update(torch.load(directory / name, map_location="cpu", weights_only=True))
@@ -140,8 +152,10 @@ def read_state_dict(directory: Path, allow_pickle: bool = False) -> dict[str, to
         except OSError as exc:  # the file system's reason (permission denied, I/O error …)
             raise LoadError(f"cannot read {file}: {exc.strerror or exc}; check the file and its permissions") from exc
         except (SafetensorError, ValueError) as exc:  # safetensors' own text stays in __cause__ (--debug)
-            raise LoadError(f"cannot read {file}: not a complete safetensors file; the file is corrupt or "
-                            "truncated, re-download or re-export it") from exc
+            raise LoadError(
+                f"cannot read {file}: not a complete safetensors file; the file is corrupt or "
+                "truncated, re-download or re-export it"
+            ) from exc
     return state
 
 
@@ -156,18 +170,24 @@ def load_tokenizer(directory: Path):
             try:
                 json.loads(file.read_bytes().decode("utf-8"))
             except UnicodeDecodeError:
-                raise LoadError(f"{file} is not UTF-8 text; the tokenizer is corrupt: re-download it, or remove "
-                                "the tokenizer files to load the model without one") from None
+                raise LoadError(
+                    f"{file} is not UTF-8 text; the tokenizer is corrupt: re-download it, or remove "
+                    "the tokenizer files to load the model without one"
+                ) from None
             except json.JSONDecodeError as exc:
-                raise LoadError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); the tokenizer is "
-                                "corrupt: re-download it, or remove the tokenizer files to load the model without "
-                                "one") from None
+                raise LoadError(
+                    f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); the tokenizer is "
+                    "corrupt: re-download it, or remove the tokenizer files to load the model without "
+                    "one"
+                ) from None
     try:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as exc:  # noqa: BLE001 - a tokenizer transformers cannot build, as one line
-        raise LoadError(f"cannot load the tokenizer in {directory} ({_first_line(exc)}); the tokenizer files are "
-                        "corrupt or incomplete: re-download them, or remove them to load the model without a "
-                        "tokenizer") from exc
+        raise LoadError(
+            f"cannot load the tokenizer in {directory} ({_first_line(exc)}); the tokenizer files are "
+            "corrupt or incomplete: re-download them, or remove them to load the model without a "
+            "tokenizer"
+        ) from exc
 
 
 def check_weights(state: dict[str, torch.Tensor], where: str) -> None:
@@ -176,29 +196,45 @@ def check_weights(state: dict[str, torch.Tensor], where: str) -> None:
         if tensor.device.type == "meta":
             continue
         if not tensor.is_floating_point():
-            raise LoadError(f"{where}: {name} holds {str(tensor.dtype).replace('torch.', '')} values, not floating "
-                            "point; llama-scalpel loads float32, bfloat16 or float16 weights (dequantise the "
-                            "checkpoint first)")
+            raise LoadError(
+                f"{where}: {name} holds {str(tensor.dtype).replace('torch.', '')} values, not floating "
+                "point; llama-scalpel loads float32, bfloat16 or float16 weights (dequantise the "
+                "checkpoint first)"
+            )
         if torch.isfinite(tensor.sum(dtype=torch.float32)):
             continue  # no NaN/inf (a sum overflowing from finite values falls through to the exact test)
         bad = (~torch.isfinite(tensor)).nonzero()
         if len(bad):
             index = tuple(bad[0].tolist())
             value = tensor[index].item()
-            raise LoadError(f"{where}: {name} holds a non-finite value ({value}) at index "
-                            f"{index if len(index) > 1 else index[0]}; the checkpoint is corrupt, re-download or "
-                            "re-export it")
+            raise LoadError(
+                f"{where}: {name} holds a non-finite value ({value}) at index "
+                f"{index if len(index) > 1 else index[0]}; the checkpoint is corrupt, re-download or "
+                "re-export it"
+            )
 
 
 # --------------------------------------------------------------------------- building
-def build(cls, config: LlamaConfig, state: dict[str, torch.Tensor], tokenizer=None, *, dtype=None, device=None,
-          where: str = "checkpoint"):
+def build(
+    cls,
+    config: LlamaConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer=None,
+    *,
+    dtype=None,
+    device=None,
+    where: str = "checkpoint",
+):
     """A model from a state dict with HF names; tensors are used as they are (no copy unless cast).
 
     A config with ``tie_word_embeddings: true`` whose file also holds an ``lm_head.weight`` that differs
     from the embeddings is loaded untied, as transformers does (it keeps the file's ``lm_head``)."""
-    if (config.tie_word_embeddings and "lm_head.weight" in state and "model.embed_tokens.weight" in state
-            and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])):
+    if (
+        config.tie_word_embeddings
+        and "lm_head.weight" in state
+        and "model.embed_tokens.weight" in state
+        and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    ):
         config.tie_word_embeddings = False
     with torch.device("meta"):
         model = cls(config, tokenizer)
@@ -212,15 +248,23 @@ def build(cls, config: LlamaConfig, state: dict[str, torch.Tensor], tokenizer=No
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensor(s) ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})")
+            parts.append(
+                f"missing {len(missing)} tensor(s) ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})"
+            )
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}{', …' if len(unexpected) > 3 else ''})")
-        raise LoadError(f"{where} does not match its config: {'; '.join(parts)}; it is not a complete "
-                        f"{cfg.family_class_name(config)} checkpoint for this config")
+            parts.append(
+                f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])}{', …' if len(unexpected) > 3 else ''})"
+            )
+        raise LoadError(
+            f"{where} does not match its config: {'; '.join(parts)}; it is not a complete "
+            f"{cfg.family_class_name(config)} checkpoint for this config"
+        )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise LoadError(f"{where}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                            f"{tuple(expected[name].shape)}; config.json and weights disagree")
+            raise LoadError(
+                f"{where}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                f"{tuple(expected[name].shape)}; config.json and weights disagree"
+            )
     check_weights(state, where)
     model.load_state_dict(state, strict=False, assign=True)
     _finish(model, config)
@@ -274,17 +318,20 @@ def gguf_architecture(path: Path) -> str:
         field = reader.fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
     except Exception as exc:
-        raise LoadError(f"cannot read {path} as GGUF ({type(exc).__name__}: {exc}); the file is corrupt or "
-                        "not a GGUF model") from None
+        raise LoadError(
+            f"cannot read {path} as GGUF ({type(exc).__name__}: {exc}); the file is corrupt or not a GGUF model"
+        ) from None
 
 
 def load_gguf(cls, path: Path, *, dtype=None, device=None):
     """De-quantise a GGUF through transformers' loader and share its tensors."""
     arch = gguf_architecture(path)
     if arch not in GGUF_ARCHITECTURES:
-        raise UnsupportedArchitectureError(f"unsupported GGUF architecture {arch!r} in {path}: llama-scalpel "
-                                           f"runs general.architecture {', '.join(map(repr, GGUF_ARCHITECTURES))} "
-                                           "(Llama and Mistral are 'llama')")
+        raise UnsupportedArchitectureError(
+            f"unsupported GGUF architecture {arch!r} in {path}: llama-scalpel "
+            f"runs general.architecture {', '.join(map(repr, GGUF_ARCHITECTURES))} "
+            "(Llama and Mistral are 'llama')"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with warnings.catch_warnings():
@@ -307,8 +354,10 @@ def plain_config(config) -> LlamaConfig:
 
 def wrap_hf(cls, hf_model, tokenizer=None):
     if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
-        raise UnsupportedArchitectureError(f"from_hf takes a transformers {cfg.SUPPORTED_CLASSES}, "
-                                           f"got {type(hf_model).__name__}; for a path or hub id use from_pretrained")
+        raise UnsupportedArchitectureError(
+            f"from_hf takes a transformers {cfg.SUPPORTED_CLASSES}, "
+            f"got {type(hf_model).__name__}; for a path or hub id use from_pretrained"
+        )
     config = hf_model.config
     if getattr(config, "model_type", None) not in cfg.SUPPORTED_MODEL_TYPES:
         raise UnsupportedArchitectureError(
@@ -327,10 +376,14 @@ def wrap_hf(cls, hf_model, tokenizer=None):
         theirs.setdefault("lm_head.weight", theirs["model.embed_tokens.weight"])
     missing = sorted(set(ours) - set(theirs))
     if missing:
-        raise UnsupportedArchitectureError(f"{type(hf_model).__name__} lacks {', '.join(missing[:3])}; "
-                                           f"it is not a standard {cfg.family_class_name(config)}")
-    check_weights({name: p.detach() for name, p in theirs.items() if name in ours},
-                  getattr(hf_model, "name_or_path", None) or type(hf_model).__name__)
+        raise UnsupportedArchitectureError(
+            f"{type(hf_model).__name__} lacks {', '.join(missing[:3])}; "
+            f"it is not a standard {cfg.family_class_name(config)}"
+        )
+    check_weights(
+        {name: p.detach() for name, p in theirs.items() if name in ours},
+        getattr(hf_model, "name_or_path", None) or type(hf_model).__name__,
+    )
     for name, param in theirs.items():
         if name in ours:
             _set_param(model, name, param)
@@ -412,8 +465,10 @@ def _write_cache(model, target: Path) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
-        warnings.warn(f"could not cache the default model at {target} ({exc}); set SCALPEL_CACHE to a writable "
-                      "directory to make later loads fast")
+        warnings.warn(
+            f"could not cache the default model at {target} ({exc}); set SCALPEL_CACHE to a writable "
+            "directory to make later loads fast"
+        )
 
 
 def write_checkpoint(model, directory: Path) -> list[str]:

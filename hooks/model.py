@@ -12,7 +12,8 @@ M d_model, F d_mlp (intermediate size), V vocab.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Sequence
+import functools
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,12 @@ from transformers.activations import ACT2FN
 from . import config as cfg
 from .cache import ActivationCache
 from .errors import HookError, InputError
-from .hook_points import HookFn, HookHandles, HookPoint, HookRegistry, NameOrFilter, RunContext, describe_filter
 from .hf_compat import HFSurfaceMixin
+from .hook_points import HookFn, HookHandles, HookPoint, HookRegistry, NameOrFilter, RunContext, describe_filter
 from .tl_compat import TransformerLensMixin
-from .tokens import Prepared, prepare_input, TokenizerMixin
+from .tokens import Prepared, TokenizerMixin, prepare_input
+
+T = TypeVar("T")
 
 
 class RMSNorm(nn.Module):
@@ -94,8 +97,7 @@ class AttentionMask:
 
     def sdpa_is_causal(self, window: int | None = None) -> bool:
         """True when SDPA's own causal mask is exact (no padding, no cached prefix, no window in reach)."""
-        return (self.padding is None and self.past_len == 0 and self.q_len > 1
-                and self.effective_window(window) is None)
+        return self.padding is None and self.past_len == 0 and self.q_len > 1 and self.effective_window(window) is None
 
     def needed_by_sdpa(self, window: int | None = None) -> bool:
         if self.effective_window(window) is not None:
@@ -177,11 +179,29 @@ class Attention(nn.Module):
 
     def hook_points(self) -> list[tuple[str, HookPoint]]:
         """(name prefix inside the block, hook point) in forward order."""
-        norms = [] if self.q_norm is None else (
-            [("attn.q_ln.", p) for p in self.q_norm.hook_points()] + [("attn.k_ln.", p) for p in self.k_norm.hook_points()])
-        return ([("", p) for p in (self.hook_q, self.hook_k, self.hook_v)] + norms
-                + [("", p) for p in (self.hook_rot_q, self.hook_rot_k, self.hook_attn_scores, self.hook_pattern,
-                                     self.hook_z, self.hook_result)])
+        norms = (
+            []
+            if self.q_norm is None
+            else (
+                [("attn.q_ln.", p) for p in self.q_norm.hook_points()]
+                + [("attn.k_ln.", p) for p in self.k_norm.hook_points()]
+            )
+        )
+        return (
+            [("", p) for p in (self.hook_q, self.hook_k, self.hook_v)]
+            + norms
+            + [
+                ("", p)
+                for p in (
+                    self.hook_rot_q,
+                    self.hook_rot_k,
+                    self.hook_attn_scores,
+                    self.hook_pattern,
+                    self.hook_z,
+                    self.hook_result,
+                )
+            ]
+        )
 
     @property
     def needs_eager(self) -> bool:
@@ -205,11 +225,13 @@ class Attention(nn.Module):
             z = eager_attention(q, k, v, m, self.scaling, self.hook_attn_scores, self.hook_pattern)
         elif mask.needed_by_sdpa(window):
             m = mask.additive(q.dtype, q.device, window)
-            z = F.scaled_dot_product_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep),
-                                               attn_mask=m, scale=self.scaling)
+            z = F.scaled_dot_product_attention(
+                q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), attn_mask=m, scale=self.scaling
+            )
         else:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=mask.sdpa_is_causal(), scale=self.scaling,
-                                               enable_gqa=self.n_rep > 1)
+            z = F.scaled_dot_product_attention(
+                q, k, v, is_causal=mask.sdpa_is_causal(), scale=self.scaling, enable_gqa=self.n_rep > 1
+            )
         z = self.hook_z(z.transpose(1, 2))  # [B, P, H, D]
         if self.hook_result.active:
             w = self.o_proj.weight.view(-1, self.n_heads, self.head_dim)  # [M, H, D]
@@ -258,10 +280,15 @@ class DecoderLayer(nn.Module):
 
     def hook_points(self) -> list[tuple[str, HookPoint]]:
         """(name prefix inside the block, hook point) in forward order."""
-        return ([("", self.hook_resid_pre)] + [("ln1.", p) for p in self.input_layernorm.hook_points()]
-                + self.self_attn.hook_points() + [("", self.hook_attn_out), ("", self.hook_resid_mid)]
-                + [("ln2.", p) for p in self.post_attention_layernorm.hook_points()]
-                + [("", p) for p in self.mlp.hook_points()] + [("", self.hook_mlp_out), ("", self.hook_resid_post)])
+        return (
+            [("", self.hook_resid_pre)]
+            + [("ln1.", p) for p in self.input_layernorm.hook_points()]
+            + self.self_attn.hook_points()
+            + [("", self.hook_attn_out), ("", self.hook_resid_mid)]
+            + [("ln2.", p) for p in self.post_attention_layernorm.hook_points()]
+            + [("", p) for p in self.mlp.hook_points()]
+            + [("", self.hook_mlp_out), ("", self.hook_resid_post)]
+        )
 
     def forward(self, x, cos, sin, mask: AttentionMask, kv_cache=None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
@@ -325,8 +352,9 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         self.hook_registry = HookRegistry(points, len(self.model.layers))
 
     @classmethod
-    def from_config(cls, config: LlamaConfig, tokenizer=None, *, seed: int | None = None,
-                    dtype: torch.dtype | None = None) -> "HookedLlama":
+    def from_config(
+        cls, config: LlamaConfig, tokenizer=None, *, seed: int | None = None, dtype: torch.dtype | None = None
+    ) -> "HookedLlama":
         """Random initialisation (HF's normal(0, initializer_range), norms at 1)."""
         if seed is not None:
             torch.manual_seed(seed)
@@ -343,13 +371,21 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         return model.to(dtype) if dtype is not None else model
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, *, dtype: torch.dtype | str | None = None, device=None,
-                        allow_pickle: bool = False, device_map=None) -> "HookedLlama":
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device=None,
+        allow_pickle: bool = False,
+        device_map=None,
+    ) -> "HookedLlama":
         """Load a local HF directory, a hub id already in the HF cache (offline), or a ``.gguf`` file."""
         from .loading import load_pretrained
 
-        return load_pretrained(cls, path_or_id, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                               device_map=device_map)
+        return load_pretrained(
+            cls, path_or_id, dtype=dtype, device=device, allow_pickle=allow_pickle, device_map=device_map
+        )
 
     @classmethod
     def from_hf(cls, hf_model, tokenizer=None) -> "HookedLlama":
@@ -414,10 +450,21 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         return self.lm_head.weight.T
 
     # ----------------------------------------------------------------- forward
-    def forward(self, input=None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                *, return_type: str | None = "logits", start_at_layer: int | None = None,
-                stop_at_layer: int | None = None, kv_cache=None, prepend_bos: bool | None = None,
-                loss_per_token: bool = False, padding_side: str | None = None, input_ids=None):
+    def forward(
+        self,
+        input=None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        *,
+        return_type: str | None = "logits",
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        kv_cache=None,
+        prepend_bos: bool | None = None,
+        loss_per_token: bool = False,
+        padding_side: str | None = None,
+        input_ids=None,
+    ):
         """Logits [B, P, V] for token ids, a string, a list of strings or chat messages.
 
         ``return_type``: "logits", "loss" (mean next-token loss; [B, P-1] with ``loss_per_token``),
@@ -435,8 +482,14 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         input = _one_input(input, input_ids)
         if padding_side not in (None, "left"):
             raise InputError(f"padding_side={padding_side!r}: batches are always left-padded here; pass 'left' or None")
-        prep = self._prepare(input, attention_mask, position_ids, kv_cache=kv_cache, resid=start_at_layer is not None,
-                             prepend_bos=prepend_bos)
+        prep = self._prepare(
+            input,
+            attention_mask,
+            position_ids,
+            kv_cache=kv_cache,
+            resid=start_at_layer is not None,
+            prepend_bos=prepend_bos,
+        )
         with self.ctx.running(prep.positions):  # hooks added from inside a hook end with this pass
             x = self._run_layers(prep, start_at_layer, stop_at_layer, kv_cache)
         if stop_at_layer is not None:
@@ -473,8 +526,9 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         return self.hook_logits(self.lm_head(x.to(self.lm_head.weight.device)))
 
     @staticmethod
-    def loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor, padding: torch.Tensor | None,
-                         per_token: bool = False) -> torch.Tensor:
+    def loss_from_logits(
+        logits: torch.Tensor, tokens: torch.Tensor, padding: torch.Tensor | None, per_token: bool = False
+    ) -> torch.Tensor:
         """Next-token cross-entropy; padded targets are ignored. Per token: [B, P-1]."""
         logprobs = logits[:, :-1].float().log_softmax(-1)
         nll = -logprobs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
@@ -485,10 +539,13 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         keep = (padding[:, 1:] & padding[:, :-1]).to(nll.device)
         return (nll * keep).sum() / keep.sum().clamp(min=1)
 
-    def _prepare(self, input, attention_mask, position_ids, *, kv_cache=None, resid=False, prepend_bos=None) -> Prepared:
+    def _prepare(
+        self, input, attention_mask, position_ids, *, kv_cache=None, resid=False, prepend_bos=None
+    ) -> Prepared:
         past = kv_cache.length if kv_cache is not None else 0
-        return prepare_input(self, input, attention_mask, position_ids, past_len=past, resid=resid,
-                             prepend_bos=prepend_bos)
+        return prepare_input(
+            self, input, attention_mask, position_ids, past_len=past, resid=resid, prepend_bos=prepend_bos
+        )
 
     # ----------------------------------------------------------------- hooks
     def hook_names(self) -> list[str]:
@@ -510,8 +567,13 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
             h.permanent = bool(is_permanent)
         return HookHandles(handles)
 
-    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both", including_permanent: bool = False,
-                    level: int | None = None) -> None:
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: str = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
         """Remove the hooks of ``direction`` ("fwd", "bwd" or "both") from every hook point; permanent
         ones only with ``including_permanent``. (``clear_contexts`` and ``level`` are accepted for
         TransformerLens code: hook points here keep no context and hooks have no levels.)"""
@@ -524,9 +586,13 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
                     handle.remove()
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = (),
-              bwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = (), reset_hooks_end: bool = True,
-              clear_contexts: bool = False):
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[NameOrFilter, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ):
         """Hooks active inside the ``with`` body only, removed on exit even after an exception; so is
         every hook added in this thread while the block runs (``add_hook`` in the body, or from a hook).
         They run only on this thread's forward passes. ``reset_hooks_end=False`` (TransformerLens) leaves
@@ -554,8 +620,10 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         reads ``hook_name`` and writes ``hook_name_out``), as SAELens's ``HookedSAETransformer.saes``."""
         from .splice import splice_all
 
-        entries = [(m.hook_name_out, m, m.hook_name) if getattr(m, "hook_name_out", None) else (m.hook_name, m, None)
-                   for m in modules]
+        entries = [
+            (m.hook_name_out, m, m.hook_name) if getattr(m, "hook_name_out", None) else (m.hook_name, m, None)
+            for m in modules
+        ]
         return splice_all(self, entries)
 
     def run_with_hooks(self, input, *args, fwd_hooks=(), bwd_hooks=(), **kwargs):
@@ -563,9 +631,18 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         with self.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
             return self(input, *args, **kwargs)
 
-    def run_with_cache(self, input, *args, names_filter: NameOrFilter | Iterable[str] | None = None,
-                       device=None, dtype: torch.dtype | None = None, fwd_hooks=(), remove_batch_dim: bool = False,
-                       return_cache_object: bool = True, **kwargs) -> tuple[Any, ActivationCache]:
+    def run_with_cache(
+        self,
+        input,
+        *args,
+        names_filter: NameOrFilter | Iterable[str] | None = None,
+        device=None,
+        dtype: torch.dtype | None = None,
+        fwd_hooks=(),
+        remove_batch_dim: bool = False,
+        return_cache_object: bool = True,
+        **kwargs,
+    ) -> tuple[Any, ActivationCache]:
         """(logits, cache) with the activations ``names_filter`` selects (default: every hook point
         but ``attn.hook_result``, which is computed only when named, as in TransformerLens).
 
@@ -603,22 +680,43 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
 
     def _cache_points(self, names_filter) -> list[HookPoint]:
         if names_filter is None:
-            return [p for n, p in self.hook_registry.points.items()
-                    if self.cfg.use_attn_result or not n.endswith("attn.hook_result")]
+            return [
+                p
+                for n, p in self.hook_registry.points.items()
+                if self.cfg.use_attn_result or not n.endswith("attn.hook_result")
+            ]
         points = self.hook_registry.resolve(names_filter)
         if not points:
-            raise HookError(f"names_filter {describe_filter(names_filter)} matched no hook point; "
-                            "see model.hook_names()")
+            raise HookError(
+                f"names_filter {describe_filter(names_filter)} matched no hook point; see model.hook_names()"
+            )
         return points
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
-    def generate(self, input=None, max_new_tokens: int = 20, *args, attention_mask=None, do_sample: bool | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 stop_at_eos: bool = True, return_type: str = "input", seed: int | None = None, verbose: bool = False,
-                 use_past_kv_cache: bool = True, eos_token_id=None, freq_penalty: float = 0.0,
-                 prepend_bos: bool | None = None, padding_side: str | None = None, input_ids=None, streamer=None,
-                 min_new_tokens: int = 0):
+    def generate(
+        self,
+        input=None,
+        max_new_tokens: int = 20,
+        *args,
+        attention_mask=None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        stop_at_eos: bool = True,
+        return_type: str = "input",
+        seed: int | None = None,
+        verbose: bool = False,
+        use_past_kv_cache: bool = True,
+        eos_token_id=None,
+        freq_penalty: float = 0.0,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        input_ids=None,
+        streamer=None,
+        min_new_tokens: int = 0,
+    ):
         """Continue a prompt with a KV cache; active hooks run at every step and see only new positions.
 
         Greedy unless asked to sample: ``do_sample=True``, or any of ``temperature`` / ``top_k`` /
@@ -634,7 +732,9 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         from .generation import generate
 
         input = _one_input(input, input_ids)
-        if args:  # TransformerLens's positional order: (input, max_new_tokens, stop_at_eos, eos_token_id, do_sample, ...)
+        if (
+            args
+        ):  # TransformerLens's positional order: (input, max_new_tokens, stop_at_eos, eos_token_id, do_sample, ...)
             names = ("stop_at_eos", "eos_token_id", "do_sample", "top_k", "top_p", "temperature", "freq_penalty")
             if len(args) > len(names):
                 raise InputError(f"generate takes at most {2 + len(names)} positional arguments")
@@ -645,11 +745,26 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
             freq_penalty = given.get("freq_penalty", freq_penalty)
         if padding_side not in (None, "left"):
             raise InputError(f"padding_side={padding_side!r}: batches are always left-padded here; pass 'left' or None")
-        return generate(self, input, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos,
-                        return_type=return_type, seed=seed, verbose=verbose, use_past_kv_cache=use_past_kv_cache,
-                        eos_token_id=eos_token_id, freq_penalty=freq_penalty, prepend_bos=prepend_bos,
-                        streamer=streamer, min_new_tokens=min_new_tokens)
+        return generate(
+            self,
+            input,
+            max_new_tokens,
+            attention_mask=attention_mask,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop_at_eos=stop_at_eos,
+            return_type=return_type,
+            seed=seed,
+            verbose=verbose,
+            use_past_kv_cache=use_past_kv_cache,
+            eos_token_id=eos_token_id,
+            freq_penalty=freq_penalty,
+            prepend_bos=prepend_bos,
+            streamer=streamer,
+            min_new_tokens=min_new_tokens,
+        )
 
     # ----------------------------------------------------------------- numerics guard
     @property
@@ -663,9 +778,11 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"HookedLlama({self.n_layers} layers, d_model={c.hidden_size}, heads={c.num_attention_heads}"
-                f"/{c.num_key_value_heads} kv, d_head={self.d_head}, d_mlp={c.intermediate_size}, "
-                f"vocab={c.vocab_size}, {self.dtype}, {self.device}, {len(self.hook_names())} hook points)")
+        return (
+            f"HookedLlama({self.n_layers} layers, d_model={c.hidden_size}, heads={c.num_attention_heads}"
+            f"/{c.num_key_value_heads} kv, d_head={self.d_head}, d_mlp={c.intermediate_size}, "
+            f"vocab={c.vocab_size}, {self.dtype}, {self.device}, {len(self.hook_names())} hook points)"
+        )
 
     def _repr_html_(self) -> str:
         from .display import model_html
@@ -688,3 +805,25 @@ def _check_layer(value: int, n: int, what: str, allow_end: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not -n <= value <= top:
         raise InputError(f"{what}={value!r} is out of range; the model has {n} layers (0..{top}, or -{n}..-1)")
     return value + n if value < 0 else value
+    if isinstance(value, bool) or not isinstance(value, int) or not -n <= value <= top:
+        raise InputError(f"{what}={value!r} is out of range; the model has {n} layers (0..{top}, or -{n}..-1)")
+    return value + n if value < 0 else value
+
+
+# --------------------------------------------------------------------------- model checks, next to the model
+def check_model(model: object, who: str) -> None:
+    """A public entry point's model argument must be a ``HookedLlama`` (one line, before any work)."""
+    if not isinstance(model, HookedLlama):
+        hint = " (wrap a transformers model with HookedLlama.from_hf)" if isinstance(model, nn.Module) else ""
+        raise InputError(f"{who} takes a HookedLlama as its model, got {type(model).__name__}{hint}", param="model")
+
+
+def takes_model(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: the first argument of ``fn`` is checked with ``check_model``."""
+
+    @functools.wraps(fn)
+    def wrapper(model: object, *args: Any, **kwargs: Any) -> T:
+        check_model(model, fn.__name__)
+        return fn(model, *args, **kwargs)
+
+    return wrapper

@@ -18,8 +18,10 @@ def place(model, device_map) -> None:
         try:
             module = model.get_submodule(name) if name else model
         except AttributeError:
-            raise InputError(f"device_map names {name!r}, which is not a module of this model "
-                             "(use HF names such as 'model.layers.3', 'model.embed_tokens', 'lm_head')") from None
+            raise InputError(
+                f"device_map names {name!r}, which is not a module of this model "
+                "(use HF names such as 'model.layers.3', 'model.embed_tokens', 'lm_head')"
+            ) from None
         module.to(device)
     if model.config.tie_word_embeddings and model.lm_head.weight is not model.model.embed_tokens.weight:
         model.lm_head.weight = model.model.embed_tokens.weight

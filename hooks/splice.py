@@ -80,6 +80,7 @@ def splice_all(model, entries: Iterable[tuple[str, object, str | None]]):
 
 def _attach(point: HookPoint, module, read_point: HookPoint | None) -> list[HookHandle]:
     if read_point is None:
+
         def run_module(x: torch.Tensor, hook) -> torch.Tensor:
             return module(x)
 

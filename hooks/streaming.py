@@ -14,9 +14,18 @@ import torch
 from .errors import InputError
 
 
-def cache_to_disk(model, dataset: Sequence | Iterable, names, path: str | os.PathLike, *, batch_size: int = 8,
-                  dtype: torch.dtype | None = None, overwrite: bool = False, progress: bool | None = None,
-                  stop_at_layer: int | None = None) -> Path:
+def cache_to_disk(
+    model,
+    dataset: Sequence | Iterable,
+    names,
+    path: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    stop_at_layer: int | None = None,
+) -> Path:
     """Run ``model`` over ``dataset`` (texts, chat messages or token tensors) in batches and write the
     activations ``names`` selects to safetensors shards, one shard per batch, never holding more than one
     batch in memory.
@@ -50,17 +59,24 @@ def cache_to_disk(model, dataset: Sequence | Iterable, names, path: str | os.Pat
     try:
         batches = range(0, len(items), batch_size)
         for n, start in enumerate(tqdm(batches, desc="cache_to_disk", disable=show is False, leave=False)):
-            chunk = items[start:start + batch_size]
+            chunk = items[start : start + batch_size]
             if isinstance(chunk[0], torch.Tensor):
-                tokens = torch.nn.utils.rnn.pad_sequence([t.reshape(-1) for t in chunk], batch_first=True,
-                                                         padding_side="left")
+                tokens = torch.nn.utils.rnn.pad_sequence(
+                    [t.reshape(-1) for t in chunk], batch_first=True, padding_side="left"
+                )
                 lengths = torch.tensor([t.numel() for t in chunk])
                 mask = (torch.arange(tokens.shape[1])[None] >= tokens.shape[1] - lengths[:, None]).long()
             else:
                 tokens, mask = model.tokenize(chunk)
             with torch.no_grad():
-                _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=names, device="cpu",
-                                                dtype=dtype, stop_at_layer=stop_at_layer)
+                _, cache = model.run_with_cache(
+                    tokens,
+                    attention_mask=mask,
+                    names_filter=names,
+                    device="cpu",
+                    dtype=dtype,
+                    stop_at_layer=stop_at_layer,
+                )
             tensors = {k: v.contiguous() for k, v in cache.items()}
             tensors["attention_mask"] = mask.cpu()
             cached_names = sorted(cache.keys())

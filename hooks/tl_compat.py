@@ -81,10 +81,33 @@ class TLConfig:
     BOS) and ``use_attn_result`` (``set_use_attn_result``).
     """
 
-    _FIELDS = ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp", "d_vocab", "d_vocab_out",
-               "n_ctx", "act_fn", "eps", "normalization_type", "positional_embedding_type", "rotary_base",
-               "rotary_dim", "device", "dtype", "model_name", "gated_mlp", "final_rms", "attn_only",
-               "original_architecture", "tokenizer_prepends_bos", "default_prepend_bos", "use_attn_result")
+    _FIELDS = (
+        "n_layers",
+        "d_model",
+        "n_heads",
+        "n_key_value_heads",
+        "d_head",
+        "d_mlp",
+        "d_vocab",
+        "d_vocab_out",
+        "n_ctx",
+        "act_fn",
+        "eps",
+        "normalization_type",
+        "positional_embedding_type",
+        "rotary_base",
+        "rotary_dim",
+        "device",
+        "dtype",
+        "model_name",
+        "gated_mlp",
+        "final_rms",
+        "attn_only",
+        "original_architecture",
+        "tokenizer_prepends_bos",
+        "default_prepend_bos",
+        "use_attn_result",
+    )
 
     def __init__(self, model) -> None:
         self._model = model
@@ -105,12 +128,15 @@ class TLConfig:
     n_ctx = property(lambda self: self._model.config.max_position_embeddings)
     act_fn = property(lambda self: self._model.config.hidden_act)
     eps = property(lambda self: self._model.config.rms_norm_eps)
-    rotary_base = property(lambda self: float(cfg_helpers.rope_parameters(self._model.config).get("rope_theta", 10000.0)))
+    rotary_base = property(
+        lambda self: float(cfg_helpers.rope_parameters(self._model.config).get("rope_theta", 10000.0))
+    )
     device = property(lambda self: self._model.device)
     dtype = property(lambda self: self._model.dtype)
     model_name = property(lambda self: self._model.source or "llama")
-    original_architecture = property(lambda self: (getattr(self._model.config, "architectures", None)
-                                                   or ["LlamaForCausalLM"])[0])
+    original_architecture = property(
+        lambda self: (getattr(self._model.config, "architectures", None) or ["LlamaForCausalLM"])[0]
+    )
 
     @property
     def tokenizer_prepends_bos(self) -> bool:
@@ -157,8 +183,10 @@ def _per_layer(name: str):
 
 
 class AttnView(_View):
-    _names = {n: _per_layer(n) for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "_W_K", "_W_V",
-                                         "_b_K", "_b_V", "OV", "QK")}
+    _names = {
+        n: _per_layer(n)
+        for n in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O", "_W_K", "_W_V", "_b_K", "_b_V", "OV", "QK")
+    }
 
 
 class MLPView(_View):
@@ -170,10 +198,12 @@ class NormView(_View):
 
 
 class BlockView(_View):
-    _names = {"attn": lambda v: AttnView(v._module.self_attn, v._layer, v._model),
-              "mlp": lambda v: MLPView(v._module.mlp, v._layer, v._model),
-              "ln1": lambda v: NormView(v._module.input_layernorm, v._layer, v._model),
-              "ln2": lambda v: NormView(v._module.post_attention_layernorm, v._layer, v._model)}
+    _names = {
+        "attn": lambda v: AttnView(v._module.self_attn, v._layer, v._model),
+        "mlp": lambda v: MLPView(v._module.mlp, v._layer, v._model),
+        "ln1": lambda v: NormView(v._module.input_layernorm, v._layer, v._model),
+        "ln2": lambda v: NormView(v._module.post_attention_layernorm, v._layer, v._model),
+    }
 
 
 class TransformerLensMixin:
@@ -235,8 +265,9 @@ class TransformerLensMixin:
 
     @property
     def W_O(self) -> torch.Tensor:
-        return self._stack(lambda l: l.self_attn.o_proj.weight.view(self.d_model, self.n_heads, self.d_head)
-                           .permute(1, 2, 0))
+        return self._stack(
+            lambda l: l.self_attn.o_proj.weight.view(self.d_model, self.n_heads, self.d_head).permute(1, 2, 0)
+        )
 
     @property
     def b_Q(self) -> torch.Tensor:
@@ -294,8 +325,13 @@ class TransformerLensMixin:
         return Factored(self.W_Q, self._per_query_head(self.W_K).transpose(-1, -2))
 
     # ----------------------------------------------------------------- losses and directions
-    def loss_fn(self, logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                per_token: bool = False) -> torch.Tensor:
+    def loss_fn(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> torch.Tensor:
         """Next-token cross-entropy of ``logits`` [B, P, V] on ``tokens`` [B, P]; mean, or [B, P-1] per token."""
         padding = None if attention_mask is None else torch.as_tensor(attention_mask).bool()
         return self.loss_from_logits(logits, tokens, padding, per_token=per_token)

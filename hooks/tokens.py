@@ -39,8 +39,10 @@ class TokenizerMixin:
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
-            raise InputError("this model has no tokenizer; pass token ids, or load it with a tokenizer "
-                             "(HookedLlama.from_pretrained(dir) or from_hf(model, tokenizer))")
+            raise InputError(
+                "this model has no tokenizer; pass token ids, or load it with a tokenizer "
+                "(HookedLlama.from_pretrained(dir) or from_hf(model, tokenizer))"
+            )
         return self.tokenizer
 
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> str:
@@ -65,8 +67,10 @@ class TokenizerMixin:
         elif isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input):
             texts = list(input)
         else:
-            raise InputError(f"cannot tokenize {type(input).__name__}; pass a string, a list of strings, "
-                             "chat messages, or a tensor of token ids")
+            raise InputError(
+                f"cannot tokenize {type(input).__name__}; pass a string, a list of strings, "
+                "chat messages, or a tensor of token ids"
+            )
         chat = is_messages(input) or is_message_batch(input)
         rows = [tok(t, add_special_tokens=not chat)["input_ids"] for t in texts]
         bos = tok.bos_token_id
@@ -84,12 +88,18 @@ class TokenizerMixin:
         tokens = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            tokens[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
+            tokens[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
         return tokens, mask
 
-    def to_tokens(self, input, prepend_bos: bool | None = None, padding_side: str | None = None,
-                  move_to_device: bool = True, truncate: bool = True) -> torch.Tensor:
+    def to_tokens(
+        self,
+        input,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> torch.Tensor:
         """Token ids [B, P] on the model's device (left-padded for several texts).
 
         ``prepend_bos``: True adds the BOS token, False removes one the tokenizer added, None follows
@@ -132,13 +142,25 @@ class TokenizerMixin:
         return ids[0]
 
 
-def prepare_input(model, input, attention_mask=None, position_ids=None, *, past_len: int = 0,
-                  resid: bool = False, prepend_bos: bool | None = None) -> Prepared:
+def prepare_input(
+    model,
+    input,
+    attention_mask=None,
+    position_ids=None,
+    *,
+    past_len: int = 0,
+    resid: bool = False,
+    prepend_bos: bool | None = None,
+) -> Prepared:
     """Validate and normalise a forward call's input."""
     device = model.device
     if resid:
-        if not (isinstance(input, torch.Tensor) and input.is_floating_point() and input.dim() == 3
-                and input.shape[-1] == model.d_model):
+        if not (
+            isinstance(input, torch.Tensor)
+            and input.is_floating_point()
+            and input.dim() == 3
+            and input.shape[-1] == model.d_model
+        ):
             raise InputError(f"start_at_layer needs a residual stream [batch, pos, {model.d_model}] float tensor")
         tokens, x = None, input
         B, P = x.shape[:2]
@@ -147,8 +169,10 @@ def prepare_input(model, input, attention_mask=None, position_ids=None, *, past_
         if isinstance(input, torch.Tensor):
             tokens = input
             if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-                raise InputError(f"token ids must be an integer tensor, got {tokens.dtype}; "
-                                 "pass start_at_layer= to feed a residual stream")
+                raise InputError(
+                    f"token ids must be an integer tensor, got {tokens.dtype}; "
+                    "pass start_at_layer= to feed a residual stream"
+                )
             if tokens.dim() == 1:
                 tokens = tokens[None]
             if tokens.dim() != 2:
@@ -164,15 +188,19 @@ def prepare_input(model, input, attention_mask=None, position_ids=None, *, past_
         lo, hi = (0, 0) if torch.compiler.is_compiling() else (int(tokens.min()), int(tokens.max()))
         if lo < 0 or hi >= model.d_vocab:
             bad = hi if hi >= model.d_vocab else lo
-            raise InputError(f"token id {bad} is out of range for vocab size {model.d_vocab} (ids 0..{model.d_vocab - 1})")
+            raise InputError(
+                f"token id {bad} is out of range for vocab size {model.d_vocab} (ids 0..{model.d_vocab - 1})"
+            )
     padding = None
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask, device=device)
         if attention_mask.dim() == 1:
             attention_mask = attention_mask[None]
         if attention_mask.shape != (B, past_len + P):
-            raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input needs "
-                             f"{(B, past_len + P)} (batch, past + new positions)")
+            raise InputError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the input needs "
+                f"{(B, past_len + P)} (batch, past + new positions)"
+            )
         padding = attention_mask.bool()
         if bool(padding.all()):
             padding = None
@@ -190,8 +218,9 @@ def prepare_input(model, input, attention_mask=None, position_ids=None, *, past_
     limit = model.config.max_position_embeddings
     from .config import rope_type
 
-    if (not torch.compiler.is_compiling() and rope_type(model.config) != "dynamic"
-            and int(positions.max()) >= limit):
-        raise InputError(f"input reaches position {int(positions.max())} but the model supports "
-                         f"{limit} positions (max_position_embeddings); shorten the prompt")
+    if not torch.compiler.is_compiling() and rope_type(model.config) != "dynamic" and int(positions.max()) >= limit:
+        raise InputError(
+            f"input reaches position {int(positions.max())} but the model supports "
+            f"{limit} positions (max_position_embeddings); shorten the prompt"
+        )
     return Prepared(tokens=tokens, padding=padding, positions=positions, resid=x)

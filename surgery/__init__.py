@@ -9,8 +9,21 @@
 True
 """
 
-from .edits import (ALL_EDITS, AddSteering, Edit, MeanAblateHeads, Orthogonalize, RankOneEdit, RemoveLayers,
-                    ScaleHeads, ScaleNeurons, ZeroHeads, ZeroKVGroups, ZeroNeurons, kinds)
+from .edits import (
+    ALL_EDITS,
+    AddSteering,
+    Edit,
+    MeanAblateHeads,
+    Orthogonalize,
+    RankOneEdit,
+    RemoveLayers,
+    ScaleHeads,
+    ScaleNeurons,
+    ZeroHeads,
+    ZeroKVGroups,
+    ZeroNeurons,
+    kinds,
+)
 from .abliteration import Abliterate, peaked_weights
 from .errors import AdapterError, EditError, ExportError, ExportWriteError, IntegrityError, ParityError, PlanError
 from .export import ExportResult, GGUFResult, export, export_gguf, verify
@@ -21,10 +34,43 @@ from .plan import EditPlan, apply_plan, as_plan, load_plan, save_plan
 from .stats import key_covariance, mean_activations
 
 __all__ = [
-    "Edit", "ZeroHeads", "ZeroKVGroups", "MeanAblateHeads", "ScaleHeads", "ZeroNeurons", "ScaleNeurons",
-    "RemoveLayers", "Orthogonalize", "AddSteering", "RankOneEdit", "MergeLora", "Abliterate", "peaked_weights", "ALL_EDITS", "kinds",
-    "EditPlan", "load_plan", "save_plan", "apply_plan", "as_plan",
-    "mean_activations", "key_covariance", "abliterate", "search_space", "refine_direction", "RefinedDirection",
-    "export", "export_gguf", "verify", "ExportResult", "GGUFResult",
-    "EditError", "PlanError", "AdapterError", "ExportError", "ExportWriteError", "IntegrityError", "ParityError",
+    "Edit",
+    "ZeroHeads",
+    "ZeroKVGroups",
+    "MeanAblateHeads",
+    "ScaleHeads",
+    "ZeroNeurons",
+    "ScaleNeurons",
+    "RemoveLayers",
+    "Orthogonalize",
+    "AddSteering",
+    "RankOneEdit",
+    "MergeLora",
+    "Abliterate",
+    "peaked_weights",
+    "ALL_EDITS",
+    "kinds",
+    "EditPlan",
+    "load_plan",
+    "save_plan",
+    "apply_plan",
+    "as_plan",
+    "mean_activations",
+    "key_covariance",
+    "abliterate",
+    "search_space",
+    "refine_direction",
+    "RefinedDirection",
+    "export",
+    "export_gguf",
+    "verify",
+    "ExportResult",
+    "GGUFResult",
+    "EditError",
+    "PlanError",
+    "AdapterError",
+    "ExportError",
+    "ExportWriteError",
+    "IntegrityError",
+    "ParityError",
 ]

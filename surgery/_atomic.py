@@ -72,8 +72,10 @@ def replace_refusal(path: Path, shown: str, *, gguf: bool = False) -> str | None
             return f"{shown} exists and is a directory, not a .gguf file; pick another path"
         if path.stat().st_size == 0 or gguf_is_ours(path):
             return None
-        return (f"{shown} is not a GGUF file written by llama-scalpel (no {GGUF_MARK} metadata); overwriting "
-                "replaces only a previous export or an empty file, pick another path")
+        return (
+            f"{shown} is not a GGUF file written by llama-scalpel (no {GGUF_MARK} metadata); overwriting "
+            "replaces only a previous export or an empty file, pick another path"
+        )
     if not path.is_dir():
         return f"{shown} exists and is not a directory; remove it or pick another out_dir"
     entries = sorted(p.name for p in path.iterdir())
@@ -81,12 +83,16 @@ def replace_refusal(path: Path, shown: str, *, gguf: bool = False) -> str | None
         return None
     listed = _listed_files(path)
     if listed is None:
-        return (f"{shown} is not an export of llama-scalpel (it holds {entries[0]!r} and no valid {MANIFEST}); "
-                "overwriting replaces only a previous export or an empty directory, pick another out_dir")
+        return (
+            f"{shown} is not an export of llama-scalpel (it holds {entries[0]!r} and no valid {MANIFEST}); "
+            "overwriting replaces only a previous export or an empty directory, pick another out_dir"
+        )
     extra = [e for e in entries if e not in listed and e != MANIFEST]
     if extra:
-        return (f"{shown} holds {extra[0]!r}, which its {MANIFEST} does not list; overwriting would delete it, "
-                "move it out or pick another out_dir")
+        return (
+            f"{shown} holds {extra[0]!r}, which its {MANIFEST} does not list; overwriting would delete it, "
+            "move it out or pick another out_dir"
+        )
     return None
 
 
@@ -156,8 +162,10 @@ def move_into_place(tmp: Path, target: Path, shown: str, *, overwrite: bool, ggu
         if old is not None:
             with contextlib.suppress(OSError):
                 move_exclusive(old, target)
-        raise ExportError(f"{shown} appeared while this export ran (another export to the same place?); it was "
-                          "left as it is and nothing was written; pick another path") from None
+        raise ExportError(
+            f"{shown} appeared while this export ran (another export to the same place?); it was "
+            "left as it is and nothing was written; pick another path"
+        ) from None
     except BaseException:
         if old is not None:
             with contextlib.suppress(OSError):
@@ -223,8 +231,10 @@ def _clean_stale(parent: Path, name: str) -> list[str]:
     """Remove ``.scalpel-tmp-<name>-<pid>-*`` / ``.scalpel-old-…`` left by processes that are gone."""
     removed = []
     # ours, and the GGUF writer's own temp file inside a temp name of ours (".<our name>.<random>.tmp")
-    pattern = re.compile(rf"^\.?(?:{re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)}){re.escape(name)}-(\d+)-[0-9a-f]+"
-                         r"(?:\.gguf)?(?:\..+\.tmp)?$")
+    pattern = re.compile(
+        rf"^\.?(?:{re.escape(TMP_PREFIX)}|{re.escape(OLD_PREFIX)}){re.escape(name)}-(\d+)-[0-9a-f]+"
+        r"(?:\.gguf)?(?:\..+\.tmp)?$"
+    )
     if not parent.is_dir():
         return removed
     for entry in parent.iterdir():
@@ -300,8 +310,10 @@ def _writing(out_dir: Path, needed: int = 0) -> Iterator[None]:
             code = int(m.group(1))
         where = _existing_parent(out_dir)
         if code in _DENIED:
-            text = (f"cannot write in {where}: permission denied (read-only directory or file system); "
-                    "pick an out_dir in a writable directory or fix its permissions")
+            text = (
+                f"cannot write in {where}: permission denied (read-only directory or file system); "
+                "pick an out_dir in a writable directory or fix its permissions"
+            )
         elif code in _NO_SPACE:
             size = f" (the checkpoint needs about {_human_size(needed)})" if needed else ""
             text = f"no space left on the device of {where}{size}; free some space or pick an out_dir on another disk"
@@ -316,11 +328,10 @@ def _writing(out_dir: Path, needed: int = 0) -> Iterator[None]:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' loading logs and progress bars (restored after)."""
-    from transformers.utils import logging as tlog
-
     import functools
 
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as tlog
 
     bar = tlog.is_progress_bar_enabled()
     level = tlog.get_verbosity()
@@ -339,4 +350,3 @@ def _quiet_transformers() -> Iterator[None]:
         tlog.set_verbosity(level)
         if bar:
             tlog.enable_progress_bar()
-

@@ -16,13 +16,15 @@ def read_text(path: Path, error: type[Exception], what: str = "file") -> str:
     except IsADirectoryError:
         raise error(f"{path} is a directory; name the {what}") from None
     except OSError as exc:
-        raise error(f"cannot read {path}: {(exc.strerror or str(exc)).lower()}; check the file and its "
-                    "permissions") from None
+        raise error(
+            f"cannot read {path}: {(exc.strerror or str(exc)).lower()}; check the file and its permissions"
+        ) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it "
-                    "as UTF-8") from None
+        raise error(
+            f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
     return text[1:] if text.startswith("\ufeff") else text
 
 
@@ -39,8 +41,7 @@ def _unique_yaml_loader():
                 except TypeError:  # an unhashable key: the base class says so
                     break
                 if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
@@ -67,7 +68,10 @@ def parse(text: str, path: Path, error: type[Exception], *, yaml_format: bool) -
     except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError, duplicate keys: say where
         mark = getattr(exc, "problem_mark", None)
         line = getattr(exc, "lineno", None) or (mark.line + 1 if mark is not None else None)
-        problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or \
-            (str(exc).splitlines() or [type(exc).__name__])[0]
+        problem = (
+            getattr(exc, "problem", None)
+            or getattr(exc, "msg", None)
+            or (str(exc).splitlines() or [type(exc).__name__])[0]
+        )
         kind = "YAML" if yaml_format else "JSON"
         raise error(f"{path} is not valid {kind}{f' at line {line}' if line else ''}: {problem}") from None

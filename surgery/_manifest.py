@@ -22,8 +22,10 @@ MANIFEST_VERSION = 2
 SELF_HASH = "manifest_sha256"
 PROBE_LOGITS = "scalpel_probe_logits.safetensors"
 DTYPES = ("float32", "bfloat16", "float16")
-V1_NOTE = (f"manifest version 1 holds no hash of itself, so a change to its edit list or probe records "
-           f"cannot be detected; re-export to get a version {MANIFEST_VERSION} manifest")
+V1_NOTE = (
+    f"manifest version 1 holds no hash of itself, so a change to its edit list or probe records "
+    f"cannot be detected; re-export to get a version {MANIFEST_VERSION} manifest"
+)
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -51,36 +53,50 @@ def read_manifest(out_dir: Path) -> tuple[dict[str, Any], str | None]:
     try:
         text = mfile.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise IntegrityError(f"{where} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-                             "the manifest was modified or corrupted, re-export") from None
+        raise IntegrityError(
+            f"{where} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "the manifest was modified or corrupted, re-export"
+        ) from None
     except OSError as exc:
         raise IntegrityError(f"cannot read {where} ({exc.strerror or exc}); fix its permissions") from None
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise IntegrityError(f"{where} is not valid JSON at line {exc.lineno}: {exc.msg}; the manifest was "
-                             "modified or corrupted, re-export") from None
+        raise IntegrityError(
+            f"{where} is not valid JSON at line {exc.lineno}: {exc.msg}; the manifest was "
+            "modified or corrupted, re-export"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise IntegrityError(f"{where} is not a llama-scalpel manifest (no \"format\": \"{MANIFEST_FORMAT}\"); "
-                             "it was not written by surgery.export")
+        raise IntegrityError(
+            f'{where} is not a llama-scalpel manifest (no "format": "{MANIFEST_FORMAT}"); '
+            "it was not written by surgery.export"
+        )
     version = manifest.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise IntegrityError(f"{where}: \"version\" is {version!r}, not a manifest version; the manifest was "
-                             "modified or corrupted, re-export")
+        raise IntegrityError(
+            f'{where}: "version" is {version!r}, not a manifest version; the manifest was '
+            "modified or corrupted, re-export"
+        )
     if version > MANIFEST_VERSION:
-        raise IntegrityError(f"{where} is manifest version {version}, newer than this llama-scalpel reads "
-                             f"(up to {MANIFEST_VERSION}); upgrade llama-scalpel to verify it")
+        raise IntegrityError(
+            f"{where} is manifest version {version}, newer than this llama-scalpel reads "
+            f"(up to {MANIFEST_VERSION}); upgrade llama-scalpel to verify it"
+        )
     note = None
     if version >= 2:
         want = manifest.get(SELF_HASH)
         if not isinstance(want, str) or not _SHA.match(want):
-            raise IntegrityError(f"{where} has no valid {SELF_HASH} (version {version} manifests carry one); "
-                                 "the manifest was modified, re-export")
+            raise IntegrityError(
+                f"{where} has no valid {SELF_HASH} (version {version} manifests carry one); "
+                "the manifest was modified, re-export"
+            )
         got = canonical_sha256(manifest)
         if got != want:
-            raise IntegrityError(f"{MANIFEST}: its contents changed after export (sha256 of its body {got[:12]}…, "
-                                 f"recorded {want[:12]}…): its edit list, probe records or file hashes were "
-                                 "edited; restore the original manifest or re-export")
+            raise IntegrityError(
+                f"{MANIFEST}: its contents changed after export (sha256 of its body {got[:12]}…, "
+                f"recorded {want[:12]}…): its edit list, probe records or file hashes were "
+                "edited; restore the original manifest or re-export"
+            )
     else:
         note = V1_NOTE
     _check_fields(manifest, where)
@@ -95,33 +111,39 @@ def _check_fields(manifest: dict, where: str) -> None:
 
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        raise bad("\"files\"", "is missing or not a map of file name to sha256")
+        raise bad('"files"', "is missing or not a map of file name to sha256")
     for name, sha in files.items():
         if not name or "/" in name or "\\" in name or name in (".", "..") or name == MANIFEST:
             raise bad(f"file name {name!r}", "is not a plain file name of the directory")
         if not isinstance(sha, str) or not _SHA.match(sha):
             raise bad(f"the sha256 of {name}", f"is {sha!r}, not 64 hex digits")
     if PROBE_LOGITS not in files:
-        raise bad(f"\"files\" lacks {PROBE_LOGITS}", "(the logits recorded at export)")
+        raise bad(f'"files" lacks {PROBE_LOGITS}', "(the logits recorded at export)")
     probes = manifest.get("probes")
     if not isinstance(probes, list) or not probes:
-        raise bad("\"probes\"", "is missing or empty")
+        raise bad('"probes"', "is missing or empty")
     for i, probe in enumerate(probes):
         ids = probe.get("input_ids") if isinstance(probe, dict) else None
-        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                            for t in ids):
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        ):
             raise bad(f"probes[{i}].input_ids", "is not a non-empty list of token ids")
         top5 = probe.get("top5")
         if not isinstance(top5, list) or not all(isinstance(t, dict) and isinstance(t.get("id"), int) for t in top5):
-            raise bad(f"probes[{i}].top5", "is not a list of {\"id\": …} records")
+            raise bad(f"probes[{i}].top5", 'is not a list of {"id": …} records')
     if manifest.get("dtype", "float32") not in DTYPES:
-        raise bad("\"dtype\"", f"is {manifest.get('dtype')!r}, not one of {', '.join(DTYPES)}")
-    tol = (manifest.get("verification") or {}).get("tolerance", 1e-4) \
-        if isinstance(manifest.get("verification", {}), dict) else None
+        raise bad('"dtype"', f"is {manifest.get('dtype')!r}, not one of {', '.join(DTYPES)}")
+    tol = (
+        (manifest.get("verification") or {}).get("tolerance", 1e-4)
+        if isinstance(manifest.get("verification", {}), dict)
+        else None
+    )
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
         raise bad("verification.tolerance", f"is {tol!r}, not a positive number")
     if not isinstance(manifest.get("edits", []), list):
-        raise bad("\"edits\"", "is not a list")
+        raise bad('"edits"', "is not a list")
 
 
 def first_line(exc: BaseException) -> str:

@@ -110,9 +110,11 @@ def check_bias_slot(model, part: str, module: str, who: str) -> None:
     """Raise a one-line ``EditError`` when ``module`` ("o_proj", "down_proj") of the model's family
     cannot carry a bias in its own transformers class (so the edit could not be exported exactly)."""
     if cfg.bias_flag(model.config, part) is None:
-        raise EditError(f"{who} needs a bias on {module}, which {cfg.family_class_name(model.config)} cannot carry "
-                        f"(only {'Llama and Qwen3' if part == 'attention' else 'Llama'} have one); run it at run "
-                        "time with edit.as_hooks(model), or use an edit without a bias (ZeroHeads, Orthogonalize)")
+        raise EditError(
+            f"{who} needs a bias on {module}, which {cfg.family_class_name(model.config)} cannot carry "
+            f"(only {'Llama and Qwen3' if part == 'attention' else 'Llama'} have one); run it at run "
+            "time with edit.as_hooks(model), or use an edit without a bias (ZeroHeads, Orthogonalize)"
+        )
 
 
 def enable_biases(model, *, attention: bool = False, mlp: bool = False) -> None:
@@ -122,8 +124,10 @@ def enable_biases(model, *, attention: bool = False, mlp: bool = False) -> None:
     in every layer when the flag is on, so an exported checkpoint needs all of them; zeros keep the
     maths unchanged. Families without the flag are refused earlier by ``check_bias_slot``.
     """
-    for part, on, names, owner_name in (("attention", attention, ATTENTION_BIAS_MODULES, "self_attn"),
-                                        ("mlp", mlp, MLP_BIAS_MODULES, "mlp")):
+    for part, on, names, owner_name in (
+        ("attention", attention, ATTENTION_BIAS_MODULES, "self_attn"),
+        ("mlp", mlp, MLP_BIAS_MODULES, "mlp"),
+    ):
         flag = cfg.bias_flag(model.config, part)
         if not on:
             continue

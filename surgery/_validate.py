@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import numbers
-
 from typing import Sequence
 
 import torch
@@ -68,8 +67,9 @@ def _tensor(value, what: str, who: str, ndim: int) -> torch.Tensor:
     if len(bad):
         idx = tuple(bad[0].tolist())
         where = idx[0] if len(idx) == 1 else idx
-        raise EditError(f"{who}: {what} holds a non-finite value ({t[idx].item()}) at index {where}; "
-                        "every entry must be finite")
+        raise EditError(
+            f"{who}: {what} holds a non-finite value ({t[idx].item()}) at index {where}; every entry must be finite"
+        )
     return t
 
 
@@ -95,14 +95,17 @@ def _check_fits(who: str, what: str, value: float, weights: torch.Tensor, where:
     limit = torch.finfo(weights.dtype).max
     kind = str(weights.dtype).replace("torch.", "")
     if not abs(value) <= limit:
-        raise EditError(f"{who}: {what} {value:g} overflows {kind} (the largest {kind} is {limit:.3g}); "
-                        f"use a smaller {what}")
+        raise EditError(
+            f"{who}: {what} {value:g} overflows {kind} (the largest {kind} is {limit:.3g}); use a smaller {what}"
+        )
     peak = abs(value) * weights.detach().abs().max().double().item()
     if add is not None:
         peak = abs(value) * add.detach().abs().max().double().item() + weights.detach().abs().max().double().item()
     if not peak <= limit:
-        raise EditError(f"{who}: {what} {value:g} overflows {kind}: {where} would reach {peak:.3g}, past the "
-                        f"largest {kind} {limit:.3g}; use a smaller {what}")
+        raise EditError(
+            f"{who}: {what} {value:g} overflows {kind}: {where} would reach {peak:.3g}, past the "
+            f"largest {kind} {limit:.3g}; use a smaller {what}"
+        )
 
 
 def _vec_list(t: torch.Tensor) -> list:

@@ -97,7 +97,11 @@ class Abliterate(Edit):
 
     def __post_init__(self) -> None:
         d = self.direction
-        ndim = d.dim() if isinstance(d, torch.Tensor) else (2 if isinstance(d, (list, tuple)) and d and isinstance(d[0], (list, tuple)) else 1)
+        ndim = (
+            d.dim()
+            if isinstance(d, torch.Tensor)
+            else (2 if isinstance(d, (list, tuple)) and d and isinstance(d[0], (list, tuple)) else 1)
+        )
         self.direction = _tensor(d, "direction", self.who, ndim)
         norms = self.direction.double().reshape(-1, self.direction.shape[-1]).norm(dim=-1)
         if bool((norms == 0).any()):
@@ -110,8 +114,10 @@ class Abliterate(Edit):
         if self.direction_index is not None:
             self.direction_index = _float(self.direction_index, "direction_index", self.who)
             if self.direction.dim() != 2:
-                raise EditError(f"{self.who}: direction_index needs a stack of directions [K, d_model]; "
-                                "a single direction is used as given")
+                raise EditError(
+                    f"{self.who}: direction_index needs a stack of directions [K, d_model]; "
+                    "a single direction is used as given"
+                )
             k = self.direction.shape[0]
             if not 0.0 <= self.direction_index <= k - 1:
                 raise EditError(f"{self.who}: direction_index {self.direction_index} is out of range 0..{k - 1}")
@@ -126,8 +132,12 @@ class Abliterate(Edit):
         Example: ``Abliterate.peaked(dirs.directions, 30, direction_index=20.4, attn=(1.0, 22, 0.3, 8),
         mlp=(1.2, 24, 0.5, 6), norm_preserve=True)``.
         """
-        return cls(direction, attn_weights=peaked_weights(n_layers, *attn) if attn else {},
-                   mlp_weights=peaked_weights(n_layers, *mlp) if mlp else {}, **kwargs)
+        return cls(
+            direction,
+            attn_weights=peaked_weights(n_layers, *attn) if attn else {},
+            mlp_weights=peaked_weights(n_layers, *mlp) if mlp else {},
+            **kwargs,
+        )
 
     # -- the direction per layer ------------------------------------------------------------
     def unit(self, layer: int | None = None) -> torch.Tensor:
@@ -148,18 +158,34 @@ class Abliterate(Edit):
         for layer in list(self.attn_weights) + list(self.mlp_weights):
             _check_layer(model, layer, self.who)
         if self.direction.dim() == 2 and self.direction_index is None and self.direction.shape[0] != model.n_layers:
-            raise EditError(f"{self.who}: {self.direction.shape[0]} directions for {model.n_layers} layers; pass one "
-                            "direction per layer, or direction_index to interpolate one")
+            raise EditError(
+                f"{self.who}: {self.direction.shape[0]} directions for {model.n_layers} layers; pass one "
+                "direction per layer, or direction_index to interpolate one"
+            )
 
     def targets(self, model):
         """``[(layer, linear, weight, hook_in, hook_out)]`` for every edited matrix."""
         out = []
         for layer, w in self.attn_weights.items():
-            out.append((layer, _attn(model, layer).o_proj, w * self.strength, f"blocks.{layer}.attn.hook_z",
-                        f"blocks.{layer}.hook_attn_out"))
+            out.append(
+                (
+                    layer,
+                    _attn(model, layer).o_proj,
+                    w * self.strength,
+                    f"blocks.{layer}.attn.hook_z",
+                    f"blocks.{layer}.hook_attn_out",
+                )
+            )
         for layer, w in self.mlp_weights.items():
-            out.append((layer, _mlp(model, layer).down_proj, w * self.strength, f"blocks.{layer}.mlp.hook_post",
-                        f"blocks.{layer}.hook_mlp_out"))
+            out.append(
+                (
+                    layer,
+                    _mlp(model, layer).down_proj,
+                    w * self.strength,
+                    f"blocks.{layer}.mlp.hook_post",
+                    f"blocks.{layer}.hook_mlp_out",
+                )
+            )
         return out
 
     def _edited(self, lin, r: torch.Tensor, w: float) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -26,10 +26,20 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 
-from hooks.errors import check_model
+from hooks.model import check_model
 from . import _state
-from ._validate import (_check_fits, _check_layer, _check_range, _check_size, _float, _int, _ints, _short, _tensor,
-                        _vec_list)
+from ._validate import (
+    _check_fits,
+    _check_layer,
+    _check_range,
+    _check_size,
+    _float,
+    _int,
+    _ints,
+    _short,
+    _tensor,
+    _vec_list,
+)
 from .errors import EditError
 
 HookList = list  # list[tuple[str, HookFn]]
@@ -39,7 +49,6 @@ EDIT_KINDS: dict[str, type["Edit"]] = {}
 
 def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
 
 
 # --------------------------------------------------------------------------- the base class
@@ -117,14 +126,19 @@ class Edit:
                 import difflib
 
                 close = difflib.get_close_matches(str(name), list(EDIT_KINDS), n=2)
-                raise EditError(f"unknown edit kind {name!r}; closest: {', '.join(close) or 'none'}; "
-                                f"kinds: {', '.join(sorted(kinds()))}")
+                raise EditError(
+                    f"unknown edit kind {name!r}; closest: {', '.join(close) or 'none'}; "
+                    f"kinds: {', '.join(sorted(kinds()))}"
+                )
             target = EDIT_KINDS[name]
         elif name is not None and EDIT_KINDS.get(name) is not cls:
             raise EditError(f"{cls.kind}.from_dict got a record of kind {name!r}")
         names = {f.name for f in dataclasses.fields(target)}
-        required = {f.name for f in dataclasses.fields(target)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(target)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         unknown = sorted(set(data) - names)
         if unknown:
             raise EditError(f"{target.kind}: unknown field(s) {', '.join(unknown)}; fields: {', '.join(sorted(names))}")
@@ -250,8 +264,13 @@ class ScaleHeads(Edit):
         _check_layer(model, self.layer, self.who)
         _check_range(self.heads, model.n_heads, "head", self.who)
         w = _attn(model, self.layer).o_proj.weight
-        _check_fits(self.who, "factor", self.factor, w[:, _head_cols(self.heads, model.d_head).to(w.device)],
-                    f"the o_proj columns of heads {list(self.heads)}")
+        _check_fits(
+            self.who,
+            "factor",
+            self.factor,
+            w[:, _head_cols(self.heads, model.d_head).to(w.device)],
+            f"the o_proj columns of heads {list(self.heads)}",
+        )
 
     def _apply(self, model) -> None:
         o = _attn(model, self.layer).o_proj
@@ -261,8 +280,12 @@ class ScaleHeads(Edit):
 
     def _hooks(self, model) -> HookList:
         f = self.factor
-        return [(f"blocks.{self.layer}.attn.hook_z",
-                 _set_slice((slice(None), slice(None), list(self.heads)), lambda x: x * f))]
+        return [
+            (
+                f"blocks.{self.layer}.attn.hook_z",
+                _set_slice((slice(None), slice(None), list(self.heads)), lambda x: x * f),
+            )
+        ]
 
 
 @dataclass(eq=False, repr=False)
@@ -303,8 +326,12 @@ class ZeroKVGroups(Edit):
         heads, groups, i = self.heads(model), list(self.groups), self.layer
         zero = torch.zeros_like
         sel = lambda idx: _set_slice((slice(None), slice(None), idx), zero)  # noqa: E731
-        return [(f"blocks.{i}.attn.hook_q", sel(heads)), (f"blocks.{i}.attn.hook_k", sel(groups)),
-                (f"blocks.{i}.attn.hook_v", sel(groups)), (f"blocks.{i}.attn.hook_z", sel(heads))]
+        return [
+            (f"blocks.{i}.attn.hook_q", sel(heads)),
+            (f"blocks.{i}.attn.hook_k", sel(groups)),
+            (f"blocks.{i}.attn.hook_v", sel(groups)),
+            (f"blocks.{i}.attn.hook_z", sel(heads)),
+        ]
 
 
 @dataclass(eq=False, repr=False)
@@ -327,8 +354,10 @@ class MeanAblateHeads(Edit):
         self.heads = _ints(self.heads, "heads", self.who)
         self.means = _tensor(self.means, "means", self.who, 2)
         if self.means.shape[0] != len(self.heads):
-            raise EditError(f"{self.who}: means has {self.means.shape[0]} rows but {len(self.heads)} heads are named; "
-                            "pass one mean vector per head (use MeanAblateHeads.from_means for a [n_heads, d_head] table)")
+            raise EditError(
+                f"{self.who}: means has {self.means.shape[0]} rows but {len(self.heads)} heads are named; "
+                "pass one mean vector per head (use MeanAblateHeads.from_means for a [n_heads, d_head] table)"
+            )
 
     @classmethod
     def from_means(cls, layer: int, heads: Sequence[int], means) -> "MeanAblateHeads":
@@ -365,7 +394,7 @@ class MeanAblateHeads(Edit):
         means = self.means.to(device=w.device, dtype=torch.float64)
         add = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
         for i, h in enumerate(self.heads):
-            add += w[:, h * d:(h + 1) * d].double() @ means[i]
+            add += w[:, h * d : (h + 1) * d].double() @ means[i]
         cols = _head_cols(self.heads, d).to(w.device)
         w[:, cols] = 0
         b.copy_((b.double() + add).to(b.dtype))
@@ -422,8 +451,13 @@ class ScaleNeurons(Edit):
         _check_layer(model, self.layer, self.who)
         _check_range(self.neurons, model.d_mlp, "neuron", self.who)
         w = _mlp(model, self.layer).down_proj.weight
-        _check_fits(self.who, "factor", self.factor, w[:, torch.tensor(self.neurons, device=w.device)],
-                    f"the down_proj columns of neurons {list(self.neurons)}")
+        _check_fits(
+            self.who,
+            "factor",
+            self.factor,
+            w[:, torch.tensor(self.neurons, device=w.device)],
+            f"the down_proj columns of neurons {list(self.neurons)}",
+        )
 
     def _apply(self, model) -> None:
         w = _state.writable(model, _mlp(model, self.layer).down_proj.weight)
@@ -558,9 +592,14 @@ class AddSteering(Edit):
         _check_layer(model, self.layer, self.who)
         _check_size(self.vector, model.d_model, "vector", self.who, "d_model (hidden_size)")
         bias = _mlp(model, self.layer).down_proj.bias
-        _check_fits(self.who, "scale", self.scale,
-                    bias if bias is not None else torch.zeros(1, dtype=model.dtype), "the down_proj bias",
-                    add=self.vector)
+        _check_fits(
+            self.who,
+            "scale",
+            self.scale,
+            bias if bias is not None else torch.zeros(1, dtype=model.dtype),
+            "the down_proj bias",
+            add=self.vector,
+        )
 
     def _check_weights(self, model) -> None:
         _state.check_bias_slot(model, "mlp", "down_proj", self.who)
@@ -599,7 +638,9 @@ class RankOneEdit(Edit):
         if self.c_inv_key is not None:
             self.c_inv_key = _tensor(self.c_inv_key, "c_inv_key", self.who, 1)
             if self.c_inv_key.shape != self.key.shape:
-                raise EditError(f"{self.who}: c_inv_key has size {self.c_inv_key.shape[0]} but key has {self.key.shape[0]}")
+                raise EditError(
+                    f"{self.who}: c_inv_key has size {self.c_inv_key.shape[0]} but key has {self.key.shape[0]}"
+                )
         if float(self.u.double() @ self.key.double()) == 0.0:
             raise EditError(f"{self.who}: uᵀk* is zero (key is zero or orthogonal to C⁻¹k*); the update is undefined")
 
@@ -608,8 +649,17 @@ class RankOneEdit(Edit):
         return self.key if self.c_inv_key is None else self.c_inv_key
 
     @classmethod
-    def compute(cls, model, layer: int, prompts, delta, *, covariance: torch.Tensor | None = None,
-                cov_texts=None, ridge: float = 1e-2) -> "RankOneEdit":
+    def compute(
+        cls,
+        model,
+        layer: int,
+        prompts,
+        delta,
+        *,
+        covariance: torch.Tensor | None = None,
+        cov_texts=None,
+        ridge: float = 1e-2,
+    ) -> "RankOneEdit":
         """k* = mean ``hook_post`` at the last token of each prompt (end each prompt on the subject's
         last token); v* = W k* + ``delta`` (the wanted change of down_proj's output, [d_model]);
         u = (C + ridge·mean(diag C)·I)⁻¹ k* with C from ``covariance`` or ``key_covariance(cov_texts)``
@@ -667,5 +717,17 @@ class RankOneEdit(Edit):
 from .lora import MergeLora  # noqa: E402,F401
 from .abliteration import Abliterate  # noqa: E402,F401  (weighted, norm-preserving Orthogonalize)
 
-ALL_EDITS = (ZeroHeads, ZeroKVGroups, MeanAblateHeads, ScaleHeads, ZeroNeurons, ScaleNeurons, RemoveLayers,
-             Orthogonalize, AddSteering, RankOneEdit, MergeLora, Abliterate)
+ALL_EDITS = (
+    ZeroHeads,
+    ZeroKVGroups,
+    MeanAblateHeads,
+    ScaleHeads,
+    ZeroNeurons,
+    ScaleNeurons,
+    RemoveLayers,
+    Orthogonalize,
+    AddSteering,
+    RankOneEdit,
+    MergeLora,
+    Abliterate,
+)

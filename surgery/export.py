@@ -31,13 +31,25 @@ from typing import Any, Sequence
 import torch
 
 from hooks import config as hooks_config
+from hooks.errors import ScalpelError
 from hooks.loading import plain_config, sha256_file
-
-from hooks.errors import ScalpelError, takes_model
+from hooks.model import takes_model
 
 from . import _state
-from ._atomic import (MANIFEST, MANIFEST_FORMAT, OLD_PREFIX, TMP_PREFIX, _clean_stale, _fsync, _new_file_mode,
-                      _quiet_transformers, _writing, move_into_place, remove, replace_refusal)
+from ._atomic import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    OLD_PREFIX,
+    TMP_PREFIX,
+    _clean_stale,
+    _fsync,
+    _new_file_mode,
+    _quiet_transformers,
+    _writing,
+    move_into_place,
+    remove,
+    replace_refusal,
+)
 from ._manifest import MANIFEST_VERSION, PROBE_LOGITS, first_line, read_manifest, seal
 from .errors import ExportError, IntegrityError, ParityError
 from .plan import EditPlan, as_plan
@@ -83,8 +95,17 @@ class GGUFResult:
 
 # --------------------------------------------------------------------------- small helpers
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.I)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(value) -> int:
@@ -116,7 +137,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-
 # --------------------------------------------------------------------------- probes
 @dataclass
 class Probe:
@@ -132,8 +152,9 @@ def probe_inputs(model, prompts: Sequence[str] | None = None) -> list[Probe]:
     if prompts is not None:
         raise ExportError("probe_prompts need a tokenizer and this model has none; leave probe_prompts unset")
     g = torch.Generator().manual_seed(RANDOM_PROBE_SEED)
-    return [Probe(None, torch.randint(0, model.d_vocab, (1, RANDOM_PROBE_LEN), generator=g))
-            for _ in range(N_RANDOM_PROBES)]
+    return [
+        Probe(None, torch.randint(0, model.d_vocab, (1, RANDOM_PROBE_LEN), generator=g)) for _ in range(N_RANDOM_PROBES)
+    ]
 
 
 @torch.no_grad()
@@ -184,8 +205,10 @@ def export_config(model):
     config = plain_config(model.config)
     layers = list(model.model.layers)
     config.num_hidden_layers = len(layers)
-    for part, owner, names in (("attention", "self_attn", _state.ATTENTION_BIAS_MODULES),
-                               ("mlp", "mlp", _state.MLP_BIAS_MODULES)):
+    for part, owner, names in (
+        ("attention", "self_attn", _state.ATTENTION_BIAS_MODULES),
+        ("mlp", "mlp", _state.MLP_BIAS_MODULES),
+    ):
         flag = hooks_config.bias_flag(config, part)  # None: the family's class fixes its biases
         if flag is not None:
             setattr(config, flag, any(getattr(getattr(l, owner), n).bias is not None for l in layers for n in names))
@@ -201,7 +224,10 @@ def export_state(model, config) -> dict[str, torch.Tensor]:
     state = {}
     for name, t in model.state_dict().items():
         state[name] = t.detach().to("cpu").contiguous()
-    expected = {**hooks_config.attention_biases(config), **dict.fromkeys(_state.MLP_BIAS_MODULES, hooks_config.mlp_bias(config))}
+    expected = {
+        **hooks_config.attention_biases(config),
+        **dict.fromkeys(_state.MLP_BIAS_MODULES, hooks_config.mlp_bias(config)),
+    }
     for i, layer in enumerate(model.model.layers):
         for part, names in (("self_attn", _state.ATTENTION_BIAS_MODULES), ("mlp", _state.MLP_BIAS_MODULES)):
             for n in names:
@@ -210,8 +236,10 @@ def export_state(model, config) -> dict[str, torch.Tensor]:
                     w = state[f"model.layers.{i}.{part}.{n}.weight"]
                     state[key] = torch.zeros(w.shape[0], dtype=w.dtype)
                 elif key in state and not expected[n]:
-                    raise ExportError(f"{key} cannot be saved: {hooks_config.family_class_name(config)} has no "
-                                      f"{n} bias; undo the edit that added it")
+                    raise ExportError(
+                        f"{key} cannot be saved: {hooks_config.family_class_name(config)} has no "
+                        f"{n} bias; undo the edit that added it"
+                    )
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     # tensors sharing storage cannot go to safetensors: give each its own copy
@@ -317,16 +345,27 @@ def _reload_hf(directory: Path, dtype: torch.dtype, **kwargs):
     if bad:
         k, v = next(iter(bad.items()))
         v = sorted(map(str, v))
-        raise ParityError(f"transformers reloaded the checkpoint with {len(v)} {k.replace('_', ' ')} "
-                          f"({', '.join(v[:3])}{', …' if len(v) > 3 else ''}); it is not a complete {type(hf).__name__}")
+        raise ParityError(
+            f"transformers reloaded the checkpoint with {len(v)} {k.replace('_', ' ')} "
+            f"({', '.join(v[:3])}{', …' if len(v) > 3 else ''}); it is not a complete {type(hf).__name__}"
+        )
     return hf.eval()
 
 
 # --------------------------------------------------------------------------- export
 @takes_model
-def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_size="2GB",
-           probe_prompts: Sequence[str] | None = None, base_sha256: str | None = None,
-           base_logits: Sequence[torch.Tensor] | None = None, provenance: dict | None = None) -> ExportResult:
+def export(
+    model,
+    out_dir,
+    *,
+    edits=None,
+    overwrite: bool = False,
+    max_shard_size="2GB",
+    probe_prompts: Sequence[str] | None = None,
+    base_sha256: str | None = None,
+    base_logits: Sequence[torch.Tensor] | None = None,
+    provenance: dict | None = None,
+) -> ExportResult:
     """Write ``model`` (with ``edits`` applied) as a verified Hugging Face checkpoint in ``out_dir``.
 
     ``edits``: an ``EditPlan``, a list of edits/records, one edit, or a plan file; applied to
@@ -368,8 +407,9 @@ def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_siz
         base_logits = _logits(model, probes)
     elif base_logits is not None:
         base_logits = [torch.as_tensor(t).float().cpu() for t in base_logits]
-        if len(base_logits) != len(probes) or any(b.shape != (p.ids.shape[1], model.d_vocab)
-                                                  for b, p in zip(base_logits, probes)):
+        if len(base_logits) != len(probes) or any(
+            b.shape != (p.ids.shape[1], model.d_vocab) for b, p in zip(base_logits, probes)
+        ):
             raise ExportError(f"base_logits must hold one [positions, {model.d_vocab}] tensor per probe prompt")
 
     n_original = model.n_layers + sum(len(r.get("layers", ())) for r in prior if r.get("edit") == "RemoveLayers")
@@ -384,28 +424,51 @@ def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_siz
         history = list(getattr(model, "scalpel_history", []))
         layer_map = _layer_map(prior, plan, n_original)
         tokenizer = model.tokenizer
-        tmp = _write_verified(model, out_dir, config, state, dtype, probes, edited, max_bytes, lambda files, diff, tol: {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "base": {"source": getattr(model, "source", None), "sha256": base_sha256, "sha256_of": base_hash_of},
-            "edits": history,
-            "edits_applied_before_export": len(prior),
-            "config_changes": _config_changes(base_config, config.to_dict()),
-            "layer_map": layer_map,
-            "provenance": provenance,
-            "dtype": str(dtype).replace("torch.", ""),
-            "files": files,
-            "libraries": library_versions(),
-            "probes": [{"text": p.text, "input_ids": p.ids[0].tolist(), "top5": _top5(e, tokenizer),
+        tmp = _write_verified(
+            model,
+            out_dir,
+            config,
+            state,
+            dtype,
+            probes,
+            edited,
+            max_bytes,
+            lambda files, diff, tol: {
+                "format": MANIFEST_FORMAT,
+                "version": MANIFEST_VERSION,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "base": {"source": getattr(model, "source", None), "sha256": base_sha256, "sha256_of": base_hash_of},
+                "edits": history,
+                "edits_applied_before_export": len(prior),
+                "config_changes": _config_changes(base_config, config.to_dict()),
+                "layer_map": layer_map,
+                "provenance": provenance,
+                "dtype": str(dtype).replace("torch.", ""),
+                "files": files,
+                "libraries": library_versions(),
+                "probes": [
+                    {
+                        "text": p.text,
+                        "input_ids": p.ids[0].tolist(),
+                        "top5": _top5(e, tokenizer),
                         "base_top5": _top5(b, tokenizer) if base_logits is not None else None,
-                        "kl_to_base": _kl(b, e) if base_logits is not None else None}
-                       for p, e, b in zip(probes, edited, base_logits or [None] * len(probes))],
-            "kl_to_base": (sum(_kl(b, e) for b, e in zip(base_logits, edited)) / len(probes)
-                           if base_logits is not None else None),
-            "verification": {"reloaded_with": "transformers.AutoModelForCausalLM.from_pretrained",
-                             "max_abs_logit_diff": diff, "tolerance": tol, "compared": "all probe positions"},
-        })
+                        "kl_to_base": _kl(b, e) if base_logits is not None else None,
+                    }
+                    for p, e, b in zip(probes, edited, base_logits or [None] * len(probes))
+                ],
+                "kl_to_base": (
+                    sum(_kl(b, e) for b, e in zip(base_logits, edited)) / len(probes)
+                    if base_logits is not None
+                    else None
+                ),
+                "verification": {
+                    "reloaded_with": "transformers.AutoModelForCausalLM.from_pretrained",
+                    "max_abs_logit_diff": diff,
+                    "tolerance": tol,
+                    "compared": "all probe positions",
+                },
+            },
+        )
     try:
         with _writing(out_dir):
             move_into_place(tmp, out_abs, str(out_dir), overwrite=overwrite)
@@ -413,10 +476,14 @@ def export(model, out_dir, *, edits=None, overwrite: bool = False, max_shard_siz
         remove(tmp)
         raise
     manifest = json.loads((out_abs / MANIFEST).read_text())
-    return ExportResult(out_dir=out_dir, files=manifest["files"],
-                        max_abs_logit_diff=manifest["verification"]["max_abs_logit_diff"],
-                        tolerance=manifest["verification"]["tolerance"], kl_to_base=manifest["kl_to_base"],
-                        manifest=manifest)
+    return ExportResult(
+        out_dir=out_dir,
+        files=manifest["files"],
+        max_abs_logit_diff=manifest["verification"]["max_abs_logit_diff"],
+        tolerance=manifest["verification"]["tolerance"],
+        kl_to_base=manifest["kl_to_base"],
+        manifest=manifest,
+    )
 
 
 def _layer_map(prior: list[dict], plan: EditPlan, n_original: int) -> list[int] | None:
@@ -455,8 +522,11 @@ def _write_verified(model, out_dir: Path, config, state, dtype, probes, edited, 
             if model.tokenizer is not None:
                 with _quiet_transformers():
                     model.tokenizer.save_pretrained(tmp)
-            save_file({f"probe_{i}": e.contiguous() for i, e in enumerate(edited)}, str(tmp / PROBE_LOGITS),
-                      metadata={"format": "pt"})
+            save_file(
+                {f"probe_{i}": e.contiguous() for i, e in enumerate(edited)},
+                str(tmp / PROBE_LOGITS),
+                metadata={"format": "pt"},
+            )
         # reload with plain transformers and compare with the in-memory edited model
         hf = _reload_hf(tmp, dtype)
         got = _hf_logits(hf, probes)
@@ -464,8 +534,10 @@ def _write_verified(model, out_dir: Path, config, state, dtype, probes, edited, 
         diff = _max_diff(got, edited)
         tol = _tolerance(dtype, edited)
         if not diff <= tol:
-            raise ParityError(f"the reloaded checkpoint's logits differ from the in-memory model by {diff:.3g} "
-                              f"(tolerance {tol:.1g}); nothing was written")
+            raise ParityError(
+                f"the reloaded checkpoint's logits differ from the in-memory model by {diff:.3g} "
+                f"(tolerance {tol:.1g}); nothing was written"
+            )
         with _writing(out_dir, needed):
             files = _sha_dir(tmp)
             manifest = seal(make_manifest(files, diff, tol))
@@ -513,8 +585,9 @@ def verify(out_dir, *, reload: bool = True, dtype: torch.dtype | None = None) ->
     vouch for.
     """
     if isinstance(out_dir, bytes) or not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
-        raise IntegrityError(f"verify takes the directory surgery.export wrote (a str or pathlib.Path), got "
-                             f"{out_dir!r:.40}")
+        raise IntegrityError(
+            f"verify takes the directory surgery.export wrote (a str or pathlib.Path), got {out_dir!r:.40}"
+        )
     out_dir = Path(out_dir).expanduser()
     manifest, note = read_manifest(out_dir)
     files: dict[str, str] = manifest["files"]
@@ -527,15 +600,24 @@ def verify(out_dir, *, reload: bool = True, dtype: torch.dtype | None = None) ->
         except OSError as exc:
             raise IntegrityError(f"cannot read {path} ({exc.strerror or exc}); fix its permissions") from None
         if got != want:
-            raise IntegrityError(f"{name}: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…); "
-                                 "the file was modified or corrupted")
+            raise IntegrityError(
+                f"{name}: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…); the file was modified or corrupted"
+            )
     unlisted = sorted(p.name for p in out_dir.iterdir() if p.name not in files and p.name != MANIFEST)
     if unlisted:
-        raise IntegrityError(f"{unlisted[0]} is in {out_dir} but not in its {MANIFEST}"
-                             f"{f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}; "
-                             "it was added after export, remove it or re-export")
-    result: dict[str, Any] = {"ok": True, "out_dir": str(out_dir), "manifest_version": manifest["version"],
-                              "note": note, "files_checked": len(files), "unlisted_files": []}
+        raise IntegrityError(
+            f"{unlisted[0]} is in {out_dir} but not in its {MANIFEST}"
+            f"{f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}; "
+            "it was added after export, remove it or re-export"
+        )
+    result: dict[str, Any] = {
+        "ok": True,
+        "out_dir": str(out_dir),
+        "manifest_version": manifest["version"],
+        "note": note,
+        "files_checked": len(files),
+        "unlisted_files": [],
+    }
     if not reload:
         return result
     recorded = getattr(torch, manifest.get("dtype", "float32"))
@@ -548,17 +630,19 @@ def verify(out_dir, *, reload: bool = True, dtype: torch.dtype | None = None) ->
     except ScalpelError:
         raise
     except Exception as exc:  # the files match their hashes, so this is the environment: say so in one line
-        raise ParityError(f"{out_dir}: transformers could not reload and run it ({first_line(exc)}); check the "
-                          "transformers version (the manifest's \"libraries\" lists the one that wrote it)") from exc
+        raise ParityError(
+            f"{out_dir}: transformers could not reload and run it ({first_line(exc)}); check the "
+            'transformers version (the manifest\'s "libraries" lists the one that wrote it)'
+        ) from exc
     diff = _max_diff(got, expected)
     tol = float(manifest.get("verification", {}).get("tolerance", FP32_TOLERANCE))
     if dtype != recorded:
         tol = max(tol, _tolerance(dtype, expected))
-    top5 = all(g[-1].topk(5).indices.tolist() == [t["id"] for t in p["top5"]]
-               for g, p in zip(got, manifest["probes"]))
+    top5 = all(g[-1].topk(5).indices.tolist() == [t["id"] for t in p["top5"]] for g, p in zip(got, manifest["probes"]))
     if not diff <= tol:
-        raise ParityError(f"{out_dir}: reloaded logits differ from those recorded at export by {diff:.3g} "
-                          f"(tolerance {tol:.1g})")
+        raise ParityError(
+            f"{out_dir}: reloaded logits differ from those recorded at export by {diff:.3g} (tolerance {tol:.1g})"
+        )
     result.update(max_abs_logit_diff=diff, tolerance=tol, top5_match=top5)
     return result
 
@@ -577,21 +661,26 @@ def _recorded_logits(out_dir: Path, probes: list[Probe], manifest: dict) -> list
         t = stored.get(f"probe_{i}")
         if t is None or t.dim() != 2 or t.shape[0] != p.ids.shape[1] or (vocab is not None and t.shape[1] != vocab):
             shape = None if t is None else tuple(t.shape)
-            raise IntegrityError(f"{PROBE_LOGITS}: probe_{i} is {shape}, but the manifest's probe {i} has "
-                                 f"{p.ids.shape[1]} tokens; the logits and the manifest do not belong together, "
-                                 "re-export")
+            raise IntegrityError(
+                f"{PROBE_LOGITS}: probe_{i} is {shape}, but the manifest's probe {i} has "
+                f"{p.ids.shape[1]} tokens; the logits and the manifest do not belong together, "
+                "re-export"
+            )
         vocab = t.shape[1]
         out.append(t)
     if len(stored) != len(probes):
-        raise IntegrityError(f"{PROBE_LOGITS} holds {len(stored)} probes but the manifest lists {len(probes)}; "
-                             "the logits and the manifest do not belong together, re-export")
+        raise IntegrityError(
+            f"{PROBE_LOGITS} holds {len(stored)} probes but the manifest lists {len(probes)}; "
+            "the logits and the manifest do not belong together, re-export"
+        )
     return out
 
 
 # --------------------------------------------------------------------------- GGUF
 @takes_model
-def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool = False,
-                probe_prompts: Sequence[str] | None = None) -> GGUFResult:
+def export_gguf(
+    model, path, *, edits=None, dtype: str = "f32", overwrite: bool = False, probe_prompts: Sequence[str] | None = None
+) -> GGUFResult:
     """Write ``model`` (with ``edits`` applied, restored after) as a GGUF file for llama.cpp / ollama,
     then read it back with transformers' GGUF loader and compare logits on the probe prompts.
 
@@ -608,8 +697,9 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
     if dtype not in ("f32", "f16"):
         raise ExportError(f"GGUF dtype must be 'f32' or 'f16', got {dtype!r}")
     if model.tokenizer is None:
-        raise ExportError("GGUF export needs the model's tokenizer (a GGUF file embeds its vocabulary); "
-                          "load the model with one")
+        raise ExportError(
+            "GGUF export needs the model's tokenizer (a GGUF file embeds its vocabulary); load the model with one"
+        )
     plan = as_plan(edits)
     probes = probe_inputs(model, probe_prompts)
     with _state.journal(model):
@@ -618,13 +708,18 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
         state = export_state(model, config)
         # Qwen2's q/k/v biases belong to its GGUF architecture; every other bias must be zero and is dropped
         qwen2 = hooks_config.family(config) == "qwen2"
-        dropped = [k for k in state if k.endswith(".bias")
-                   and not (qwen2 and k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")))]
+        dropped = [
+            k
+            for k in state
+            if k.endswith(".bias") and not (qwen2 and k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")))
+        ]
         nonzero = sorted(k for k in dropped if bool(state[k].any()))
         if nonzero:
-            raise ExportError(f"GGUF cannot carry the non-zero bias {nonzero[0]}"
-                              f"{f' (and {len(nonzero) - 1} more)' if len(nonzero) > 1 else ''}, which an edit such "
-                              "as MeanAblateHeads or AddSteering introduces; export a Hugging Face checkpoint instead")
+            raise ExportError(
+                f"GGUF cannot carry the non-zero bias {nonzero[0]}"
+                f"{f' (and {len(nonzero) - 1} more)' if len(nonzero) > 1 else ''}, which an edit such "
+                "as MeanAblateHeads or AddSteering introduces; export a Hugging Face checkpoint instead"
+            )
         state = {k: v for k, v in state.items() if k not in set(dropped)}
         for part in ("attention", "mlp"):
             if hooks_config.bias_flag(config, part):
@@ -652,14 +747,17 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
             from transformers import AutoModelForCausalLM
 
             with _quiet_transformers():
-                hf = AutoModelForCausalLM.from_pretrained(str(tmp.parent), gguf_file=tmp.name,
-                                                          dtype=torch.float32).eval()
+                hf = AutoModelForCausalLM.from_pretrained(
+                    str(tmp.parent), gguf_file=tmp.name, dtype=torch.float32
+                ).eval()
             got = _hf_logits(hf, probes)
             del hf
             diff, diff_unrounded = _max_diff(got, expected), _max_diff(got, unrounded)
             if not diff <= FP32_TOLERANCE:
-                raise ParityError(f"transformers' GGUF loader gives logits {diff:.3g} away from the in-memory model "
-                                  f"(tolerance {FP32_TOLERANCE:g}); nothing was written")
+                raise ParityError(
+                    f"transformers' GGUF loader gives logits {diff:.3g} away from the in-memory model "
+                    f"(tolerance {FP32_TOLERANCE:g}); nothing was written"
+                )
             digest = sha256_file(tmp)
             with _writing(path):
                 os.chmod(tmp, _new_file_mode())
@@ -668,7 +766,15 @@ def export_gguf(model, path, *, edits=None, dtype: str = "f32", overwrite: bool 
         except BaseException:
             remove(tmp)
             raise
-    return GGUFResult(path=path, dtype=dtype, sha256=digest, max_abs_logit_diff=diff,
-                      max_abs_logit_diff_unrounded=diff_unrounded, tolerance=FP32_TOLERANCE,
-                      probes=[{"text": p.text, "input_ids": p.ids[0].tolist(), "top5": _top5(e, tokenizer)}
-                              for p, e in zip(probes, expected)])
+    return GGUFResult(
+        path=path,
+        dtype=dtype,
+        sha256=digest,
+        max_abs_logit_diff=diff,
+        max_abs_logit_diff_unrounded=diff_unrounded,
+        tolerance=FP32_TOLERANCE,
+        probes=[
+            {"text": p.text, "input_ids": p.ids[0].tolist(), "top5": _top5(e, tokenizer)}
+            for p, e in zip(probes, expected)
+        ],
+    )

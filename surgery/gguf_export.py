@@ -148,16 +148,19 @@ def _hparams(config: Any) -> _Hparams:
     if arch == "qwen2" and head_dim != hidden // n_heads:
         raise _cannot(f"a qwen2 head_dim={head_dim} other than hidden_size / heads (transformers' loader derives it)")
     if arch == "qwen3" and head_dim != _QWEN3_HEAD_DIM:
-        raise _cannot(f"a qwen3 head_dim={head_dim} (transformers' GGUF loader reads none and assumes "
-                      f"{_QWEN3_HEAD_DIM})")
+        raise _cannot(
+            f"a qwen3 head_dim={head_dim} (transformers' GGUF loader reads none and assumes {_QWEN3_HEAD_DIM})"
+        )
     context = int(config.max_position_embeddings)
     from hooks import config as hooks_config  # the family switches: which layers are windowed
 
     windows = [hooks_config.sliding_window(config, i) for i in range(int(config.num_hidden_layers))]
     short = [(i, w) for i, w in enumerate(windows) if w is not None and w < context]
     if short:
-        raise _cannot(f"a sliding window of {short[0][1]} tokens (layer {short[0][0]}, context {context}); "
-                      f"GGUF {arch} attends to the whole context")
+        raise _cannot(
+            f"a sliding window of {short[0][1]} tokens (layer {short[0][0]}, context {context}); "
+            f"GGUF {arch} attends to the whole context"
+        )
 
     return _Hparams(
         arch=arch,

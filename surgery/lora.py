@@ -26,10 +26,17 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 # Features whose merge is not ``W += s·B@A`` (or that carry more than LoRA matrices): refused by name.
-_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "modules_to_save": "modules_to_save",
-                "layer_replication": "layer_replication", "trainable_token_indices": "trainable_token_indices",
-                "target_parameters": "target_parameters", "fan_in_fan_out": "fan_in_fan_out",
-                "use_qalora": "QALoRA", "alora_invocation_tokens": "aLoRA"}
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA biases",
+    "modules_to_save": "modules_to_save",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable_token_indices",
+    "target_parameters": "target_parameters",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "aLoRA",
+}
 _LINEAR = re.compile(r"^(?:model\.layers\.(?P<layer>\d+)\.(?P<part>self_attn|mlp)\.(?P<proj>[a-z_]+)|lm_head)$")
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -113,8 +120,10 @@ class MergeLora(Edit):
             raise AdapterError(f"{self.who}: adapter directory {where} does not exist")
         for f in (cfg_file, w_file):
             if not f.is_file():
-                raise AdapterError(f"{self.who}: {where} has no {f.name}; a PEFT LoRA adapter directory holds "
-                                   f"{CONFIG_FILE} and {WEIGHTS_FILE} (save it with peft_model.save_pretrained)")
+                raise AdapterError(
+                    f"{self.who}: {where} has no {f.name}; a PEFT LoRA adapter directory holds "
+                    f"{CONFIG_FILE} and {WEIGHTS_FILE} (save it with peft_model.save_pretrained)"
+                )
         try:
             config = json.loads(cfg_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -123,15 +132,19 @@ class MergeLora(Edit):
             raise AdapterError(f"{self.who}: {cfg_file} is a {config.get('peft_type')} adapter; only LoRA merges")
         for key, what in _UNSUPPORTED.items():
             if config.get(key):
-                raise AdapterError(f"{self.who}: the adapter uses {what} ({key}={config[key]!r}), which MergeLora "
-                                   "does not merge; merge it with peft's merge_and_unload instead")
+                raise AdapterError(
+                    f"{self.who}: the adapter uses {what} ({key}={config[key]!r}), which MergeLora "
+                    "does not merge; merge it with peft's merge_and_unload instead"
+                )
         for key in ("r", "lora_alpha"):
             if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
                 raise AdapterError(f"{self.who}: {cfg_file} has no valid {key!r} (got {config.get(key)!r})")
         digest = _sha256(w_file)
         if self.adapter_sha256 is not None and digest != self.adapter_sha256:
-            raise AdapterError(f"{self.who}: {w_file} has sha256 {digest[:12]}…, the plan recorded "
-                               f"{self.adapter_sha256[:12]}…; the adapter changed since the plan was written")
+            raise AdapterError(
+                f"{self.who}: {w_file} has sha256 {digest[:12]}…, the plan recorded "
+                f"{self.adapter_sha256[:12]}…; the adapter changed since the plan was written"
+            )
         self.adapter_sha256 = digest
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -145,8 +158,10 @@ class MergeLora(Edit):
             m = _KEY.match(key)
             if m is None:
                 kind = "embedding LoRA" if "lora_embedding" in key else "a tensor that is no LoRA matrix"
-                raise AdapterError(f"{self.who}: {w_file.name} holds {key!r} ({kind}); MergeLora merges lora_A/lora_B "
-                                   "of linear layers only")
+                raise AdapterError(
+                    f"{self.who}: {w_file.name} holds {key!r} ({kind}); MergeLora merges lora_A/lora_B "
+                    "of linear layers only"
+                )
             pairs.setdefault(m["module"], {})[m["ab"]] = t
         if not pairs:
             raise AdapterError(f"{self.who}: {w_file} holds no LoRA matrices")
@@ -159,8 +174,10 @@ class MergeLora(Edit):
             r = _pattern_value(config.get("rank_pattern"), module, r0)
             alpha = _pattern_value(config.get("alpha_pattern"), module, alpha0)
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-                raise AdapterError(f"{self.who}: rank mismatch at {module}: lora_A {tuple(a.shape)}, lora_B "
-                                   f"{tuple(b.shape)}, but the adapter config says r={r}")
+                raise AdapterError(
+                    f"{self.who}: rank mismatch at {module}: lora_A {tuple(a.shape)}, lora_B "
+                    f"{tuple(b.shape)}, but the adapter config says r={r}"
+                )
             for name, t in (("lora_A", a), ("lora_B", b)):
                 if not torch.isfinite(t).all():
                     raise AdapterError(f"{self.who}: {module}.{name} holds NaN or inf")
@@ -175,31 +192,40 @@ class MergeLora(Edit):
         base = config.get("base_model_name_or_path")
         source = getattr(model, "source", None)
         if not self.allow_base_mismatch and base and source and _model_key(base) != _model_key(source):
-            raise AdapterError(f"{self.who}: the adapter was trained on {base!r} but the model is {source!r}; "
-                               "pass allow_base_mismatch=True if they are the same weights")
+            raise AdapterError(
+                f"{self.who}: the adapter was trained on {base!r} but the model is {source!r}; "
+                "pass allow_base_mismatch=True if they are the same weights"
+            )
         for p in pairs:
             linear = self._linear(model, p.module)
             want = tuple(linear.weight.shape)
             got = (p.b.shape[0], p.a.shape[1])
             if got != want:
-                raise AdapterError(f"{self.who}: adapter for another base model: {p.module} lora_B@lora_A is {got} "
-                                   f"but the model's weight is {want}; {_use_its_base(base)}")
+                raise AdapterError(
+                    f"{self.who}: adapter for another base model: {p.module} lora_B@lora_A is {got} "
+                    f"but the model's weight is {want}; {_use_its_base(base)}"
+                )
 
     def _linear(self, model, module: str):
         m = _LINEAR.match(module)
         if m is None:
-            raise AdapterError(f"{self.who}: the adapter targets {module!r}, which is not a linear layer of a "
-                               "LlamaForCausalLM (q/k/v/o_proj, gate/up/down_proj, lm_head)")
+            raise AdapterError(
+                f"{self.who}: the adapter targets {module!r}, which is not a linear layer of a "
+                "LlamaForCausalLM (q/k/v/o_proj, gate/up/down_proj, lm_head)"
+            )
         if m["layer"] is None:
             return model.lm_head
         layer, part, proj = int(m["layer"]), m["part"], m["proj"]
         if layer >= model.n_layers:
-            raise AdapterError(f"{self.who}: adapter for another base model: it targets {module} but the model has "
-                               f"{model.n_layers} layers (0..{model.n_layers - 1}); "
-                               f"{_use_its_base(self.read()[0].get('base_model_name_or_path'))}")
+            raise AdapterError(
+                f"{self.who}: adapter for another base model: it targets {module} but the model has "
+                f"{model.n_layers} layers (0..{model.n_layers - 1}); "
+                f"{_use_its_base(self.read()[0].get('base_model_name_or_path'))}"
+            )
         if proj not in (_ATTN if part == "self_attn" else _MLP):
-            raise AdapterError(f"{self.who}: the adapter targets {module!r}, which is not a linear layer of a "
-                               "LlamaForCausalLM")
+            raise AdapterError(
+                f"{self.who}: the adapter targets {module!r}, which is not a linear layer of a LlamaForCausalLM"
+            )
         return getattr(getattr(model.model.layers[layer], part), proj)
 
     # -- edit -------------------------------------------------------------------------
@@ -253,7 +279,11 @@ class MergeLora(Edit):
                 elif proj == "o_proj":
                     key, src, weight, dst = f"{i}.z", f"blocks.{i}.attn.hook_z", None, f"blocks.{i}.hook_attn_out"
                 elif proj in ("gate_proj", "up_proj"):
-                    key, src, weight = f"{i}.ln2", f"blocks.{i}.ln2.hook_normalized", layer.post_attention_layernorm.weight
+                    key, src, weight = (
+                        f"{i}.ln2",
+                        f"blocks.{i}.ln2.hook_normalized",
+                        layer.post_attention_layernorm.weight,
+                    )
                     dst = f"blocks.{i}.mlp.hook_pre" if proj == "gate_proj" else f"blocks.{i}.mlp.hook_pre_linear"
                 else:  # down_proj
                     key, src, weight, dst = f"{i}.post", f"blocks.{i}.mlp.hook_post", None, f"blocks.{i}.hook_mlp_out"
@@ -265,5 +295,10 @@ class MergeLora(Edit):
         return hooks
 
     def to_dict(self) -> dict[str, Any]:
-        return {"edit": self.kind, "adapter_dir": self.adapter_dir, "scale": self.scale,
-                "allow_base_mismatch": self.allow_base_mismatch, "adapter_sha256": self.adapter_sha256}
+        return {
+            "edit": self.kind,
+            "adapter_dir": self.adapter_dir,
+            "scale": self.scale,
+            "allow_base_mismatch": self.allow_base_mismatch,
+            "adapter_sha256": self.adapter_sha256,
+        }

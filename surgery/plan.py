@@ -23,12 +23,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from hooks.errors import check_model
+from hooks.errors import ScalpelError
+from hooks.model import check_model
 
 from . import _state
 from .edits import Edit, HookList, RemoveLayers
-from hooks.errors import ScalpelError
-
 from .errors import EditError, PlanError
 
 FORMAT = "llama-scalpel-plan"
@@ -94,7 +93,9 @@ class EditPlan:
         if fmt != FORMAT:
             raise PlanError(f"not an edit plan: format is {fmt!r}, expected {FORMAT!r}")
         if version != VERSION:
-            raise PlanError(f"edit plan version {version!r} is not supported (this llama-scalpel reads version {VERSION})")
+            raise PlanError(
+                f"edit plan version {version!r} is not supported (this llama-scalpel reads version {VERSION})"
+            )
         if not isinstance(data["edits"], list):
             raise PlanError("the plan's 'edits' must be a list")
         return cls(data["edits"])
@@ -147,7 +148,7 @@ class EditPlan:
         """Apply every edit in order. ``atomic`` (default): all or nothing, an error restores the model
         and re-raises (this keeps a copy of every tensor the plan writes until it is done)."""
         check_model(model, "EditPlan.apply")
-        with (_state.transaction(model) if atomic else contextlib.nullcontext()):
+        with _state.transaction(model) if atomic else contextlib.nullcontext():
             for i, e in enumerate(self.edits):
                 try:
                     e.apply(model)
@@ -209,8 +210,10 @@ def as_plan(edits) -> EditPlan:
     if isinstance(edits, dict):
         return EditPlan.from_dict(edits)
     if isinstance(edits, (bytes, bytearray)) or not hasattr(edits, "__iter__"):
-        raise PlanError(f"edits must be an EditPlan, an edit, a list of edits, a plan dict or a plan file path, "
-                        f"got {type(edits).__name__}")
+        raise PlanError(
+            f"edits must be an EditPlan, an edit, a list of edits, a plan dict or a plan file path, "
+            f"got {type(edits).__name__}"
+        )
     return EditPlan(edits)
 
 

@@ -55,9 +55,12 @@ class RefinedDirection:
 
     def to_dict(self) -> dict:
         first, last = (self.history[0], self.history[-1]) if self.history else ({}, {})
-        return {"steps": len(self.history), "cosine": round(self.cosine, 4),
-                "keep_kl": [first.get("keep_kl"), last.get("keep_kl")],
-                "harmful_kl": [first.get("harmful_kl"), last.get("harmful_kl")]}
+        return {
+            "steps": len(self.history),
+            "cosine": round(self.cosine, 4),
+            "keep_kl": [first.get("keep_kl"), last.get("keep_kl")],
+            "harmful_kl": [first.get("harmful_kl"), last.get("harmful_kl")],
+        }
 
 
 def check_refine(steps) -> int:
@@ -74,23 +77,33 @@ def _answers(model, edit: Abliterate, prompts, tokens: int, system_prompt, batch
     out = []
     with edit.applied(model), torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            tok, mask = chat_tokens(model, prompts[i:i + batch_size], system_prompt)
+            tok, mask = chat_tokens(model, prompts[i : i + batch_size], system_prompt)
             full = model.generate(tok, max_new_tokens=tokens, attention_mask=mask, return_type="tokens")
-            new = full[:, tok.shape[1]:]
+            new = full[:, tok.shape[1] :]
             valid = torch.ones_like(new, dtype=torch.bool)
             if eos is not None:  # positions after the first EOS are padding
                 after = (new == eos).long().cumsum(1) - (new == eos).long()
                 valid = after == 0
             fmask = torch.cat([mask, torch.ones_like(new)], 1)
             p = tok.shape[1]
-            teacher = model(full, attention_mask=fmask)[:, p - 1:-1].double().log_softmax(-1)
+            teacher = model(full, attention_mask=fmask)[:, p - 1 : -1].double().log_softmax(-1)
             out.append((full, fmask, valid, teacher))
     return out
 
 
-def refine_direction(model, edit: Abliterate, harmful, keep, *, steps: int = REFINE_STEPS, lr: float = REFINE_LR,
-                     tokens: int = REFINE_TOKENS, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-                     batch_size: int = 32, progress: bool = False) -> RefinedDirection:
+def refine_direction(
+    model,
+    edit: Abliterate,
+    harmful,
+    keep,
+    *,
+    steps: int = REFINE_STEPS,
+    lr: float = REFINE_LR,
+    tokens: int = REFINE_TOKENS,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> RefinedDirection:
     """Move ``edit``'s direction to lower the first-token KL on ``keep`` while answering ``harmful`` as
     ``edit`` does (module docstring). ``edit`` needs one direction (a vector, or a stack with
     ``direction_index``). The model is left unedited.
@@ -119,9 +132,14 @@ def refine_direction(model, edit: Abliterate, harmful, keep, *, steps: int = REF
     base = []  # keep prompts: residuals entering `start` and the unedited last-token log-probs
     with torch.no_grad():
         for i in range(0, len(keep), batch_size):
-            tok, mask = chat_tokens(model, keep[i:i + batch_size], system_prompt)
-            base.append((model(tok, attention_mask=mask, stop_at_layer=start), mask,
-                         model(tok, attention_mask=mask)[:, -1].double().log_softmax(-1)))
+            tok, mask = chat_tokens(model, keep[i : i + batch_size], system_prompt)
+            base.append(
+                (
+                    model(tok, attention_mask=mask, stop_at_layer=start),
+                    mask,
+                    model(tok, attention_mask=mask)[:, -1].double().log_softmax(-1),
+                )
+            )
     answers = []
     for full, fmask, valid, teacher in _answers(model, edit, harmful, tokens, system_prompt, batch_size):
         with torch.no_grad():
@@ -151,7 +169,7 @@ def refine_direction(model, edit: Abliterate, harmful, keep, *, steps: int = REF
         for resid, mask, valid, teacher in answers:
             p = mask.shape[1] - teacher.shape[1]
             with model.hooks(fwd_hooks=hooks(r / r.norm())):
-                logits = model(resid, attention_mask=mask, start_at_layer=start)[:, p - 1:-1]
+                logits = model(resid, attention_mask=mask, start_at_layer=start)[:, p - 1 : -1]
             loss = (kl_rows(teacher, logits) * valid).sum() / max(n_ans, 1)
             loss.backward(inputs=[delta])
             kh += float(loss.detach())
@@ -170,8 +188,9 @@ def refine_direction(model, edit: Abliterate, harmful, keep, *, steps: int = REF
         with torch.enable_grad():  # also under torch.set_grad_enabled(False), a TransformerLens habit
             r = r0 + delta
             kk, kh = step_losses(r)
-        history.append({"keep_kl": kk, "harmful_kl": kh,
-                        "cosine": float((r / r.norm()).detach().double() @ r0.double())})
+        history.append(
+            {"keep_kl": kk, "harmful_kl": kh, "cosine": float((r / r.norm()).detach().double() @ r0.double())}
+        )
         opt.step()
         if bar is not None:
             bar.update(1)
@@ -180,6 +199,11 @@ def refine_direction(model, edit: Abliterate, harmful, keep, *, steps: int = REF
         bar.close()
     direction = (r0 + delta).detach()
     direction = (direction / direction.norm()).cpu()
-    refined = Abliterate(direction, attn_weights=dict(edit.attn_weights), mlp_weights=dict(edit.mlp_weights),
-                         strength=edit.strength, norm_preserve=edit.norm_preserve)
+    refined = Abliterate(
+        direction,
+        attn_weights=dict(edit.attn_weights),
+        mlp_weights=dict(edit.mlp_weights),
+        strength=edit.strength,
+        norm_preserve=edit.norm_preserve,
+    )
     return RefinedDirection(edit=refined, direction=direction, start=r0.cpu(), history=history)

@@ -61,23 +61,46 @@ from typing import Sequence
 
 import torch
 
-from analyses.refusal import (DEFAULT_SYSTEM_PROMPT, REFUSAL_MARKERS, AbliterationResult, chat_tokens,
-                              check_whiten, kl_rows, load_prompts, prompts_sha256, refusal_directions, refusal_rate)
+from analyses.refusal import (
+    DEFAULT_SYSTEM_PROMPT,
+    REFUSAL_MARKERS,
+    AbliterationResult,
+    chat_tokens,
+    check_whiten,
+    kl_rows,
+    load_prompts,
+    prompts_sha256,
+    refusal_directions,
+    refusal_rate,
+)
 from hooks import InputError
 
 from .abliteration import Abliterate, peaked_weights
 from .plan import EditPlan
 from .refine import REFINE_STEPS, check_refine, refine_direction
 
-PARAMS = ("direction_index", "attn.max_weight", "attn.peak", "attn.min_weight", "attn.width",
-          "mlp.max_weight", "mlp.peak", "mlp.min_weight", "mlp.width")
+PARAMS = (
+    "direction_index",
+    "attn.max_weight",
+    "attn.peak",
+    "attn.min_weight",
+    "attn.width",
+    "mlp.max_weight",
+    "mlp.peak",
+    "mlp.min_weight",
+    "mlp.width",
+)
 
 
 def search_space(n_layers: int) -> dict[str, tuple[float, float]]:
     """The box every trial is drawn from (heretic's ranges; ``min_weight`` as a fraction of ``max_weight``)."""
     last = n_layers - 1
-    comp = {"max_weight": (0.8, 1.5), "peak": (0.6 * last, 1.0 * last), "min_weight": (0.0, 1.0),
-            "width": (1.0, max(1.0 + 1e-6, 0.6 * last))}
+    comp = {
+        "max_weight": (0.8, 1.5),
+        "peak": (0.6 * last, 1.0 * last),
+        "min_weight": (0.0, 1.0),
+        "width": (1.0, max(1.0 + 1e-6, 0.6 * last)),
+    }
     out = {"direction_index": (0.4 * last, 0.9 * last)}
     for c in ("attn", "mlp"):
         out.update({f"{c}.{k}": v for k, v in comp.items()})
@@ -90,24 +113,35 @@ CONTRASTS = ("sets", "behaviour")
 WHITEN = 30.0
 
 
-def edit_for(directions, params: dict, n_layers: int, *, norm_preserve: bool = True,
-             refined: torch.Tensor | None = None) -> Abliterate:
+def edit_for(
+    directions, params: dict, n_layers: int, *, norm_preserve: bool = True, refined: torch.Tensor | None = None
+) -> Abliterate:
     """The ``Abliterate`` edit of one parameter set (``directions``: a ``RefusalDirections``, or a dict of
     them by contrast, picked by ``params["contrast"]``; with ``params["refined"]``, the direction is
     ``refined``, the vector ``refine_direction`` gave)."""
     if isinstance(directions, dict):
         directions = directions[params.get("contrast") or next(iter(directions))]
-    prof = {c: (params[f"{c}.max_weight"], params[f"{c}.peak"], params[f"{c}.min_weight"] * params[f"{c}.max_weight"],
-                params[f"{c}.width"]) for c in ("attn", "mlp")}
+    prof = {
+        c: (
+            params[f"{c}.max_weight"],
+            params[f"{c}.peak"],
+            params[f"{c}.min_weight"] * params[f"{c}.max_weight"],
+            params[f"{c}.width"],
+        )
+        for c in ("attn", "mlp")
+    }
     if params.get("refined"):
         if refined is None:
             raise InputError("a refined parameter set needs the refined direction (refined=)")
         direction = refined
     else:
         direction = directions.direction(params["direction_index"])
-    return Abliterate(direction,
-                      attn_weights=peaked_weights(n_layers, *prof["attn"]),
-                      mlp_weights=peaked_weights(n_layers, *prof["mlp"]), norm_preserve=norm_preserve)
+    return Abliterate(
+        direction,
+        attn_weights=peaked_weights(n_layers, *prof["attn"]),
+        mlp_weights=peaked_weights(n_layers, *prof["mlp"]),
+        norm_preserve=norm_preserve,
+    )
 
 
 class _Scorer:
@@ -119,8 +153,9 @@ class _Scorer:
         self.system_prompt, self.proxy_tokens, self.batch_size = system_prompt, proxy_tokens, batch_size
         tokens, mask = chat_tokens(model, harmless_eval, system_prompt)
         with torch.no_grad():
-            _, cache = model.run_with_cache(tokens, attention_mask=mask,
-                                            names_filter=lambda n: n.endswith("hook_resid_pre"))
+            _, cache = model.run_with_cache(
+                tokens, attention_mask=mask, names_filter=lambda n: n.endswith("hook_resid_pre")
+            )
             self.base_logp = model(tokens, attention_mask=mask)[:, -1].double().log_softmax(-1)
         self.harmless = (mask, [cache[f"blocks.{i}.hook_resid_pre"] for i in range(model.n_layers)])
 
@@ -130,15 +165,24 @@ class _Scorer:
             mask, resid = self.harmless
             logits = m(resid[start], attention_mask=mask, start_at_layer=start)[:, -1]
             kl = float(kl_rows(self.base_logp, logits).mean())
-        count = refusal_rate(m, self.harmful_eval, markers=self.markers, max_new_tokens=self.proxy_tokens,
-                             system_prompt=self.system_prompt, batch_size=self.batch_size).count
+        count = refusal_rate(
+            m,
+            self.harmful_eval,
+            markers=self.markers,
+            max_new_tokens=self.proxy_tokens,
+            system_prompt=self.system_prompt,
+            batch_size=self.batch_size,
+        ).count
         return float(count), kl
 
 
 def _pareto(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the non-dominated points (both coordinates minimised), sorted by the second (KL)."""
-    front = [i for i, (a, b) in enumerate(points)
-             if not any((a2 <= a and b2 <= b) and (a2 < a or b2 < b) for a2, b2 in points)]
+    front = [
+        i
+        for i, (a, b) in enumerate(points)
+        if not any((a2 <= a and b2 <= b) and (a2 < a or b2 < b) for a2, b2 in points)
+    ]
     return sorted(front, key=lambda i: (points[i][1], points[i][0]))
 
 
@@ -174,12 +218,25 @@ def _anchor_shapes(last: float, space: dict) -> list[dict]:
     """The two anchor shapes (see ``anchors``), before the contrast is added and the box applied."""
     broad = {"direction_index": 0.6 * last}
     for comp in ("attn", "mlp"):
-        broad.update({f"{comp}.max_weight": 1.0, f"{comp}.peak": 0.8 * last, f"{comp}.min_weight": 1.0,
-                      f"{comp}.width": space[f"{comp}.width"][1]})
-    attn_led = {"direction_index": 0.7 * last,
-                "attn.max_weight": space["attn.max_weight"][1], "attn.peak": 0.8 * last, "attn.min_weight": 0.95,
-                "attn.width": 0.45 * last,
-                "mlp.max_weight": 1.0, "mlp.peak": 0.67 * last, "mlp.min_weight": 0.9, "mlp.width": 0.23 * last}
+        broad.update(
+            {
+                f"{comp}.max_weight": 1.0,
+                f"{comp}.peak": 0.8 * last,
+                f"{comp}.min_weight": 1.0,
+                f"{comp}.width": space[f"{comp}.width"][1],
+            }
+        )
+    attn_led = {
+        "direction_index": 0.7 * last,
+        "attn.max_weight": space["attn.max_weight"][1],
+        "attn.peak": 0.8 * last,
+        "attn.min_weight": 0.95,
+        "attn.width": 0.45 * last,
+        "mlp.max_weight": 1.0,
+        "mlp.peak": 0.67 * last,
+        "mlp.min_weight": 0.9,
+        "mlp.width": 0.23 * last,
+    }
     return [broad, attn_led]
 
 
@@ -199,8 +256,10 @@ def anchors(space: dict, n_layers: int, contrasts: Sequence[str] = ("sets",)) ->
     out = []
     for c in contrasts:
         for params in _anchor_shapes(n_layers - 1, space):
-            out.append({k: min(max(v, space[k][0]), space[k][1]) for k, v in params.items()}
-                       | ({"contrast": c} if len(contrasts) > 1 else {}))
+            out.append(
+                {k: min(max(v, space[k][0]), space[k][1]) for k, v in params.items()}
+                | ({"contrast": c} if len(contrasts) > 1 else {})
+            )
     return out
 
 
@@ -210,8 +269,15 @@ def startup_trials(trials: int) -> int:
     return max(1, min(10, trials // 3))
 
 
-def _sample(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequence[str] = ("sets",),
-            n_layers: int | None = None, target: int = 0):
+def _sample(
+    trials: int,
+    space: dict,
+    seed: int,
+    sampler: str,
+    contrasts: Sequence[str] = ("sets",),
+    n_layers: int | None = None,
+    target: int = 0,
+):
     names = list(space)
     contrasts = list(contrasts)
     first = anchors(space, n_layers, contrasts)[:trials] if n_layers else []
@@ -219,8 +285,10 @@ def _sample(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequen
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=startup_trials(trials), multivariate=True))
+        study = optuna.create_study(
+            direction="minimize",
+            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials), multivariate=True),
+        )
         for params in first:
             study.enqueue_trial(params)
         for _ in range(trials):
@@ -251,8 +319,15 @@ def refine_trials(trials: int) -> int:
     return min(LINE_STEPS, trials // 4)
 
 
-def _propose(trials: int, space: dict, seed: int, sampler: str, contrasts: Sequence[str] = ("sets",),
-             n_layers: int | None = None, target: int = 0):
+def _propose(
+    trials: int,
+    space: dict,
+    seed: int,
+    sampler: str,
+    contrasts: Sequence[str] = ("sets",),
+    n_layers: int | None = None,
+    target: int = 0,
+):
     """Parameter sets to score (send back each one's ``(refusals, kl)``): the sampler's, then a line
     search along the strength of the best shape so far (the one with fewest refusals down to
     ``target``, then least KL): both max weights times ``LINE_FACTOR``**k, k = 1..``LINE_STEPS``, while
@@ -274,27 +349,61 @@ def _propose(trials: int, space: dict, seed: int, sampler: str, contrasts: Seque
     count, _, best = min(seen, key=lambda v: (max(v[0], target), v[1]))
     factor = LINE_FACTOR if count > target else 1 / LINE_FACTOR
     for k in range(1, n_line + 1):
-        yield {**best, **{f"{c}.max_weight": best[f"{c}.max_weight"] * factor ** k for c in ("attn", "mlp")}}
+        yield {**best, **{f"{c}.max_weight": best[f"{c}.max_weight"] * factor**k for c in ("attn", "mlp")}}
 
 
-def behaviour_split(model, harmful, harmless, *, markers: Sequence[str] | None = None, classify_tokens: int = 24,
-                    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, batch_size: int = 32):
+def behaviour_split(
+    model,
+    harmful,
+    harmless,
+    *,
+    markers: Sequence[str] | None = None,
+    classify_tokens: int = 24,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    batch_size: int = 32,
+):
     """The two sides of the ``"behaviour"`` contrast: (harmful prompts the model refuses, prompts of either
     set it answers, the ``RefusalRate`` of ``harmful + harmless``); harmless prompts it declines are in neither."""
-    rate = refusal_rate(model, list(harmful) + list(harmless), markers=markers, max_new_tokens=classify_tokens,
-                        system_prompt=system_prompt, batch_size=batch_size)
+    rate = refusal_rate(
+        model,
+        list(harmful) + list(harmless),
+        markers=markers,
+        max_new_tokens=classify_tokens,
+        system_prompt=system_prompt,
+        batch_size=batch_size,
+    )
     n_bad = len(harmful)
     refused = [p for p, r in zip(rate.prompts[:n_bad], rate.refused[:n_bad]) if r]
     answered = [p for p, r in zip(rate.prompts, rate.refused) if not r]
     return refused, answered, rate
 
 
-def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eval_harmful=None, eval_harmless=None,
-               system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, markers: Sequence[str] | None = None,
-               max_new_tokens: int = 100, positions: Sequence[int] = (-1,), project_harmless: bool = True,
-               norm_preserve: bool = True, target_refusals: int = 0, max_confirm: int = 6, sampler: str = "auto",
-               proxy_tokens: int = 16, batch_size: int = 32, contrast: str = "auto", classify_tokens: int = 24,
-               whiten: float | None = WHITEN, refine: int = REFINE_STEPS, progress: bool = False) -> AbliterationResult:
+def abliterate(
+    model,
+    harmful,
+    harmless,
+    *,
+    trials: int = 24,
+    seed: int = 0,
+    eval_harmful=None,
+    eval_harmless=None,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    markers: Sequence[str] | None = None,
+    max_new_tokens: int = 100,
+    positions: Sequence[int] = (-1,),
+    project_harmless: bool = True,
+    norm_preserve: bool = True,
+    target_refusals: int = 0,
+    max_confirm: int = 6,
+    sampler: str = "auto",
+    proxy_tokens: int = 16,
+    batch_size: int = 32,
+    contrast: str = "auto",
+    classify_tokens: int = 24,
+    whiten: float | None = WHITEN,
+    refine: int = REFINE_STEPS,
+    progress: bool = False,
+) -> AbliterationResult:
     """Find an ``Abliterate`` edit that removes refusals at the least KL (module docstring).
 
     Args:
@@ -346,6 +455,7 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
     if sampler == "auto":
         try:
             import optuna  # noqa: F401
+
             sampler = "optuna"
         except ImportError:
             sampler = "sobol"
@@ -367,24 +477,53 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         bar = tqdm(total=trials, desc="abliterate trials")
     directions, behaviour = {}, None
     if contrast in ("auto", "sets"):
-        directions["sets"] = refusal_directions(model, harmful, harmless, positions=positions,
-                                                project_harmless=project_harmless, whiten=whiten,
-                                                system_prompt=system_prompt, batch_size=batch_size)
+        directions["sets"] = refusal_directions(
+            model,
+            harmful,
+            harmless,
+            positions=positions,
+            project_harmless=project_harmless,
+            whiten=whiten,
+            system_prompt=system_prompt,
+            batch_size=batch_size,
+        )
     if contrast in ("auto", "behaviour"):
-        refused, answered, behaviour = behaviour_split(model, harmful, harmless, markers=markers,
-                                                       classify_tokens=classify_tokens, system_prompt=system_prompt,
-                                                       batch_size=batch_size)
+        refused, answered, behaviour = behaviour_split(
+            model,
+            harmful,
+            harmless,
+            markers=markers,
+            classify_tokens=classify_tokens,
+            system_prompt=system_prompt,
+            batch_size=batch_size,
+        )
         if len(refused) >= 2 and len(answered) >= 2:
             keep = None if whiten is None else list(dict.fromkeys(answered + harmless))
-            directions["behaviour"] = refusal_directions(model, refused, answered, positions=positions,
-                                                         project_harmless=project_harmless, whiten=whiten, keep=keep,
-                                                         system_prompt=system_prompt, batch_size=batch_size)
+            directions["behaviour"] = refusal_directions(
+                model,
+                refused,
+                answered,
+                positions=positions,
+                project_harmless=project_harmless,
+                whiten=whiten,
+                keep=keep,
+                system_prompt=system_prompt,
+                batch_size=batch_size,
+            )
         elif contrast == "behaviour":
-            raise InputError(f"contrast='behaviour' needs at least 2 refused harmful and 2 answered training prompts; "
-                             f"the model refused {len(refused)} of {len(harmful)} harmful and answered {len(answered)} of "
-                             f"{behaviour.n}")
-    before = refusal_rate(model, eval_harmful, markers=markers, max_new_tokens=max_new_tokens,
-                          system_prompt=system_prompt, batch_size=batch_size)
+            raise InputError(
+                f"contrast='behaviour' needs at least 2 refused harmful and 2 answered training prompts; "
+                f"the model refused {len(refused)} of {len(harmful)} harmful and answered {len(answered)} of "
+                f"{behaviour.n}"
+            )
+    before = refusal_rate(
+        model,
+        eval_harmful,
+        markers=markers,
+        max_new_tokens=max_new_tokens,
+        system_prompt=system_prompt,
+        batch_size=batch_size,
+    )
     scorer = _Scorer(model, eval_harmful, eval_harmless, markers, system_prompt, proxy_tokens, batch_size)
     t_setup = time.perf_counter() - t0
     space = search_space(L)
@@ -393,8 +532,9 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
     refined = None
 
     def edit_of(params: dict) -> Abliterate:
-        return edit_for(directions, params, L, norm_preserve=norm_preserve,
-                        refined=None if refined is None else refined.direction)
+        return edit_for(
+            directions, params, L, norm_preserve=norm_preserve, refined=None if refined is None else refined.direction
+        )
 
     def score(params: dict) -> tuple[float, float]:
         edit = edit_of(params)
@@ -422,17 +562,30 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         tparams = rows[teacher]["params"]
         use_behaviour = tparams.get("contrast", next(iter(directions))) == "behaviour"
         keep = list(dict.fromkeys(answered + harmless)) if use_behaviour else list(harmless)
-        refined = refine_direction(model, edit_of(tparams), harmful, keep,
-                                   steps=refine, system_prompt=system_prompt, batch_size=batch_size, progress=progress)
+        refined = refine_direction(
+            model,
+            edit_of(tparams),
+            harmful,
+            keep,
+            steps=refine,
+            system_prompt=system_prompt,
+            batch_size=batch_size,
+            progress=progress,
+        )
         refine_info = {"teacher_trial": teacher, **refined.to_dict()}
         mults = [1.0]
         while mults:
             m = mults.pop(0)
-            proxy, _ = score({**tparams, "refined": True,
-                              **{f"{c}.max_weight": tparams[f"{c}.max_weight"] * m for c in ("attn", "mlp")}})
+            proxy, _ = score(
+                {
+                    **tparams,
+                    "refined": True,
+                    **{f"{c}.max_weight": tparams[f"{c}.max_weight"] * m for c in ("attn", "mlp")},
+                }
+            )
             if m == 1.0:  # then a step towards the target, and one the other way (a lower-KL point)
                 first = LINE_FACTOR if proxy > target_refusals else 1 / LINE_FACTOR
-                mults = [first, 1 / first][:n_refined - 1]
+                mults = [first, 1 / first][: n_refined - 1]
     if bar is not None:
         bar.close()
     t_refine = time.perf_counter() - t0 - t_setup - t_search
@@ -443,8 +596,14 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
         """Generate with trial ``i``'s edit baked into the weights (as it will be exported), count refusals."""
         edit = edit_of(rows[i]["params"])
         with edit.applied(model):
-            results[i] = refusal_rate(model, eval_harmful, markers=markers, max_new_tokens=max_new_tokens,
-                                      system_prompt=system_prompt, batch_size=batch_size)
+            results[i] = refusal_rate(
+                model,
+                eval_harmful,
+                markers=markers,
+                max_new_tokens=max_new_tokens,
+                system_prompt=system_prompt,
+                batch_size=batch_size,
+            )
         rows[i]["refusals"] = results[i].count
         return results[i].count
 
@@ -452,24 +611,63 @@ def abliterate(model, harmful, harmless, *, trials: int = 24, seed: int = 0, eva
     after = results[chosen]
     edit = edit_of(rows[chosen]["params"])
     provenance = {
-        "search": "llama-scalpel abliterate", "sampler": sampler, "seed": seed, "trials": trials,
-        "chosen_trial": chosen, "params": rows[chosen]["params"], "norm_preserve": norm_preserve,
-        "contrast": rows[chosen]["params"].get("contrast", next(iter(directions))), "contrasts": list(directions),
-        **({} if behaviour is None else {"behaviour_split": {
-            "refused": len(refused), "answered": len(answered), "declined_harmless": behaviour.count - len(refused),
-            "classify_tokens": classify_tokens}}),
-        "positions": list(positions), "project_harmless": project_harmless, "whiten": whiten,
+        "search": "llama-scalpel abliterate",
+        "sampler": sampler,
+        "seed": seed,
+        "trials": trials,
+        "chosen_trial": chosen,
+        "params": rows[chosen]["params"],
+        "norm_preserve": norm_preserve,
+        "contrast": rows[chosen]["params"].get("contrast", next(iter(directions))),
+        "contrasts": list(directions),
+        **(
+            {}
+            if behaviour is None
+            else {
+                "behaviour_split": {
+                    "refused": len(refused),
+                    "answered": len(answered),
+                    "declined_harmless": behaviour.count - len(refused),
+                    "classify_tokens": classify_tokens,
+                }
+            }
+        ),
+        "positions": list(positions),
+        "project_harmless": project_harmless,
+        "whiten": whiten,
         "refine": {"steps": refine, "trials": n_refined, **(refine_info or {})},
         "system_prompt": system_prompt,
         "max_new_tokens": max_new_tokens,
-        "prompts_sha256": {"harmful": prompts_sha256(harmful), "harmless": prompts_sha256(harmless),
-                           "eval_harmful": prompts_sha256(eval_harmful), "eval_harmless": prompts_sha256(eval_harmless)},
-        "prompt_counts": {"harmful": len(harmful), "harmless": len(harmless), "eval_harmful": len(eval_harmful),
-                          "eval_harmless": len(eval_harmless)},
+        "prompts_sha256": {
+            "harmful": prompts_sha256(harmful),
+            "harmless": prompts_sha256(harmless),
+            "eval_harmful": prompts_sha256(eval_harmful),
+            "eval_harmless": prompts_sha256(eval_harmless),
+        },
+        "prompt_counts": {
+            "harmful": len(harmful),
+            "harmless": len(harmless),
+            "eval_harmful": len(eval_harmful),
+            "eval_harmless": len(eval_harmless),
+        },
     }
     t_total = time.perf_counter() - t0
-    return AbliterationResult(trials=rows, front=front, chosen=chosen, edit=edit, plan=EditPlan([edit]),
-                              directions=directions[provenance["contrast"]], before=before, after=after, kl=rows[chosen]["kl"],
-                              provenance=provenance,
-                              timings={"setup_s": t_setup, "search_s": t_search, "refine_s": t_refine,
-                                       "confirm_s": t_total - t_setup - t_search - t_refine, "total_s": t_total})
+    return AbliterationResult(
+        trials=rows,
+        front=front,
+        chosen=chosen,
+        edit=edit,
+        plan=EditPlan([edit]),
+        directions=directions[provenance["contrast"]],
+        before=before,
+        after=after,
+        kl=rows[chosen]["kl"],
+        provenance=provenance,
+        timings={
+            "setup_s": t_setup,
+            "search_s": t_search,
+            "refine_s": t_refine,
+            "confirm_s": t_total - t_setup - t_search - t_refine,
+            "total_s": t_total,
+        },
+    )

@@ -47,8 +47,9 @@ def _layers(model, layers) -> list[int]:
 
 
 @torch.no_grad()
-def mean_activations(model, prompts, *, layers: Iterable[int] | int | None = None, hook: str = "z"
-                     ) -> dict[int, torch.Tensor]:
+def mean_activations(
+    model, prompts, *, layers: Iterable[int] | int | None = None, hook: str = "z"
+) -> dict[int, torch.Tensor]:
     """Mean of ``blocks.{layer}.attn.hook_{hook}`` (default ``hook_z``, [n_heads, d_head]) over every
     token of every prompt, per layer: ``{layer: tensor}`` (float32, CPU). Feed it to
     ``MeanAblateHeads.from_means(layer, heads, means)``."""

@@ -35,21 +35,41 @@ def run(args, ctx) -> Output:
     if args.format == "gguf":
         with task(f"exporting {args.out} (write, reload, compare)"):
             res = surgery.export_gguf(model, args.out, edits=plan, dtype=args.gguf_dtype, overwrite=args.overwrite)
-        data["export"] = {"path": str(res.path), "dtype": res.dtype, "sha256": res.sha256,
-                          "max_abs_logit_diff": res.max_abs_logit_diff,
-                          "max_abs_logit_diff_unrounded": res.max_abs_logit_diff_unrounded, "tolerance": res.tolerance}
-        rows = [["file", str(res.path)], ["dtype", res.dtype], ["sha256", res.sha256],
-                ["reload max |logit diff|", res.max_abs_logit_diff], ["tolerance", res.tolerance]]
+        data["export"] = {
+            "path": str(res.path),
+            "dtype": res.dtype,
+            "sha256": res.sha256,
+            "max_abs_logit_diff": res.max_abs_logit_diff,
+            "max_abs_logit_diff_unrounded": res.max_abs_logit_diff_unrounded,
+            "tolerance": res.tolerance,
+        }
+        rows = [
+            ["file", str(res.path)],
+            ["dtype", res.dtype],
+            ["sha256", res.sha256],
+            ["reload max |logit diff|", res.max_abs_logit_diff],
+            ["tolerance", res.tolerance],
+        ]
         out.files.append(str(res.path))
     else:
         with task(f"exporting {args.out} (write, reload, compare)"):
-            res = surgery.export(model, args.out, edits=plan, overwrite=args.overwrite,
-                                 max_shard_size=args.max_shard_size)
-        data["export"] = {"out_dir": str(res.out_dir), "files": res.files, "max_abs_logit_diff": res.max_abs_logit_diff,
-                          "tolerance": res.tolerance, "kl_to_base": res.kl_to_base}
-        rows = [["directory", str(res.out_dir)], ["files", len(res.files)],
-                ["reload max |logit diff|", res.max_abs_logit_diff], ["tolerance", res.tolerance],
-                ["KL to base (probes)", res.kl_to_base]]
+            res = surgery.export(
+                model, args.out, edits=plan, overwrite=args.overwrite, max_shard_size=args.max_shard_size
+            )
+        data["export"] = {
+            "out_dir": str(res.out_dir),
+            "files": res.files,
+            "max_abs_logit_diff": res.max_abs_logit_diff,
+            "tolerance": res.tolerance,
+            "kl_to_base": res.kl_to_base,
+        }
+        rows = [
+            ["directory", str(res.out_dir)],
+            ["files", len(res.files)],
+            ["reload max |logit diff|", res.max_abs_logit_diff],
+            ["tolerance", res.tolerance],
+            ["KL to base (probes)", res.kl_to_base],
+        ]
         out.files.append(str(res.out_dir))
     out.table(f"applied {len(plan)} edit(s): " + ", ".join(e.kind for e in plan), ["", "value"], rows)
     return out

@@ -17,8 +17,12 @@ EXAMPLE = "scalpel generate 'The Eiffel Tower is in the city of' --max-new-token
 def add_arguments(p) -> None:
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--edits", metavar="PLAN", help="edit plan file (.yaml/.json) applied before generating")
-    p.add_argument("--steer", action="append", metavar="LAYER:VECTOR:SCALE",
-                   help="add SCALE x the vector in VECTOR (.pt/.npy/.safetensors/.json) after layer LAYER (repeatable)")
+    p.add_argument(
+        "--steer",
+        action="append",
+        metavar="LAYER:VECTOR:SCALE",
+        help="add SCALE x the vector in VECTOR (.pt/.npy/.safetensors/.json) after layer LAYER (repeatable)",
+    )
     p.add_argument("--compare", action="store_true", help="print the base and the edited completion side by side")
     p.add_argument("--max-new-tokens", type=positive_int, default=40)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message of the chat template")
@@ -39,8 +43,9 @@ def _plan_from(args, model):
         check_layers(model, [steer.layer], "--steer", spec)
         vector = load_vector(steer.path)
         if vector.shape[0] != model.d_model:
-            raise CLIError(f"--steer {spec}: the vector has {vector.shape[0]} entries, the model's d_model is "
-                           f"{model.d_model}")
+            raise CLIError(
+                f"--steer {spec}: the vector has {vector.shape[0]} entries, the model's d_model is {model.d_model}"
+            )
         try:
             plan.append(surgery.AddSteering(steer.layer, vector, steer.scale))
         except surgery.EditError as exc:  # NaN/inf in the vector: name the flag and file
@@ -53,10 +58,17 @@ def _complete(model, args) -> tuple[str, list[int]]:
     """(completion text, new token ids) of the prompt."""
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     tokens, mask = model.tokenize(prompt)
-    out = model.generate(tokens.to(model.device), args.max_new_tokens, attention_mask=mask.to(model.device),
-                         do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         return_type="tokens")
-    new = out[0, tokens.shape[1]:].tolist()
+    out = model.generate(
+        tokens.to(model.device),
+        args.max_new_tokens,
+        attention_mask=mask.to(model.device),
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        return_type="tokens",
+    )
+    new = out[0, tokens.shape[1] :].tolist()
     return model.tokenizer.decode(new, skip_special_tokens=True), new
 
 
@@ -68,9 +80,14 @@ def run(args, ctx) -> Output:
     if model.tokenizer is None:
         raise CLIError("this model has no tokenizer; generate needs one (load a checkpoint with tokenizer files)")
     plan = _plan_from(args, model)
-    data = {"command": "generate", "model": model_meta(model), "prompt": args.prompt, "chat": args.chat,
-            "max_new_tokens": args.max_new_tokens, "sampling": {"sample": args.sample, "seed": args.seed,
-                                                                "temperature": args.temperature, "top_p": args.top_p}}
+    data = {
+        "command": "generate",
+        "model": model_meta(model),
+        "prompt": args.prompt,
+        "chat": args.chat,
+        "max_new_tokens": args.max_new_tokens,
+        "sampling": {"sample": args.sample, "seed": args.seed, "temperature": args.temperature, "top_p": args.top_p},
+    }
     out = Output("generate", data)
     base, base_ids = _complete(model, args) if (args.compare or not len(plan)) else (None, None)
     edited = edited_ids = None
@@ -81,7 +98,9 @@ def run(args, ctx) -> Output:
     data.update(base=base, edited=edited, base_tokens=base_ids, edited_tokens=edited_ids)
     if base is not None and edited is not None:
         left, right = textwrap.wrap(base, 48) or [""], textwrap.wrap(edited, 48) or [""]
-        out.table(f"prompt: {args.prompt}", ["base", "edited"], [[a or "", b or ""] for a, b in zip_longest(left, right)])
+        out.table(
+            f"prompt: {args.prompt}", ["base", "edited"], [[a or "", b or ""] for a, b in zip_longest(left, right)]
+        )
     else:
         out.text("", args.prompt + (base if base is not None else edited))
     return out

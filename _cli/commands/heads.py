@@ -12,8 +12,12 @@ EXAMPLE = "scalpel heads --top 5"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--seq-len", type=positive_int, default=20,
-                   help="length of the random token run; each sequence is [BOS] R R (default 20)")
+    p.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=20,
+        help="length of the random token run; each sequence is [BOS] R R (default 20)",
+    )
     p.add_argument("--n-seqs", type=positive_int, default=8, help="random sequences (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", metavar="LIST", help="layers to score (default all)")
@@ -37,9 +41,24 @@ def run(args, ctx) -> Output:
     res = detect_heads(model, seq_len=args.seq_len, n_seqs=args.n_seqs, seed=args.seed, layers=layers)
     rows = res.rows()
     ranked = {kind: sorted(rows, key=lambda r, k=kind: -r[k]) for kind in KINDS}
-    data = {"command": "heads", "model": model_meta(model), "heads": res.to_dict(),
-            "ranked": {kind: [{"head": f"{r['layer']}.{r['head']}", "layer": r["layer"], "index": r["head"],
-                               "kv_group": r["kv_group"], "score": r[kind]} for r in ranked[kind]] for kind in KINDS}}
+    data = {
+        "command": "heads",
+        "model": model_meta(model),
+        "heads": res.to_dict(),
+        "ranked": {
+            kind: [
+                {
+                    "head": f"{r['layer']}.{r['head']}",
+                    "layer": r["layer"],
+                    "index": r["head"],
+                    "kv_group": r["kv_group"],
+                    "score": r[kind],
+                }
+                for r in ranked[kind]
+            ]
+            for kind in KINDS
+        },
+    }
     out = Output("heads", data, title="scalpel heads")
     table = []
     for rank in range(min(args.top, len(rows))):
@@ -48,8 +67,11 @@ def run(args, ctx) -> Output:
             r = ranked[kind][rank]
             line += [f"{r['layer']}.{r['head']}", r[kind]]
         table.append(line)
-    out.table(f"top {min(args.top, len(rows))} heads per detector ({res.n_seqs} random sequences repeated twice, "
-              f"{args.seq_len} tokens, seed {args.seed}; score = mean attention to the expected position)",
-              ["rank", "previous-token", "score", "duplicate", "score", "induction", "score"], table)
+    out.table(
+        f"top {min(args.top, len(rows))} heads per detector ({res.n_seqs} random sequences repeated twice, "
+        f"{args.seq_len} tokens, seed {args.seed}; score = mean attention to the expected position)",
+        ["rank", "previous-token", "score", "duplicate", "score", "induction", "score"],
+        table,
+    )
     out.figure("head detector scores (layer x head)", res.figure())
     return out

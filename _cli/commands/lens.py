@@ -13,14 +13,22 @@ EXAMPLE = "scalpel lens 'The Eiffel Tower is in the city of' --target ' Paris' -
 
 def add_arguments(p) -> None:
     p.add_argument("prompt", metavar="PROMPT")
-    p.add_argument("--target", action="append", metavar="TOKEN",
-                   help="follow this single-token answer's probability and rank (repeatable), e.g. ' Paris'")
+    p.add_argument(
+        "--target",
+        action="append",
+        metavar="TOKEN",
+        help="follow this single-token answer's probability and rank (repeatable), e.g. ' Paris'",
+    )
     p.add_argument("--top", type=positive_int, default=1, help="top-k tokens per cell in the table (default 1)")
     p.add_argument("--stages", default="post", help="residual stages: pre, mid and/or post (default post)")
     p.add_argument("--layers", metavar="LIST", help="layers to decode, e.g. 10-29 (default all)")
     p.add_argument("--positions", metavar="LIST", help="positions to decode, e.g. -1 or 0,3,-1 (default all)")
-    p.add_argument("--columns", type=positive_int, default=6, help="positions shown in the table, the last ones "
-                   "(default 6; the JSON and the report hold all)")
+    p.add_argument(
+        "--columns",
+        type=positive_int,
+        default=6,
+        help="positions shown in the table, the last ones (default 6; the JSON and the report hold all)",
+    )
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message of the chat template")
     common(p)
 
@@ -53,19 +61,24 @@ def run(args, ctx) -> Output:
     n_pos = model.tokenize(prompt)[0].shape[1]
     for p in positions or []:
         if not -n_pos <= p < n_pos:
-            raise CLIError(f"--positions {p}: out of range; the prompt has {n_pos} tokens (0..{n_pos - 1} or -1..-{n_pos})")
-    res = logit_lens(model, prompt, args.target or None, k=max(args.top, 5), stages=kinds, layers=layers,
-                     positions=positions)
+            raise CLIError(
+                f"--positions {p}: out of range; the prompt has {n_pos} tokens (0..{n_pos - 1} or -1..-{n_pos})"
+            )
+    res = logit_lens(
+        model, prompt, args.target or None, k=max(args.top, 5), stages=kinds, layers=layers, positions=positions
+    )
     data = {"command": "lens", "model": model_meta(model), "prompt": args.prompt, "lens": res.to_dict()}
     out = Output("lens", data, title="scalpel lens")
-    shown = list(range(len(res.positions)))[-args.columns:]
-    headers = ["stage"] + [f"{res.positions[j]}:{res.str_tokens[res.positions[j]]!r}" if res.str_tokens
-                           else str(res.positions[j]) for j in shown]
+    shown = list(range(len(res.positions)))[-args.columns :]
+    headers = ["stage"] + [
+        f"{res.positions[j]}:{res.str_tokens[res.positions[j]]!r}" if res.str_tokens else str(res.positions[j])
+        for j in shown
+    ]
     rows = []
     for s, stage in enumerate(res.stages):
         row = [stage]
         for j in shown:
-            toks, probs = res.top_tokens[s][j][:args.top], res.top_probs[s, j, :args.top]
+            toks, probs = res.top_tokens[s][j][: args.top], res.top_probs[s, j, : args.top]
             row.append(" ".join(_cell(t, float(p)) for t, p in zip(toks, probs)))
         if res.target_probs is not None:
             for t in range(len(res.target_labels)):
@@ -74,8 +87,14 @@ def run(args, ctx) -> Output:
     if res.target_probs is not None:
         for label in res.target_labels:
             headers += [f"p({label!r}) last", f"rank({label!r}) last"]
-    out.table(f"logit lens: top-{args.top} token and probability per stage", headers, rows,
-              note=f"{len(shown)} of {len(res.positions)} positions shown (--columns)" if len(shown) < len(res.positions) else "")
+    out.table(
+        f"logit lens: top-{args.top} token and probability per stage",
+        headers,
+        rows,
+        note=f"{len(shown)} of {len(res.positions)} positions shown (--columns)"
+        if len(shown) < len(res.positions)
+        else "",
+    )
     out.figure("logit lens: top-1 token and its probability", res.figure())
     if res.target_probs is not None:
         for t, label in enumerate(res.target_labels):

@@ -9,8 +9,10 @@ from _cli.progress import track
 from _cli.report import Output
 
 HELP = "activation patching over components x positions (clean vs corrupted prompt)"
-EXAMPLE = ("scalpel patch --clean 'When Mary and John went to the store, John gave a drink to' "
-           "--corrupt 'When Mary and John went to the store, Mary gave a drink to' --answers ' Mary' ' John'")
+EXAMPLE = (
+    "scalpel patch --clean 'When Mary and John went to the store, John gave a drink to' "
+    "--corrupt 'When Mary and John went to the store, Mary gave a drink to' --answers ' Mary' ' John'"
+)
 
 
 def add_arguments(p) -> None:
@@ -18,9 +20,13 @@ def add_arguments(p) -> None:
     p.add_argument("--corrupt", required=True, metavar="TEXT")
     p.add_argument("--metric", choices=["logit-diff", "prob", "kl"], default="logit-diff")
     p.add_argument("--answers", nargs="+", metavar="ANSWER", help="CORRECT [INCORRECT], e.g. ' Mary' ' John'")
-    p.add_argument("--components", default="resid_pre,attn_out,mlp_out", metavar="LIST",
-                   help="components to patch (default resid_pre,attn_out,mlp_out; also resid_mid, resid_post, z, "
-                        "q, k, v, pattern, neurons)")
+    p.add_argument(
+        "--components",
+        default="resid_pre,attn_out,mlp_out",
+        metavar="LIST",
+        help="components to patch (default resid_pre,attn_out,mlp_out; also resid_mid, resid_post, z, "
+        "q, k, v, pattern, neurons)",
+    )
     p.add_argument("--layers", metavar="LIST", help="layers to patch, e.g. 0-9 (default all)")
     p.add_argument("--top", type=positive_int, default=10, help="cells per component in the table (default 10)")
     common(p)
@@ -49,19 +55,36 @@ def run(args, ctx) -> Output:
     if layers is not None:
         check_layers(model, layers)
     metric = PATCH_METRICS[args.metric]
-    data = {"command": "patch", "model": model_meta(model), "clean": args.clean, "corrupt": args.corrupt,
-            "metric": args.metric, "answers": answers, "components": {}}
+    data = {
+        "command": "patch",
+        "model": model_meta(model),
+        "clean": args.clean,
+        "corrupt": args.corrupt,
+        "metric": args.metric,
+        "answers": answers,
+        "components": {},
+    }
     out = Output("patch", data, title="scalpel patch")
     for comp in track(comps, "patching components"):
-        res = activation_patching(model, args.clean, args.corrupt, metric,
-                                  answers=tuple(answers) if answers else None, component=comp, layers=layers)
+        res = activation_patching(
+            model,
+            args.clean,
+            args.corrupt,
+            metric,
+            answers=tuple(answers) if answers else None,
+            component=comp,
+            layers=layers,
+        )
         data["components"][comp.name] = res.to_dict()
         data.setdefault("clean_value", res.clean_value)
         data.setdefault("corrupted_value", res.corrupted_value)
         top = res.top_rows(args.top)
         keys = [k for k in top[0] if k not in ("effect",)] if top else []
-        out.table(f"{comp.name}: top {len(top)} cells by |effect| (clean {res.clean_value:.4g}, "
-                  f"corrupted {res.corrupted_value:.4g})", keys + ["effect"],
-                  [[repr(r[k]) if k == "token" else r[k] for k in keys] + [r["effect"]] for r in top])
+        out.table(
+            f"{comp.name}: top {len(top)} cells by |effect| (clean {res.clean_value:.4g}, "
+            f"corrupted {res.corrupted_value:.4g})",
+            keys + ["effect"],
+            [[repr(r[k]) if k == "token" else r[k] for k in keys] + [r["effect"]] for r in top],
+        )
         out.figure(f"{comp.name}: normalised patching score (0 = corrupted, 1 = clean)", res.figure())
     return out

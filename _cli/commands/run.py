@@ -55,8 +55,20 @@ def add_arguments(p) -> None:
     common(p, model=False)
 
 
-TOP_KEYS = ("name", "description", "model", "dtype", "device", "prompts", "metric", "answers", "analyses",
-            "ablations", "export", "report")
+TOP_KEYS = (
+    "name",
+    "description",
+    "model",
+    "dtype",
+    "device",
+    "prompts",
+    "metric",
+    "answers",
+    "analyses",
+    "ablations",
+    "export",
+    "report",
+)
 STEP_COMMANDS = tuple(n for n in NAMES if n != "run")
 POSITIONAL = {"generate": ["prompt"], "lens": ["prompt"], "edit": ["plan"], "verify": ["dir"]}
 RUN_LEVEL = ("model", "dtype", "device", "json", "report", "overwrite", "debug")
@@ -80,8 +92,11 @@ def load_experiment(path: str | Path) -> dict[str, Any]:
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), TOP_KEYS, n=1)
-        raise CLIError(f"{path}: unknown key {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                       + f"; keys: {', '.join(TOP_KEYS)}")
+        raise CLIError(
+            f"{path}: unknown key {unknown[0]!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; keys: {', '.join(TOP_KEYS)}"
+        )
     if not (data.get("analyses") or data.get("ablations") or data.get("export")):
         raise CLIError(f"{path}: nothing to run; add analyses, ablations or export")
     return data
@@ -93,14 +108,19 @@ def _step_list(data: dict, key: str, path: Path) -> list[tuple[str, dict]]:
         if key == "ablations":
             item = {"ablate": item}
         if not (isinstance(item, dict) and len(item) == 1):
-            raise CLIError(f"{path}: {key} #{i} must be a mapping of one command to its options, e.g. - sweep: "
-                           "{component: heads}")
-        (command, options), = item.items()
+            raise CLIError(
+                f"{path}: {key} #{i} must be a mapping of one command to its options, e.g. - sweep: "
+                "{component: heads}"
+            )
+        ((command, options),) = item.items()
         options = {} if options is None else options
         if command not in STEP_COMMANDS:
             close = difflib.get_close_matches(str(command), STEP_COMMANDS, n=1)
-            raise CLIError(f"{path}: {key} #{i}: unknown command {command!r}"
-                           + (f" (did you mean {close[0]!r}?)" if close else "") + f"; commands: {', '.join(STEP_COMMANDS)}")
+            raise CLIError(
+                f"{path}: {key} #{i}: unknown command {command!r}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; commands: {', '.join(STEP_COMMANDS)}"
+            )
         if not isinstance(options, dict):
             raise CLIError(f"{path}: {key} #{i} ({command}): options must be a mapping of flags to values")
         out.append((command, dict(options)))
@@ -108,9 +128,12 @@ def _step_list(data: dict, key: str, path: Path) -> list[tuple[str, dict]]:
 
 
 def _value(key: str, value: Any, where: str) -> list[str]:
-    if key == "heads" and (isinstance(value, float) or (isinstance(value, list) and any(isinstance(v, float) for v in value))):
-        raise CLIError(f"{where}: write heads as quoted text, e.g. heads: \"19.2,20.10\" (a YAML number drops "
-                       "trailing zeros)")
+    if key == "heads" and (
+        isinstance(value, float) or (isinstance(value, list) and any(isinstance(v, float) for v in value))
+    ):
+        raise CLIError(
+            f'{where}: write heads as quoted text, e.g. heads: "19.2,20.10" (a YAML number drops trailing zeros)'
+        )
     if isinstance(value, list):
         return [",".join(str(v) for v in value)] if key in COMMA_LISTS else [str(v) for v in value]
     return [str(value)]
@@ -163,8 +186,10 @@ def plan_steps(data: dict, path: Path) -> list[tuple[str, list[str]]]:
             if name is None and len(ablations) == 1:
                 target = ablations[0]
             elif name is None or str(name) not in named:
-                raise CLIError(f"{path}: export: name the ablation to export (ablation: NAME); named ablations: "
-                               f"{', '.join(named) or 'none'}")
+                raise CLIError(
+                    f"{path}: export: name the ablation to export (ablation: NAME); named ablations: "
+                    f"{', '.join(named) or 'none'}"
+                )
             else:
                 target = named[str(name)]
             extra = sorted(set(export) - {"out"})
@@ -175,7 +200,12 @@ def plan_steps(data: dict, path: Path) -> list[tuple[str, list[str]]]:
     for i, (section, command, options) in enumerate(steps, start=1):
         where = f"{path}: step {i} ({section}: {command})"
         for key, commands in SHARED.items():
-            if command in commands and key not in options and key in data and not (key == "prompts" and "prompt" in options):
+            if (
+                command in commands
+                and key not in options
+                and key in data
+                and not (key == "prompts" and "prompt" in options)
+            ):
                 options[key] = data[key]
         if command in ("ablate", "sweep") and isinstance(options.get("prompts"), list):
             options.setdefault("prompt", [])
@@ -217,18 +247,22 @@ def run(args, ctx) -> Output:
         step_args.overwrite = args.overwrite
         parsed.append((where, argv, step_args))
     report = args.report or data.get("report")
-    outputs = [(f"step {i} --{k}", getattr(a, k, None)) for i, (_, _, a) in enumerate(parsed, 1) for k in ("out", "csv")]
+    outputs = [
+        (f"step {i} --{k}", getattr(a, k, None)) for i, (_, _, a) in enumerate(parsed, 1) for k in ("out", "csv")
+    ]
     if not args.report and report:
         outputs.append(("report", report))
     check_outputs(outputs, args.overwrite)
     title = str(data.get("name") or f"experiment {path.name}")
-    doc: dict[str, Any] = {"command": "run", "experiment": str(path), "name": title, "definition": data,
-                           "steps": []}
+    doc: dict[str, Any] = {"command": "run", "experiment": str(path), "name": title, "definition": data, "steps": []}
     out = Output("run", doc, title=title)
     if args.dry_run:
-        out.table(f"{title}: {len(parsed)} steps (dry run)", ["#", "command line"],
-                  [[i, "scalpel " + " ".join(shlex.quote(a) for a in argv)] for i, (_, argv, _) in enumerate(parsed, 1)],
-                  max_width=0)
+        out.table(
+            f"{title}: {len(parsed)} steps (dry run)",
+            ["#", "command line"],
+            [[i, "scalpel " + " ".join(shlex.quote(a) for a in argv)] for i, (_, argv, _) in enumerate(parsed, 1)],
+            max_width=0,
+        )
         doc["steps"] = [{"argv": argv} for _, argv, _ in parsed]
         return out
     spec = str(data.get("model") or DEFAULT_MODEL)
@@ -255,8 +289,10 @@ def run(args, ctx) -> Output:
         result.command = f"step {i}: scalpel " + " ".join(shlex.quote(a) for a in argv)
         doc["steps"].append({"argv": argv, "result": result.data})
         out.sections.append(result)
-        out.blocks += [dataclasses.replace(b, title=f"[{i}] {argv[0]}: {b.title}" if b.title else f"[{i}] {argv[0]}")
-                       for b in result.blocks]
+        out.blocks += [
+            dataclasses.replace(b, title=f"[{i}] {argv[0]}: {b.title}" if b.title else f"[{i}] {argv[0]}")
+            for b in result.blocks
+        ]
         out.files += result.files
     if report and not args.report:
         write_report(report, out.sections, title=title, meta={"experiment": str(path), "model": ctx.model().source})
@@ -281,9 +317,8 @@ def check_step(args, ctx) -> None:
     """The input checks of one step's command against the loaded model, without running it (every
     step is checked this way before the first one writes anything)."""
     import surgery
-
-    from analyses import Scorer
     from _cli.inputs import check_answers, check_layers, gather_prompts, parse_layers
+    from analyses import Scorer
 
     model = ctx.model()
     if args.command in ("ablate", "sweep"):

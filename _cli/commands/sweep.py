@@ -12,8 +12,9 @@ from _cli.progress import counter, task
 from _cli.report import Output, write_atomic
 
 HELP = "ablate each head / neuron / layer in turn and rank them by effect"
-EXAMPLE = ("scalpel sweep --component heads --layers 18-23 --prompts examples/prompts_ioi.txt --metric logit-diff "
-           "--top 10")
+EXAMPLE = (
+    "scalpel sweep --component heads --layers 18-23 --prompts examples/prompts_ioi.txt --metric logit-diff --top 10"
+)
 
 
 def add_arguments(p) -> None:
@@ -49,16 +50,19 @@ def run(args, ctx) -> Output:
         with task("mean head outputs over the prompts"):
             means = surgery.mean_activations(model, scorer.texts, layers=layers)
     with counter(f"sweep {args.component}") as bar:
-        res = ablation_sweep(model, scorer, args.component, layers, means=means, batch_size=args.batch_size,
-                             progress=bar)
+        res = ablation_sweep(
+            model, scorer, args.component, layers, means=means, batch_size=args.batch_size, progress=bar
+        )
     data = {"command": "sweep", "model": model_meta(model), **res.to_dict()}
     ranked, base_mean = data["units"], data["base_mean"]
     out = Output("sweep", data, title=f"scalpel sweep --component {args.component}")
     label = {"heads": "head (L.H)", "neurons": "neuron (L:N)", "layers": "layer"}[args.component]
-    out.table(f"{len(ranked)} {args.component} ranked by |mean effect| on {args.metric} "
-              f"(base mean {base_mean:.4g}; {res.ablation} ablation, {len(items)} prompts)",
-              ["rank", label, "mean effect", f"mean {args.metric} ablated"],
-              [[r["rank"], r["unit"], r["mean_effect"], r["mean_ablated"]] for r in ranked[:args.top]])
+    out.table(
+        f"{len(ranked)} {args.component} ranked by |mean effect| on {args.metric} "
+        f"(base mean {base_mean:.4g}; {res.ablation} ablation, {len(items)} prompts)",
+        ["rank", label, "mean effect", f"mean {args.metric} ablated"],
+        [[r["rank"], r["unit"], r["mean_effect"], r["mean_ablated"]] for r in ranked[: args.top]],
+    )
     if args.csv:
         write_atomic(args.csv, _csv(ranked, len(items)))
         out.files.append(args.csv)
@@ -71,8 +75,19 @@ def run(args, ctx) -> Output:
 def _csv(ranked: list[dict], n_prompts: int) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["rank", "unit", "layer", "index", "mean_effect", "mean_ablated"] + [f"effect_{i}" for i in range(n_prompts)])
+    w.writerow(
+        ["rank", "unit", "layer", "index", "mean_effect", "mean_ablated"] + [f"effect_{i}" for i in range(n_prompts)]
+    )
     for r in ranked:
-        w.writerow([r["rank"], r["unit"], r["layer"], "" if r["index"] is None else r["index"],
-                    repr(r["mean_effect"]), repr(r["mean_ablated"])] + [repr(x) for x in r["effects"]])
+        w.writerow(
+            [
+                r["rank"],
+                r["unit"],
+                r["layer"],
+                "" if r["index"] is None else r["index"],
+                repr(r["mean_effect"]),
+                repr(r["mean_ablated"]),
+            ]
+            + [repr(x) for x in r["effects"]]
+        )
     return buf.getvalue()

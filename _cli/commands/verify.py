@@ -22,13 +22,19 @@ def run(args, ctx) -> Output:
     res = surgery.verify(args.dir, reload=not args.no_reload)
     data = {"command": "verify", **{k: v for k, v in res.items()}}
     out = Output("verify", data)
-    rows = [["directory", res.get("out_dir", args.dir)], ["ok", bool(res.get("ok"))],
-            ["files checked (sha256)", res.get("files_checked")]]
+    rows = [
+        ["directory", res.get("out_dir", args.dir)],
+        ["ok", bool(res.get("ok"))],
+        ["files checked (sha256)", res.get("files_checked")],
+    ]
     rows.append(["manifest version", res.get("manifest_version")])
     if res.get("note"):
         rows.append(["note", res["note"]])
     if "max_abs_logit_diff" in res:
-        rows += [["reload max |logit diff|", res["max_abs_logit_diff"]], ["tolerance", res["tolerance"]],
-                 ["top-5 tokens match", bool(res.get("top5_match"))]]
+        rows += [
+            ["reload max |logit diff|", res["max_abs_logit_diff"]],
+            ["tolerance", res["tolerance"]],
+            ["top-5 tokens match", bool(res.get("top5_match"))],
+        ]
     out.table("verified", ["", "value"], rows)
     return out

@@ -8,15 +8,43 @@ steer and train by feature.
 >>> cache["blocks.6.hook_resid_post.hook_sae_acts_post"].shape   # [batch, pos, d_sae]
 """
 
+from .features import (
+    FeatureAblation,
+    FeatureAttribution,
+    FeatureSteering,
+    FeatureTopActivations,
+    feature_attribution,
+    feature_direction,
+    feature_patching,
+    top_feature_contexts,
+)
 from .formats import check_fits, load_sae, save_sae
+from .metrics import SAEMetrics, sae_metrics
 from .sae import ARCHITECTURES, SAE, SAEConfig
 from .splicing import ablate_features, clamp_features, scale_features, spliced
 from .train import TrainResult, train_sae
-from .metrics import SAEMetrics, sae_metrics
-from .features import (FeatureAblation, FeatureAttribution, FeatureSteering, FeatureTopActivations, feature_attribution,
-                       feature_direction, feature_patching, top_feature_contexts)
 
-__all__ = ["SAE", "SAEConfig", "ARCHITECTURES", "load_sae", "save_sae", "check_fits", "spliced",
-           "ablate_features", "clamp_features", "scale_features", "train_sae", "TrainResult", "sae_metrics", "SAEMetrics",
-           "top_feature_contexts", "FeatureTopActivations", "feature_attribution", "FeatureAttribution",
-           "feature_patching", "feature_direction", "FeatureSteering", "FeatureAblation"]
+__all__ = [
+    "SAE",
+    "SAEConfig",
+    "ARCHITECTURES",
+    "load_sae",
+    "save_sae",
+    "check_fits",
+    "spliced",
+    "ablate_features",
+    "clamp_features",
+    "scale_features",
+    "train_sae",
+    "TrainResult",
+    "sae_metrics",
+    "SAEMetrics",
+    "top_feature_contexts",
+    "FeatureTopActivations",
+    "feature_attribution",
+    "FeatureAttribution",
+    "feature_patching",
+    "feature_direction",
+    "FeatureSteering",
+    "FeatureAblation",
+]

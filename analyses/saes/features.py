@@ -45,13 +45,24 @@ class FeatureTopActivations(NeuronTopActivations):
         return f"top activations of SAE features at {self.layer}"
 
     def rows(self) -> list[dict]:
-        return [{"feature" if key == "neuron" else key: v for key, v in row.items() if key != "layer"}
-                for row in super().rows()]
+        return [
+            {"feature" if key == "neuron" else key: v for key, v in row.items() if key != "layer"}
+            for row in super().rows()
+        ]
 
 
-def top_feature_contexts(model, sae: SAE, features: Sequence[int] | int | None = None, corpus=None, k: int = 10, *,
-                         batch_size: int = 16, max_tokens: int = 64, context: int = 6,
-                         skip_first: bool = True) -> FeatureTopActivations:
+def top_feature_contexts(
+    model,
+    sae: SAE,
+    features: Sequence[int] | int | None = None,
+    corpus=None,
+    k: int = 10,
+    *,
+    batch_size: int = 16,
+    max_tokens: int = 64,
+    context: int = 6,
+    skip_first: bool = True,
+) -> FeatureTopActivations:
     """The ``k`` corpus tokens on which each feature is most active.
 
     ``corpus``: a list of strings, a path to a text file (one document a line, streamed), or None for
@@ -115,12 +126,13 @@ class FeatureAttribution(AnalysisResult):
 
     def rows(self) -> list[dict]:
         tot = self.total
-        return [{"feature": f, "attribution": float(tot[f]), "max_act": float(self.acts[..., f].max())}
-                for f in self.top(min(50, tot.numel()))]
+        return [
+            {"feature": f, "attribution": float(tot[f]), "max_act": float(self.acts[..., f].max())}
+            for f in self.top(min(50, tot.numel()))
+        ]
 
     def to_dict(self) -> dict:
-        return jsonable({"hook_name": self.hook_name, "metric": self.metric, "total": self.total,
-                         "top": self.rows()})
+        return jsonable({"hook_name": self.hook_name, "metric": self.metric, "total": self.total, "top": self.rows()})
 
     def figure(self, n: int = 20):
         """Bar chart of the ``n`` features with the largest |attribution|."""
@@ -128,8 +140,12 @@ class FeatureAttribution(AnalysisResult):
 
         rows = self.rows()[:n]
         fig = go.Figure(go.Bar(x=[f"F{r['feature']}" for r in rows], y=[r["attribution"] for r in rows]))
-        fig.update_layout(title=f"{self.title} (metric {self.metric:.3f})", xaxis_title="feature",
-                          yaxis_title="activation × gradient", template="plotly_white")
+        fig.update_layout(
+            title=f"{self.title} (metric {self.metric:.3f})",
+            xaxis_title="feature",
+            yaxis_title="activation × gradient",
+            template="plotly_white",
+        )
         return fig
 
 
@@ -163,8 +179,13 @@ def feature_attribution(model, sae: SAE, prompts, metric=None, *, answers=None) 
         store["acts"] = leaf
         return leaf
 
-    with frozen_parameters(model), frozen_parameters(sae), spliced(model, [sae], use_error_term=True), \
-            model.hooks([(name, keep)]), torch.enable_grad():
+    with (
+        frozen_parameters(model),
+        frozen_parameters(sae),
+        spliced(model, [sae], use_error_term=True),
+        model.hooks([(name, keep)]),
+        torch.enable_grad(),
+    ):
         logits = model(tokens, attention_mask=mask)
         value = metric_fn(logits)
         value = value.sum() if value.dim() > 0 else value
@@ -173,12 +194,26 @@ def feature_attribution(model, sae: SAE, prompts, metric=None, *, answers=None) 
             value.backward()
     grad = acts.grad if acts.grad is not None else torch.zeros_like(acts)
     strs = model.to_str_tokens(tokens[0]) if model.tokenizer is not None and tokens.shape[0] == 1 else None
-    return FeatureAttribution(hook_name=sae.hook_name, values=(acts * grad).detach(), acts=acts.detach(),
-                              metric=float(value.detach()), str_tokens=strs)
+    return FeatureAttribution(
+        hook_name=sae.hook_name,
+        values=(acts * grad).detach(),
+        acts=acts.detach(),
+        metric=float(value.detach()),
+        str_tokens=strs,
+    )
 
 
-def feature_patching(model, sae: SAE, prompt, features: Sequence[int], metric=None, *, answers=None,
-                     factor: float = 0.0, batch_size: int = 16) -> torch.Tensor:
+def feature_patching(
+    model,
+    sae: SAE,
+    prompt,
+    features: Sequence[int],
+    metric=None,
+    *,
+    answers=None,
+    factor: float = 0.0,
+    batch_size: int = 16,
+) -> torch.Tensor:
     """Exact change of ``metric`` when each feature is multiplied by ``factor`` (0: ablated) at every
     position, the SAE spliced with its error term: a tensor [len(features)], ``batch_size`` features a
     forward. Attribution predicts ``(factor - 1) * attribution``, exactly so as ``factor`` → 1.
@@ -195,7 +230,7 @@ def feature_patching(model, sae: SAE, prompt, features: Sequence[int], metric=No
     with torch.no_grad(), spliced(model, [sae], use_error_term=True):
         base = metric_fn(model(tokens, attention_mask=mask)).reshape(-1)[0]
         for start in range(0, len(feats), batch_size):
-            chunk = feats[start:start + batch_size]
+            chunk = feats[start : start + batch_size]
             rows = torch.tensor(chunk)
 
             def ablate_row(acts, hook, rows=rows):
@@ -216,7 +251,7 @@ def _per_row(metric_fn, logits: torch.Tensor) -> torch.Tensor:
     """The metric of each batch row [B] (a ``Metric`` scores rows at once; a callable row by row)."""
     if hasattr(metric_fn, "score") and hasattr(metric_fn, "pos"):
         return metric_fn.score(logits[:, metric_fn.pos]).float().reshape(-1)
-    return torch.stack([metric_fn(logits[i:i + 1]).reshape(()) for i in range(logits.shape[0])]).float()
+    return torch.stack([metric_fn(logits[i : i + 1]).reshape(()) for i in range(logits.shape[0])]).float()
 
 
 # --------------------------------------------------------------------------- steering and ablation
@@ -264,10 +299,16 @@ class FeatureSteering:
         layer = _layer_of(self.hook_name)
         kind = self.hook_name.split(".")[-1]
         if layer is None or kind not in _EXPORTABLE or layer + _EXPORTABLE[kind] < 0:
-            raise InputError(f"steering at {self.hook_name} has no weight edit; steer an SAE that writes "
-                             "blocks.L.hook_resid_post, hook_resid_pre (L > 0) or hook_mlp_out")
-        return {"edit": "AddSteering", "layer": layer + _EXPORTABLE[kind],
-                "vector": feature_direction(self.sae, self.feature).double(), "scale": float(self.scale)}
+            raise InputError(
+                f"steering at {self.hook_name} has no weight edit; steer an SAE that writes "
+                "blocks.L.hook_resid_post, hook_resid_pre (L > 0) or hook_mlp_out"
+            )
+        return {
+            "edit": "AddSteering",
+            "layer": layer + _EXPORTABLE[kind],
+            "vector": feature_direction(self.sae, self.feature).double(),
+            "scale": float(self.scale),
+        }
 
 
 @dataclass
@@ -280,10 +321,14 @@ class FeatureAblation:
 
     @contextlib.contextmanager
     def applied(self, model):
-        with spliced(model, [self.sae], use_error_term=self.use_error_term), \
-                model.hooks([(f"{self.sae.hook_name}.hook_sae_acts_post", ablate_features(list(self.features)))]):
+        with (
+            spliced(model, [self.sae], use_error_term=self.use_error_term),
+            model.hooks([(f"{self.sae.hook_name}.hook_sae_acts_post", ablate_features(list(self.features)))]),
+        ):
             yield model
 
     def to_edit(self) -> dict:
-        raise InputError("ablating SAE features is not linear in the weights (the SAE's encoder is non-linear), "
-                         "so it cannot be exported; apply it at run time with FeatureAblation(...).applied(model)")
+        raise InputError(
+            "ablating SAE features is not linear in the weights (the SAE's encoder is non-linear), "
+            "so it cannot be exported; apply it at run time with FeatureAblation(...).applied(model)"
+        )

@@ -31,8 +31,9 @@ from .sae import SAE, SAEConfig
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 
 
-def load_sae(path: str | os.PathLike, model=None, *, hook_name: str | None = None, device=None,
-             dtype: torch.dtype | None = None) -> SAE:
+def load_sae(
+    path: str | os.PathLike, model=None, *, hook_name: str | None = None, device=None, dtype: torch.dtype | None = None
+) -> SAE:
     """Load an SAE or transcoder from a local directory in any supported layout.
 
     ``model`` (a ``HookedLlama``) checks the hook name and ``d_in`` against the model; ``hook_name``
@@ -51,9 +52,11 @@ def load_sae(path: str | os.PathLike, model=None, *, hook_name: str | None = Non
         sae = _load_dictionary_learning(root)
     else:
         files = ", ".join(sorted(p.name for p in root.iterdir())[:6]) or "nothing"
-        raise LoadError(f"{root} holds no SAE in a known layout (found {files}); expected cfg.json + "
-                        f"{SAELENS_WEIGHTS} (SAELens), cfg.json + sae.safetensors (sparsify) or ae.pt + config.json "
-                        "(dictionary_learning)")
+        raise LoadError(
+            f"{root} holds no SAE in a known layout (found {files}); expected cfg.json + "
+            f"{SAELENS_WEIGHTS} (SAELens), cfg.json + sae.safetensors (sparsify) or ae.pt + config.json "
+            "(dictionary_learning)"
+        )
     if hook_name is not None:
         sae.cfg.hook_name = hook_name
     if not sae.cfg.hook_name:
@@ -69,25 +72,38 @@ def load_sae(path: str | os.PathLike, model=None, *, hook_name: str | None = Non
 def check_fits(sae: SAE, model) -> None:
     """Hook names exist in ``model`` and their widths are ``d_in`` / ``d_out``."""
     widths = _hook_widths(model)
-    for name, width, what in ((sae.cfg.hook_name, sae.cfg.d_in, "d_in"),
-                              (sae.cfg.hook_name_out, sae.cfg.d_out, "d_out")):
+    for name, width, what in (
+        (sae.cfg.hook_name, sae.cfg.d_in, "d_in"),
+        (sae.cfg.hook_name_out, sae.cfg.d_out, "d_out"),
+    ):
         if name is None:
             continue
         if name not in widths:
             model.hook_registry.get(name)  # raises the usual unknown-hook-name error with close names
-            raise HookError(f"the SAE reads {name}, which holds no per-token vector; use a residual, MLP or "
-                            "attention-output hook point")
+            raise HookError(
+                f"the SAE reads {name}, which holds no per-token vector; use a residual, MLP or "
+                "attention-output hook point"
+            )
         if widths[name] != width:
-            raise InputError(f"the SAE's {what} is {width} but {name} has width {widths[name]}; "
-                             "load it for a model of this size or pass the right hook_name=")
+            raise InputError(
+                f"the SAE's {what} is {width} but {name} has width {widths[name]}; "
+                "load it for a model of this size or pass the right hook_name="
+            )
 
 
 def _hook_widths(model) -> dict[str, int]:
     """Width of the last axis of every [batch, pos, d] hook point (and z flattened to heads × d_head)."""
     out = {"hook_embed": model.d_model}
     for i in range(model.n_layers):
-        for name in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                     "ln1.hook_normalized", "ln2.hook_normalized"):
+        for name in (
+            "hook_resid_pre",
+            "hook_resid_mid",
+            "hook_resid_post",
+            "hook_attn_out",
+            "hook_mlp_out",
+            "ln1.hook_normalized",
+            "ln2.hook_normalized",
+        ):
             out[f"blocks.{i}.{name}"] = model.d_model
         for name in ("mlp.hook_pre", "mlp.hook_gate", "mlp.hook_pre_linear", "mlp.hook_post"):
             out[f"blocks.{i}.{name}"] = model.d_mlp
@@ -116,11 +132,17 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # SAELens architecture name -> (our architecture, transcoder, skip connection)
-_SAELENS_ARCH = {"standard": ("standard", False, False), "gated": ("gated", False, False),
-                 "jumprelu": ("jumprelu", False, False), "topk": ("topk", False, False),
-                 "batchtopk": ("topk", False, False), "transcoder": ("standard", True, False),
-                 "skip_transcoder": ("standard", True, True), "jumprelu_transcoder": ("jumprelu", True, False),
-                 "jumprelu_skip_transcoder": ("jumprelu", True, True)}
+_SAELENS_ARCH = {
+    "standard": ("standard", False, False),
+    "gated": ("gated", False, False),
+    "jumprelu": ("jumprelu", False, False),
+    "topk": ("topk", False, False),
+    "batchtopk": ("topk", False, False),
+    "transcoder": ("standard", True, False),
+    "skip_transcoder": ("standard", True, True),
+    "jumprelu_transcoder": ("jumprelu", True, False),
+    "jumprelu_skip_transcoder": ("jumprelu", True, True),
+}
 
 
 def _load_saelens(root: Path) -> SAE:
@@ -130,8 +152,10 @@ def _load_saelens(root: Path) -> SAE:
     if name == "batchtopk" and "threshold" in tensors:  # saved after training: runs as jumprelu
         name = "jumprelu"
     if name not in _SAELENS_ARCH:
-        raise LoadError(f"{root / 'cfg.json'}: SAELens architecture {name!r} is not supported; supported: "
-                        f"{', '.join(_SAELENS_ARCH)}")
+        raise LoadError(
+            f"{root / 'cfg.json'}: SAELens architecture {name!r} is not supported; supported: "
+            f"{', '.join(_SAELENS_ARCH)}"
+        )
     arch, transcoder, skip = _SAELENS_ARCH[name]
     for key in ("d_in", "d_sae"):
         if key not in c:
@@ -143,13 +167,19 @@ def _load_saelens(root: Path) -> SAE:
         raise LoadError(f"{root / 'cfg.json'} is a transcoder without hook_name_out; add it to the config's metadata")
     k = c.get("k")
     cfg = SAEConfig(
-        architecture=arch, d_in=int(c["d_in"]), d_sae=int(c["d_sae"]), hook_name=hook_name,
-        hook_name_out=hook_name_out, d_out=c.get("d_out") if transcoder else None,
+        architecture=arch,
+        d_in=int(c["d_in"]),
+        d_sae=int(c["d_sae"]),
+        hook_name=hook_name,
+        hook_name_out=hook_name_out,
+        d_out=c.get("d_out") if transcoder else None,
         k=int(k) if k is not None and arch == "topk" else None,
         apply_b_dec_to_input=bool(c.get("apply_b_dec_to_input", True)) and not transcoder,
-        normalize_activations=c.get("normalize_activations") or "none", skip_connection=skip,
+        normalize_activations=c.get("normalize_activations") or "none",
+        skip_connection=skip,
         rescale_acts_by_decoder_norm=bool(c.get("rescale_acts_by_decoder_norm", False)),
-        dtype=str(c.get("dtype", "float32")).removeprefix("torch."), source_format="saelens",
+        dtype=str(c.get("dtype", "float32")).removeprefix("torch."),
+        source_format="saelens",
         metadata={key: meta.get(key, c.get(key)) for key in ("model_name", "context_size", "dataset_path")},
     )
     if arch == "topk":
@@ -163,14 +193,18 @@ def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path) -> SAE
     extra = set(tensors) - set(own)
     missing = set(own) - set(tensors)
     if missing or extra:
-        raise LoadError(f"{where} does not fit a {cfg.architecture} SAE: missing {sorted(missing) or 'nothing'}, "
-                        f"unexpected {sorted(extra) or 'nothing'}")
+        raise LoadError(
+            f"{where} does not fit a {cfg.architecture} SAE: missing {sorted(missing) or 'nothing'}, "
+            f"unexpected {sorted(extra) or 'nothing'}"
+        )
     with torch.no_grad():
         for name, p in own.items():
             t = tensors[name]
             if tuple(t.shape) != tuple(p.shape):
-                raise LoadError(f"{where}: {name} has shape {tuple(t.shape)} but d_in={cfg.d_in}, d_sae={cfg.d_sae} "
-                                f"need {tuple(p.shape)}; the config does not match the weights")
+                raise LoadError(
+                    f"{where}: {name} has shape {tuple(t.shape)} but d_in={cfg.d_in}, d_sae={cfg.d_sae} "
+                    f"need {tuple(p.shape)}; the config does not match the weights"
+                )
             p.copy_(t.to(p.dtype))
     return sae
 
@@ -241,11 +275,14 @@ def save_sae(sae: SAE, path: str | os.PathLike, *, overwrite: bool = False) -> P
     if target.exists() and not overwrite:
         raise InputError(f"{target} exists; pass overwrite=True or choose another path")
     if target.exists() and (why := replace_refusal(target)):
-        raise InputError(f"{why}; overwrite=True replaces only an SAE llama-scalpel wrote or an empty "
-                         "directory: choose another path")
+        raise InputError(
+            f"{why}; overwrite=True replaces only an SAE llama-scalpel wrote or an empty directory: choose another path"
+        )
     if sae.input_scale is not None:
-        raise InputError("this SAE reads a norm output with its weight folded in at load time; it has no "
-                         "SAELens equivalent, save it in its own format")
+        raise InputError(
+            "this SAE reads a norm output with its weight folded in at load time; it has no "
+            "SAELens equivalent, save it in its own format"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".scalpel-tmp-", dir=target.parent))
     try:
@@ -269,12 +306,25 @@ def saelens_cfg(sae: SAE) -> dict:
         name = name.replace("transcoder", "skip_transcoder") if c.skip_connection else name
     elif c.skip_connection:
         raise InputError("SAELens has no SAE with a skip connection (only skip transcoders); save it in its own format")
-    out = {"architecture": name, "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype, "device": "cpu",
-           "apply_b_dec_to_input": c.apply_b_dec_to_input, "normalize_activations": c.normalize_activations,
-           "reshape_activations": "none",
-           "metadata": {"hook_name": c.hook_name, "model_name": c.metadata.get("model_name"),
-                        "hook_head_index": None, "prepend_bos": True, "context_size": c.metadata.get("context_size"),
-                        "dataset_path": c.metadata.get("dataset_path"), "sae_lens_training_version": None}}
+    out = {
+        "architecture": name,
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": c.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": c.apply_b_dec_to_input,
+        "normalize_activations": c.normalize_activations,
+        "reshape_activations": "none",
+        "metadata": {
+            "hook_name": c.hook_name,
+            "model_name": c.metadata.get("model_name"),
+            "hook_head_index": None,
+            "prepend_bos": True,
+            "context_size": c.metadata.get("context_size"),
+            "dataset_path": c.metadata.get("dataset_path"),
+            "sae_lens_training_version": None,
+        },
+    }
     if c.architecture == "topk":
         out["k"], out["rescale_acts_by_decoder_norm"] = c.k, c.rescale_acts_by_decoder_norm
     if c.is_transcoder:
@@ -329,10 +379,19 @@ def _load_sparsify(root: Path, model) -> SAE:
         hook_name, hook_name_out = read, write
         if write is None:
             hook_name_out = None
-    cfg = SAEConfig(architecture="topk", d_in=int(d_in), d_sae=int(d_sae), d_out=int(d_out), k=int(c["k"]),
-                    hook_name=hook_name, hook_name_out=hook_name_out, apply_b_dec_to_input=not transcode,
-                    skip_connection="W_skip" in t, source_format="sparsify",
-                    dtype=str(t["encoder.weight"].dtype).removeprefix("torch."))
+    cfg = SAEConfig(
+        architecture="topk",
+        d_in=int(d_in),
+        d_sae=int(d_sae),
+        d_out=int(d_out),
+        k=int(c["k"]),
+        hook_name=hook_name,
+        hook_name_out=hook_name_out,
+        apply_b_dec_to_input=not transcode,
+        skip_connection="W_skip" in t,
+        source_format="sparsify",
+        dtype=str(t["encoder.weight"].dtype).removeprefix("torch."),
+    )
     tensors = {"W_enc": t["encoder.weight"].T, "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
     if "W_skip" in t:
         tensors["W_skip"] = t["W_skip"]
@@ -355,41 +414,72 @@ def _load_dictionary_learning(root: Path) -> SAE:
     try:
         state = torch.load(root / "ae.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle payloads refused by weights_only, truncated files …
-        raise LoadError(f"{root / 'ae.pt'} cannot be read as plain tensors ({exc.__class__.__name__}); "
-                        "it must be a state dict saved with torch.save(ae.state_dict())") from exc
+        raise LoadError(
+            f"{root / 'ae.pt'} cannot be read as plain tensors ({exc.__class__.__name__}); "
+            "it must be a state dict saved with torch.save(ae.state_dict())"
+        ) from exc
     if not isinstance(state, dict):
         raise LoadError(f"{root / 'ae.pt'} holds no state dict; it must be saved with torch.save(ae.state_dict())")
     conf = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
     trainer = conf.get("trainer", conf)
     cls = trainer.get("dict_class")
     if cls is None:
-        cls = ("AutoEncoderTopK" if "k" in state else "JumpReluAutoEncoder" if "threshold" in state
-               else "GatedAutoEncoder" if "r_mag" in state else "AutoEncoder")
+        cls = (
+            "AutoEncoderTopK"
+            if "k" in state
+            else "JumpReluAutoEncoder"
+            if "threshold" in state
+            else "GatedAutoEncoder"
+            if "r_mag" in state
+            else "AutoEncoder"
+        )
     hook_name = _dl_hook(trainer)
     if cls == "AutoEncoder":
         d_sae, d_in = state["encoder.weight"].shape
         cfg = SAEConfig("standard", int(d_in), int(d_sae), hook_name, source_format="dictionary_learning")
-        tensors = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
-                   "W_dec": state["decoder.weight"].T, "b_dec": state["bias"]}
+        tensors = {
+            "W_enc": state["encoder.weight"].T,
+            "b_enc": state["encoder.bias"],
+            "W_dec": state["decoder.weight"].T,
+            "b_dec": state["bias"],
+        }
     elif cls == "AutoEncoderTopK":
         d_sae, d_in = state["encoder.weight"].shape
         k = int(state["k"]) if "k" in state else int(trainer["k"])
         cfg = SAEConfig("topk", int(d_in), int(d_sae), hook_name, k=k, source_format="dictionary_learning")
-        tensors = {"W_enc": state["encoder.weight"].T, "b_enc": state["encoder.bias"],
-                   "W_dec": state["decoder.weight"].T, "b_dec": state["b_dec"]}
+        tensors = {
+            "W_enc": state["encoder.weight"].T,
+            "b_enc": state["encoder.bias"],
+            "W_dec": state["decoder.weight"].T,
+            "b_dec": state["b_dec"],
+        }
     elif cls == "JumpReluAutoEncoder":
         d_in, d_sae = state["W_enc"].shape
-        cfg = SAEConfig("jumprelu", int(d_in), int(d_sae), hook_name, apply_b_dec_to_input=False,
-                        source_format="dictionary_learning")
+        cfg = SAEConfig(
+            "jumprelu",
+            int(d_in),
+            int(d_sae),
+            hook_name,
+            apply_b_dec_to_input=False,
+            source_format="dictionary_learning",
+        )
         tensors = {k: state[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
     elif cls == "GatedAutoEncoder":
         d_sae, d_in = state["encoder.weight"].shape
         cfg = SAEConfig("gated", int(d_in), int(d_sae), hook_name, source_format="dictionary_learning")
-        tensors = {"W_enc": state["encoder.weight"].T, "b_gate": state["gate_bias"], "r_mag": state["r_mag"],
-                   "b_mag": state["mag_bias"], "W_dec": state["decoder.weight"].T, "b_dec": state["decoder_bias"]}
+        tensors = {
+            "W_enc": state["encoder.weight"].T,
+            "b_gate": state["gate_bias"],
+            "r_mag": state["r_mag"],
+            "b_mag": state["mag_bias"],
+            "W_dec": state["decoder.weight"].T,
+            "b_dec": state["decoder_bias"],
+        }
     else:
-        raise LoadError(f"{root / 'config.json'}: dictionary_learning class {cls!r} is not supported; supported: "
-                        "AutoEncoder, AutoEncoderTopK, JumpReluAutoEncoder, GatedAutoEncoder")
+        raise LoadError(
+            f"{root / 'config.json'}: dictionary_learning class {cls!r} is not supported; supported: "
+            "AutoEncoder, AutoEncoderTopK, JumpReluAutoEncoder, GatedAutoEncoder"
+        )
     return _build(cfg, tensors, root / "ae.pt")
 
 

@@ -56,8 +56,14 @@ class SAEMetrics(AnalysisResult):
         return [{"metric": k, "value": getattr(self, k)} for k in keys]
 
     def to_dict(self) -> dict:
-        return jsonable({**{r["metric"]: r["value"] for r in self.rows()}, "hook_name": self.hook_name,
-                         "d_sae": self.d_sae, "frequency": self.frequency})
+        return jsonable(
+            {
+                **{r["metric"]: r["value"] for r in self.rows()},
+                "hook_name": self.hook_name,
+                "d_sae": self.d_sae,
+                "frequency": self.frequency,
+            }
+        )
 
     def figure(self):
         """Histogram of log10 feature firing frequency (dead features at the left edge)."""
@@ -65,9 +71,12 @@ class SAEMetrics(AnalysisResult):
 
         freq = self.frequency.clamp(min=1e-7).log10()
         fig = go.Figure(go.Histogram(x=freq.tolist(), nbinsx=50))
-        fig.update_layout(title=f"{self.title} — FVE {self.fve:.3f}, L0 {self.l0:.1f}, CE recovered "
-                                f"{self.ce_recovered:.3f}", xaxis_title="log10 firing frequency",
-                          yaxis_title="features", template="plotly_white")
+        fig.update_layout(
+            title=f"{self.title} — FVE {self.fve:.3f}, L0 {self.l0:.1f}, CE recovered {self.ce_recovered:.3f}",
+            xaxis_title="log10 firing frequency",
+            yaxis_title="features",
+            template="plotly_white",
+        )
         return fig
 
 
@@ -93,8 +102,16 @@ def replace_hook(sae: SAE, keep: torch.Tensor, mode: str, inputs: dict):
     return replace
 
 
-def sae_metrics(model, sae: SAE, texts=None, *, batch_size: int = 16, max_tokens: int = 128,
-                skip_first: bool = True, outlier_ratio: float | None = None) -> SAEMetrics:
+def sae_metrics(
+    model,
+    sae: SAE,
+    texts=None,
+    *,
+    batch_size: int = 16,
+    max_tokens: int = 128,
+    skip_first: bool = True,
+    outlier_ratio: float | None = None,
+) -> SAEMetrics:
     """Reconstruction metrics of ``sae`` on ``texts`` (default: the shipped corpus).
 
     ``outlier_ratio``: tokens whose input norm exceeds this many times the batch's median norm are
@@ -142,9 +159,10 @@ def sae_metrics(model, sae: SAE, texts=None, *, batch_size: int = 16, max_tokens
             inputs = {"x": x} if sae.hook_name_out else {}
             runs = {"clean": logits}
             for mode in ("sae", "zero"):
-                runs[mode] = model.run_with_hooks(tokens, attention_mask=mask,
-                                                  fwd_hooks=[(write, replace_hook(sae, k, mode, inputs))])
-            valid = (mask[:, 1:].bool() & mask[:, :-1].bool())
+                runs[mode] = model.run_with_hooks(
+                    tokens, attention_mask=mask, fwd_hooks=[(write, replace_hook(sae, k, mode, inputs))]
+                )
+            valid = mask[:, 1:].bool() & mask[:, :-1].bool()
             for mode, lg in runs.items():
                 nll = model.loss_from_logits(lg, tokens, None, per_token=True)
                 ce[mode] += float(nll[valid].double().sum())
@@ -159,6 +177,18 @@ def sae_metrics(model, sae: SAE, texts=None, *, batch_size: int = 16, max_tokens
     ce = {m: v / n_pred for m, v in ce.items()}
     recovered = (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]) if ce["zero"] != ce["clean"] else float("nan")
     freq = (fired / n).float()
-    return SAEMetrics(hook_name=write, mse=sse / (n * recon.shape[-1]), fve=1.0 - sse / sst, l0=active / n,
-                      dead=int((fired == 0).sum()), d_sae=sae.d_sae, ce_clean=ce["clean"], ce_spliced=ce["sae"],
-                      ce_zero=ce["zero"], ce_recovered=recovered, kl=kl_sum / n_pred, n_tokens=n, frequency=freq)
+    return SAEMetrics(
+        hook_name=write,
+        mse=sse / (n * recon.shape[-1]),
+        fve=1.0 - sse / sst,
+        l0=active / n,
+        dead=int((fired == 0).sum()),
+        d_sae=sae.d_sae,
+        ce_clean=ce["clean"],
+        ce_spliced=ce["sae"],
+        ce_zero=ce["zero"],
+        ce_recovered=recovered,
+        kl=kl_sum / n_pred,
+        n_tokens=n,
+        frequency=freq,
+    )

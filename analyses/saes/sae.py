@@ -57,8 +57,9 @@ class SAEConfig:
         if self.architecture not in ARCHITECTURES:
             raise InputError(f"unknown SAE architecture {self.architecture!r}; supported: {', '.join(ARCHITECTURES)}")
         if self.normalize_activations not in NORMALIZATIONS:
-            raise InputError(f"unknown normalize_activations {self.normalize_activations!r}; supported: "
-                             f"{', '.join(NORMALIZATIONS)}")
+            raise InputError(
+                f"unknown normalize_activations {self.normalize_activations!r}; supported: {', '.join(NORMALIZATIONS)}"
+            )
         if self.architecture == "topk" and not (isinstance(self.k, int) and 0 < self.k <= self.d_sae):
             raise InputError(f"a topk SAE needs 0 < k <= d_sae ({self.d_sae}), got k={self.k!r}")
         if self.d_out is None:
@@ -130,8 +131,14 @@ class SAE(nn.Module):
         return self.cfg.d_sae
 
     def hook_points(self) -> list[HookPoint]:
-        return [self.hook_sae_input, self.hook_sae_acts_pre, self.hook_sae_acts_post, self.hook_sae_recons,
-                self.hook_sae_error, self.hook_sae_output]
+        return [
+            self.hook_sae_input,
+            self.hook_sae_acts_pre,
+            self.hook_sae_acts_post,
+            self.hook_sae_recons,
+            self.hook_sae_error,
+            self.hook_sae_output,
+        ]
 
     def _hook(self, point: HookPoint, x: torch.Tensor) -> torch.Tensor:
         return x if self._quiet else point(x)
@@ -140,7 +147,7 @@ class SAE(nn.Module):
     def _normalize_in(self, x: torch.Tensor):
         mode = self.cfg.normalize_activations
         if mode == "constant_norm_rescale":
-            scale = (self.cfg.d_in ** 0.5) / x.norm(dim=-1, keepdim=True)
+            scale = (self.cfg.d_in**0.5) / x.norm(dim=-1, keepdim=True)
             return x * scale, ("scale", scale)
         if mode == "layer_norm":
             mu = x.mean(dim=-1, keepdim=True)
@@ -190,8 +197,11 @@ class SAE(nn.Module):
     def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None, _norm_state=None) -> torch.Tensor:
         """Reconstruction [..., d_out] of feature activations [..., d_sae] (``x``: the input, needed only
         for per-token normalisation; a skip connection is added by ``forward`` / ``reconstruct``)."""
-        if _norm_state is None and x is not None and self.cfg.normalize_activations in ("constant_norm_rescale",
-                                                                                        "layer_norm"):
+        if (
+            _norm_state is None
+            and x is not None
+            and self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm")
+        ):
             _, _norm_state = self._normalize_in(x.to(self.W_dec.dtype))
         if self.cfg.architecture == "topk" and self.cfg.rescale_acts_by_decoder_norm:
             acts = acts / self.W_dec.norm(dim=-1)
@@ -245,8 +255,10 @@ class SAE(nn.Module):
 
     def _edited(self) -> bool:
         """Whether a hook could have changed the features or the reconstruction."""
-        return any(p.fwd_hooks for p in (self.hook_sae_input, self.hook_sae_acts_pre, self.hook_sae_acts_post,
-                                         self.hook_sae_recons))
+        return any(
+            p.fwd_hooks
+            for p in (self.hook_sae_input, self.hook_sae_acts_pre, self.hook_sae_acts_post, self.hook_sae_recons)
+        )
 
     def extra_repr(self) -> str:
         c = self.cfg

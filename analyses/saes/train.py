@@ -68,12 +68,31 @@ def _order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def train_sae(model, hook_name: str, texts: Sequence[str], out: str | os.PathLike, *, d_sae: int | None = None,
-              expansion: int = 8, k: int = 32, steps: int | None = None, epochs: int = 1, batch_size: int = 1024,
-              lr: float | None = None, text_batch: int = 16, max_tokens: int = 128, skip_first: bool = True,
-              aux_coef: float = 1 / 32, dead_after: int = 200_000, checkpoint_every: int = 200, seed: int = 0,
-              acts_dir: str | os.PathLike | None = None, progress: bool | None = None, overwrite: bool = False,
-              stop_after: int | None = None) -> TrainResult:
+def train_sae(
+    model,
+    hook_name: str,
+    texts: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    d_sae: int | None = None,
+    expansion: int = 8,
+    k: int = 32,
+    steps: int | None = None,
+    epochs: int = 1,
+    batch_size: int = 1024,
+    lr: float | None = None,
+    text_batch: int = 16,
+    max_tokens: int = 128,
+    skip_first: bool = True,
+    aux_coef: float = 1 / 32,
+    dead_after: int = 200_000,
+    checkpoint_every: int = 200,
+    seed: int = 0,
+    acts_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+) -> TrainResult:
     """Train a TopK SAE on ``hook_name`` of ``model`` over ``texts`` and write it to ``out`` (SAELens layout).
 
     Args:
@@ -100,13 +119,24 @@ def train_sae(model, hook_name: str, texts: Sequence[str], out: str | os.PathLik
     if out.exists() and not overwrite and not (out / "checkpoint.pt").exists():
         raise InputError(f"{out} exists; pass overwrite=True or choose another path")
     if out.exists() and (why := replace_refusal(out)):
-        raise InputError(f"{why}; train_sae writes only into an empty directory, its own checkpoint "
-                         "directory or an SAE llama-scalpel wrote: choose another out path")
+        raise InputError(
+            f"{why}; train_sae writes only into an empty directory, its own checkpoint "
+            "directory or an SAE llama-scalpel wrote: choose another out path"
+        )
     d_in = model.d_mlp if ".mlp.hook_" in hook_name else model.d_model
     d_sae = int(d_sae or expansion * d_in)
-    cfg = SAEConfig("topk", d_in, d_sae, hook_name, k=int(k), source_format="saelens",
-                    metadata={"model_name": getattr(model.config, "_name_or_path", None) or model.source,
-                              "context_size": max_tokens})
+    cfg = SAEConfig(
+        "topk",
+        d_in,
+        d_sae,
+        hook_name,
+        k=int(k),
+        source_format="saelens",
+        metadata={
+            "model_name": getattr(model.config, "_name_or_path", None) or model.source,
+            "context_size": max_tokens,
+        },
+    )
     sae = SAE(cfg)
     check_fits(sae, model)
 
@@ -140,7 +170,12 @@ def train_sae(model, hook_name: str, texts: Sequence[str], out: str | os.PathLik
             raise InputError(f"{ckpt} was written by a run with other settings; delete it or use another out path")
         sae.load_state_dict(state["sae"])
         opt.load_state_dict(state["opt"])
-        since_fired, start, losses, scale = state["since_fired"], int(state["step"]), list(state["losses"]), state["scale"]
+        since_fired, start, losses, scale = (
+            state["since_fired"],
+            int(state["step"]),
+            list(state["losses"]),
+            state["scale"],
+        )
     resumed_from = start
 
     from tqdm.auto import tqdm
@@ -177,15 +212,18 @@ def train_sae(model, hook_name: str, texts: Sequence[str], out: str | os.PathLik
 class _TokenStream:
     """Batches of activations in a seed-determined order; holds one shard in memory."""
 
-    def __init__(self, acts_dir: Path, shards: list[str], hook_name: str, skip_first: bool, seed: int,
-                 batch_size: int) -> None:
+    def __init__(
+        self, acts_dir: Path, shards: list[str], hook_name: str, skip_first: bool, seed: int, batch_size: int
+    ) -> None:
         self.acts_dir, self.shards, self.hook_name, self.skip_first = acts_dir, shards, hook_name, skip_first
         self.seed, self.batch_size = seed, batch_size
         self.sizes = [_load_shard(acts_dir, s, hook_name, skip_first).shape[0] for s in shards]
         self.total = sum(self.sizes)
         if self.total < batch_size:
-            raise InputError(f"the texts give {self.total} tokens, fewer than batch_size={batch_size}; pass more "
-                             "texts or a smaller batch_size")
+            raise InputError(
+                f"the texts give {self.total} tokens, fewer than batch_size={batch_size}; pass more "
+                "texts or a smaller batch_size"
+            )
         self._loaded: tuple[int, int, torch.Tensor] | None = None
 
     def _shard_tokens(self, epoch: int, s: int) -> torch.Tensor:
@@ -205,7 +243,7 @@ class _TokenStream:
             if pos >= n:
                 pos -= n
                 continue
-            take = self._shard_tokens(epoch, s)[pos:pos + need]
+            take = self._shard_tokens(epoch, s)[pos : pos + need]
             parts.append(take)
             need -= take.shape[0]
             pos = 0
@@ -249,7 +287,17 @@ def _step(sae: SAE, opt, x: torch.Tensor, since_fired: torch.Tensor, aux_coef: f
 def _checkpoint(path: Path, sae, opt, since_fired, step, losses, scale, cfg, seed) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"sae": sae.state_dict(), "opt": opt.state_dict(), "since_fired": since_fired, "step": step,
-                "losses": losses, "scale": scale, "seed": seed,
-                "config": json.dumps(cfg.to_dict(), sort_keys=True)}, tmp)
+    torch.save(
+        {
+            "sae": sae.state_dict(),
+            "opt": opt.state_dict(),
+            "since_fired": since_fired,
+            "step": step,
+            "losses": losses,
+            "scale": scale,
+            "seed": seed,
+            "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        },
+        tmp,
+    )
     os.replace(tmp, path)
