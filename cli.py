@@ -22,7 +22,7 @@ import sys
 
 from _cli.app import main
 from _cli.commands import execute, help_texts
-from _cli.context import DEFAULT_MODEL, Context, check_outputs, model_meta
+from _cli.context import DEFAULT_MODEL, Context, model_meta
 from _cli.parser import PROG, HelpShown, UsageError, build_parser
 from _cli.parser import version as parser_version
 
@@ -33,7 +33,6 @@ __all__ = [
     "build_parser",
     "execute",
     "Context",
-    "check_outputs",
     "model_meta",
     "COMMAND_HELP",
     "DEFAULT_MODEL",

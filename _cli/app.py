@@ -9,17 +9,19 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shlex
 import sys
 import traceback
 from typing import Sequence
 
-from _cli import progress
-from _cli.commands import execute
-from _cli.context import Context, check_ignored, check_outputs
-from _cli.parser import PROG, HelpShown, build_parser
-from _cli.report import render_text, to_json, write_report
+from _cli import commands, progress
+from _cli.context import Context, check_ignored
+from _cli.parser import PROG, HelpShown, build_parser, command_spelling
+from _cli.report import Output, render_text, to_json, write_report
+from _core.errors import LoadError, ScalpelError, spelled
+from _core.writer import check_outputs
 
 
 def _print(text: str) -> None:
@@ -67,28 +69,13 @@ def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
+        parser = build_parser()
         try:
-            args = build_parser().parse_args(argv)
+            args = parser.parse_args(argv)
         except HelpShown as shown:
             return int(shown.args[0] or 0)
-        outputs = [
-            ("--report", getattr(args, "report", None)),
-            ("--out", getattr(args, "out", None)),
-            ("--csv", getattr(args, "csv", None)),
-        ]
-        check_ignored(args)
-        check_outputs(outputs, args.overwrite, gguf=getattr(args, "format", None) == "gguf")
-        ctx = Context(getattr(args, "model", None), getattr(args, "dtype", None), getattr(args, "device", None))
-        on_terminal = sys.stdout.isatty() and sys.stderr.isatty() and not args.json
-        with _quiet_transformers_bars(), progress.session(on_terminal):
-            out = execute(args, ctx)
-        if getattr(args, "report", None):
-            meta = {"command": f"{PROG} " + " ".join(shlex.quote(a) for a in argv)}
-            if ctx.loaded:
-                meta["model"] = ctx.model().source or "in memory"
-            write_report(args.report, out.sections or [out], title=out.title or f"{PROG} {args.command}", meta=meta)
-            out.files.append(str(args.report))
-            out.data.setdefault("files", []).append(str(args.report))
+        with spelled(command_spelling(parser, args.command)):  # library messages name our flags
+            out = _run(args, argv)
         _print(to_json(out.data) if args.json else render_text(out, color=sys.stdout.isatty()))
         return 0
     except Terminated:
@@ -101,6 +88,26 @@ def _main(argv: Sequence[str] | None) -> int:
         code = 2 if _is_usage(exc) else 1
         _error(_message(exc), debug)
         return code
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> Output:
+    """Check the command line (ignored flags, every output against the others and the inputs), run the
+    command, write its report; returns its ``Output``."""
+    check_ignored(args)
+    check_outputs(commands.outputs(args), inputs=commands.inputs(args))
+    ctx = Context(getattr(args, "model", None), getattr(args, "dtype", None), getattr(args, "device", None))
+    on_terminal = sys.stdout.isatty() and sys.stderr.isatty() and not args.json
+    with _quiet_transformers_bars(), progress.session(on_terminal):
+        out = commands.execute(args, ctx)
+    if getattr(args, "report", None):
+        meta = {"command": f"{PROG} " + " ".join(shlex.quote(a) for a in argv)}
+        if ctx.loaded:
+            meta["model"] = ctx.model().source or "in memory"
+        title = out.title or f"{PROG} {args.command}"
+        write_report(args.report, out.sections or [out], title=title, meta=meta, overwrite=args.overwrite)
+        out.files.append(str(args.report))
+        out.data.setdefault("files", []).append(str(args.report))
+    return out
 
 
 @contextlib.contextmanager
@@ -131,8 +138,6 @@ def _quiet_transformers_bars():
 
 
 def _is_usage(exc: BaseException) -> bool:
-    from hooks.errors import LoadError, ScalpelError
-
     if isinstance(exc, ScalpelError) and isinstance(exc, OSError) and not isinstance(exc, LoadError):
         import errno  # an export or report that could not be written: a read-only place is bad input (2),
 
@@ -148,25 +153,15 @@ def _is_usage(exc: BaseException) -> bool:
 
 
 def _message(exc: BaseException) -> str:
+    """The first line of the error; a ``ScalpelError`` as it is (it names our flags already, through
+    ``_core.errors.arg``), anything else prefixed with its type."""
     text = str(exc).strip()
     if isinstance(exc, FileNotFoundError) and exc.filename:
         text = f"no such file or directory: {exc.filename}"
     first = text.splitlines()[0] if text else ""
-    from hooks.errors import ScalpelError
-
     if isinstance(exc, ScalpelError) and first:
-        for python, flag in PYTHON_TO_FLAGS:  # the command line names its flags, not Python arguments
-            first = first.replace(python, flag)
         return first
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-PYTHON_TO_FLAGS = (
-    ("pass overwrite=True", "pass --overwrite"),
-    ("max_new_tokens=", "--max-new-tokens "),
-    ("lower max_new_tokens", "lower --max-new-tokens"),
-    ("use do_sample=False for greedy decoding", "leave out --sample for greedy decoding"),
-)
 
 
 def _error(message: str, debug: bool) -> None:

@@ -1,22 +1,22 @@
-"""What every command shares: the model named by ``--model`` (loaded once), its metadata, and the
-check that outputs may be written, done before any work.
+"""What every command shares: the model named by ``--model`` (loaded once) and its metadata, and the
+checks of flags a command line would ignore (outputs are checked by ``_core.writer.check_outputs``).
 
 Example::
 
     ctx = Context("default")
     model = ctx.model()                 # HookedLlama, loaded on first use
     model_meta(model)["n_layers"]       # 30
-    check_outputs([("--out", "edited")], overwrite=False)   # CLIError if edited/ exists
+    check_ignored(args)                 # CLIError: --temperature has no effect here; add --sample, ...
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from _cli.inputs import CLIError
+
+if TYPE_CHECKING:
+    from hooks import HookedLlama
 
 DEFAULT_MODEL = "default"
 
@@ -26,14 +26,14 @@ class Context:
 
     def __init__(self, model_spec: str | None, dtype: str | None = None, device: str | None = None) -> None:
         self.model_spec, self.dtype, self.device = model_spec or DEFAULT_MODEL, dtype, device
-        self._model = None
+        self._model: HookedLlama | None = None
 
     @property
     def loaded(self) -> bool:
         """Whether a command has loaded the model."""
         return self._model is not None
 
-    def model(self):
+    def model(self) -> HookedLlama:
         """The ``HookedLlama`` named by ``--model`` (``default``: SmolLM2-135M-Instruct)."""
         if self._model is None:
             import warnings
@@ -51,7 +51,7 @@ class Context:
         return self._model
 
 
-def model_meta(model) -> dict[str, Any]:
+def model_meta(model: HookedLlama) -> dict[str, Any]:
     """Where the model came from, for JSON documents and reports."""
     return {
         "source": model.source,
@@ -62,62 +62,20 @@ def model_meta(model) -> dict[str, Any]:
     }
 
 
-def check_outputs(paths: Sequence[tuple[str, str | None]], overwrite: bool, *, gguf: bool = False) -> None:
-    """Refuse (exit 2, before any work): an empty output path, two outputs naming the same path (or one
-    inside another), an existing output without ``--overwrite``, an ``--out`` that is not ours to replace
-    (see surgery's overwrite rule), or a directory that does not let us write (probed by creating and
-    removing an empty directory). ``gguf``: ``--out`` names a .gguf file."""
-    given = [(flag, path) for flag, path in paths if path is not None]
-    for flag, path in given:
-        if not str(path).strip():
-            raise CLIError(f"{flag} is empty; name the file or directory to write")
-    seen: list[tuple[str, str, str]] = []
-    for flag, path in given:
-        real = os.path.realpath(os.path.expanduser(path))
-        for other_flag, other, other_real in seen:
-            if real == other_real:
-                raise CLIError(f"{flag} {path} and {other_flag} {other} name the same path; give each output its own")
-            inner, outer = (
-                ((flag, path), (other_flag, other))
-                if real.startswith(other_real + os.sep)
-                else ((other_flag, other), (flag, path))
-                if other_real.startswith(real + os.sep)
-                else (None, None)
-            )
-            if inner is not None:
-                raise CLIError(f"{inner[0]} {inner[1]} is inside {outer[0]} {outer[1]}; write it elsewhere")
-        seen.append((flag, path, real))
-    for flag, path in given:
-        target = Path(path).expanduser()
-        if os.path.lexists(target) and not overwrite:
-            raise CLIError(f"{flag} {path} already exists; pass --overwrite to replace it")
-        if os.path.lexists(target) and flag.endswith("--out"):
-            from surgery._atomic import replace_refusal
-
-            problem = replace_refusal(Path(os.path.abspath(target)), f"{flag} {path}", gguf=gguf)
-            if problem:
-                raise CLIError(problem)
-        elif target.is_dir():
-            raise CLIError(f"{flag} {path} is a directory; name a file")
-        where = target.parent
-        while not where.exists() and where != where.parent:
-            where = where.parent
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".scalpel-probe-", dir=where))
-        except OSError as exc:
-            reason = (exc.strerror or str(exc)).lower()
-            raise CLIError(
-                f"{flag} {path}: cannot write in {where} ({reason}); pick a writable location "
-                "or fix the directory's permissions"
-            ) from None
-
-
 # flags a command would silently ignore: (command, flag attribute, shown flag, condition that makes it ignored, fix)
 IGNORED = (
     ("generate", "temperature", "--temperature", lambda a: not a.sample and a.temperature != 1.0, "add --sample"),
     ("generate", "top_p", "--top-p", lambda a: not a.sample and a.top_p is not None, "add --sample"),
     ("generate", "seed", "--seed", lambda a: not a.sample and a.seed != 0, "add --sample"),
     ("edit", "gguf_dtype", "--gguf-dtype", lambda a: a.format != "gguf" and a.gguf_dtype != "f32", "add --format gguf"),
+    ("edit", "gguf_quant", "--gguf-quant", lambda a: a.format != "gguf" and a.gguf_quant, "add --format gguf"),
+    (
+        "edit",
+        "gguf_quant_dir",
+        "--gguf-quant-dir",
+        lambda a: not a.gguf_quant and a.gguf_quant_dir,
+        "add --gguf-quant TYPES (e.g. Q8_0,Q4_K_M)",
+    ),
     (
         "edit",
         "max_shard_size",

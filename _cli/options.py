@@ -38,7 +38,7 @@ def model_options(g) -> None:
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default=None,
-        help="load the weights in this dtype (default float32)",
+        help="load the weights in this dtype (default: the checkpoint's; float32 for the default model)",
     )
     g.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default cpu)")
 

@@ -10,10 +10,12 @@ Example::
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from _cli import commands
 from _cli.inputs import CLIError
+from _core.errors import MISSING, Spelling
 
 PROG = "scalpel"
 
@@ -81,6 +83,50 @@ def build_parser() -> Parser:
         )
         module.add_arguments(p)
     return parser
+
+
+def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The sub-parser of ``command`` in ``parser`` (as built by ``build_parser``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+# Library parameters whose flag is spelled otherwise (every other flag's ``dest`` is the parameter's name);
+# a command module adds its own in ``PARAMS`` (``edit``: the plan file load_plan calls ``path``).
+ALIASES = {"do_sample": "sample", "out_dir": "out"}
+
+
+def flag_spelling(parser: argparse.ArgumentParser, aliases: dict[str, str] | None = None) -> Spelling:
+    """How the command line writes a library argument, for ``_core.errors.spelled``: ``overwrite`` →
+    ``--overwrite``, (``max_new_tokens``, 40) → ``--max-new-tokens 40``, (``do_sample``, False) → ``no
+    --sample``. Built from ``parser``'s own actions (a flag's ``dest`` is the library's parameter name;
+    ``ALIASES`` and ``aliases`` where it is not); a parameter with no flag keeps the Python spelling."""
+    actions = {a.dest: a for a in parser._actions if a.dest not in (None, argparse.SUPPRESS, "help")}
+    names = {**ALIASES, **(aliases or {})}
+
+    def spell(name: str, value: object) -> str:
+        action = actions.get(names.get(name, name))
+        if action is None:
+            return name if value is MISSING else f"{name}={value!r}"
+        if not action.option_strings:  # a positional argument: its metavar
+            shown = str(action.metavar or action.dest.upper())
+            return shown if value is MISSING else shlex.quote(str(value))
+        flag = max(action.option_strings, key=len)
+        if value is MISSING:
+            return flag
+        if action.nargs == 0:  # --overwrite, --sample: on or off
+            return flag if value else f"no {flag}"
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        return " ".join([flag] + [shlex.quote(str(v)) for v in values])
+
+    return spell
+
+
+def command_spelling(parser: argparse.ArgumentParser, command: str) -> Spelling:
+    """``flag_spelling`` of ``command``'s sub-parser, with the command module's ``PARAMS`` aliases."""
+    return flag_spelling(subparser(parser, command), getattr(commands.load(command), "PARAMS", None))
 
 
 def version_line() -> str:

@@ -15,19 +15,16 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import errno
 import html
 import json
 import math
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from hooks.errors import ScalpelError
+from _core.writer import write_file
 
 
 # --------------------------------------------------------------------------- the output of a command
@@ -231,12 +228,45 @@ def _html_block(block: Block) -> str:
     return f"{title}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
 
 
-def report_html(outputs: Sequence[Output], *, title: str, meta: dict[str, Any] | None = None) -> str:
-    """A complete HTML page: metadata, then per output its tables and figures (plotly.js inlined once).
+def _figure_html(fig, div_id: str) -> str:
+    """One figure's HTML: a plotly figure (tidied: wrapped title, axis titles clear of tick labels) as a
+    div drawn by the page's one plotly.js, or a self-contained view (an attention-pattern widget, a feature
+    dashboard: anything with ``_repr_html_``) as it renders itself."""
+    from plotly.basedatatypes import BaseFigure
+
+    from analyses.plotting import tidy
+
+    if not isinstance(fig, BaseFigure) and hasattr(fig, "_repr_html_"):
+        return f"<div id='{div_id}' class='view'>{fig._repr_html_()}</div>"
+    return tidy(fig).to_html(
+        full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False, "responsive": True}
+    )
+
+
+def _plotly_script(plotlyjs: str) -> str:
+    """plotly.js once per page: inline (``"inline"``, the default: the page works offline anywhere), or
+    the installed plotly package's own copy by its file URI (``"package"``: a small page that works offline
+    on this machine, as long as that plotly stays installed)."""
+    if plotlyjs == "package":
+        import plotly
+
+        src = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").resolve().as_uri()
+        return f"<script type='text/javascript' src='{html.escape(src)}'></script>"
+    if plotlyjs != "inline":
+        raise ValueError(f"plotlyjs must be 'inline' or 'package', got {plotlyjs!r}")
+    from plotly.offline import get_plotlyjs
+
+    return f"<script type='text/javascript'>{get_plotlyjs()}</script>"
+
+
+def report_html(
+    outputs: Sequence[Output], *, title: str, meta: dict[str, Any] | None = None, plotlyjs: str = "inline"
+) -> str:
+    """A complete HTML page: metadata, then per output its tables and figures (plotly.js once per page,
+    ``_plotly_script``).
 
     Example: ``report_html([out], title="ablation", meta={"model": "SmolLM2-135M-Instruct"})``.
     """
-    from plotly.offline import get_plotlyjs
 
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if meta:
@@ -252,12 +282,7 @@ def report_html(outputs: Sequence[Output], *, title: str, meta: dict[str, Any] |
             parts.append(_html_block(block))
         for fig_title, fig in output.figures:
             n_fig += 1
-            div = fig.to_html(
-                full_html=False,
-                include_plotlyjs=False,
-                div_id=f"figure-{n_fig}",
-                config={"displaylogo": False, "responsive": True},
-            )
+            div = _figure_html(fig, f"figure-{n_fig}")
             parts.append(f"<div class='figure'><h3>{html.escape(fig_title)}</h3>{div}</div>")
         if output.files:
             items = "".join(f"<li><code>{html.escape(f)}</code></li>" for f in output.files)
@@ -265,59 +290,33 @@ def report_html(outputs: Sequence[Output], *, title: str, meta: dict[str, Any] |
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
-        f"<script type='text/javascript'>{get_plotlyjs()}</script></head>\n<body>\n"
-        + "\n".join(parts)
-        + "\n</body></html>\n"
+        f"{_plotly_script(plotlyjs)}</head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n"
     )
 
 
-class ReportWriteError(ScalpelError, OSError):
-    """A report, CSV or JSON file could not be written (``errno`` as the system gave it); nothing was left."""
+_KINDS = {".html": "report", ".htm": "report", ".csv": "csv", ".json": "json"}
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file beside it and a rename (never half-written).
-
-    A filesystem failure is a one-line ``ReportWriteError`` naming the path (a full disk: exit 1 from
-    ``scalpel``, as for exports; a read-only place: exit 2)."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        _write_file(tmp, text.encode("utf-8"))  # created exclusively: never an existing file
-        os.replace(tmp, path)
-    except OSError as exc:
-        if isinstance(exc, FileExistsError) and exc.filename == str(tmp):
-            tmp = None  # not ours: left alone
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            why = (
-                f"no space left on the device of {path.parent} (it needs about "
-                f"{len(text.encode()) // 1024 + 1} KB); free some space or write it to another disk"
-            )
-        else:
-            why = f"{(exc.strerror or str(exc)).lower()}; pick a writable location"
-        error = ReportWriteError(f"cannot write {path}: {why}; nothing was written")
-        error.errno = exc.errno
-        raise error from exc
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-    return path
+def write_atomic(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` through the staged writer (``_core.writer.write_file``): never
+    half-written; an existing file is replaced only with ``overwrite`` and only when llama-scalpel wrote
+    it and it is unchanged since. A filesystem failure is a one-line ``ExportWriteError`` naming the
+    place (a full disk: exit 1 from ``scalpel``; a read-only place: exit 2)."""
+    kind = _KINDS.get(Path(path).suffix.lower(), "file")
+    return write_file(path, text, kind=kind, overwrite=overwrite, param=kind if kind in ("report", "csv") else "path")
 
 
 def write_report(
-    path: str | os.PathLike, outputs: Sequence[Output], *, title: str, meta: dict[str, Any] | None = None
+    path: str | os.PathLike,
+    outputs: Sequence[Output],
+    *,
+    title: str,
+    meta: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    plotlyjs: str = "inline",
 ) -> Path:
-    """Write the HTML report of ``outputs`` to ``path`` (atomically). Returns the path."""
+    """Write the HTML report of ``outputs`` to ``path`` (staged, see ``write_atomic``; ``plotlyjs`` as
+    ``report_html``). Returns the path."""
     meta = dict(meta or {})
     meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    return write_atomic(path, report_html(outputs, title=title, meta=meta))
+    return write_atomic(path, report_html(outputs, title=title, meta=meta, plotlyjs=plotlyjs), overwrite=overwrite)

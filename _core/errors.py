@@ -66,6 +66,11 @@ class InputError(ScalpelError, ValueError):
     """A prompt, token tensor, attention mask or argument cannot be used."""
 
 
+class InputAssertionError(InputError, AssertionError):
+    """An ``InputError`` where TransformerLens raises ``AssertionError`` (a token missing from the prompt, a
+    string that is not one token, a batch of several where one is needed), so code written for it catches it."""
+
+
 class LoadError(ScalpelError, OSError):
     """A checkpoint (or another input file) cannot be found or read."""
 
@@ -83,6 +88,11 @@ class EditError(ScalpelError, ValueError):
     """An edit does not fit the model (layer/head/neuron out of range, wrong size, NaN …)."""
 
 
+class RangeError(InputError, EditError):
+    """An index (layer, head, key/value group, neuron, position) is out of range for the model; raised by the
+    one range check of each kind (``hooks.indices``), whoever calls it (an ``InputError`` and an ``EditError``)."""
+
+
 class PlanError(EditError):
     """An edit plan file cannot be read (bad JSON/YAML, unknown edit kind, missing field)."""
 
@@ -94,6 +104,12 @@ class AdapterError(EditError):
 # --------------------------------------------------------------------------- writing and verifying
 class ExportError(ScalpelError, RuntimeError):
     """An export (or any other write) was refused or failed; nothing was left at the target."""
+
+
+class OutputError(InputError, ExportError):
+    """An output may not be written where asked: it exists and is not llama-scalpel's to replace (or was
+    changed since), it clashes with another output or an input, or its place is not writable; raised
+    before any work, so nothing was written."""
 
 
 class ExportWriteError(ExportError, OSError):

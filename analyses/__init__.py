@@ -17,20 +17,22 @@ Findings leave this package as plain tensors (a steering vector, head indices, n
 the ``surgery`` package to turn into weight edits; ``analyses`` never writes checkpoints.
 """
 
-from .ablation import AblationSweepResult, Prompt, Scorer, ablation_sweep
+from .ablation import AblationResult, AblationSweepResult, Prompt, Scorer, ablation_sweep, measure_ablation
 from .attribution import AttributionResults, attribution_patching
+from .circuits import AttributionGraph, Circuit, EdgeScores, attribution_graph, edge_attribution
 from .components import COMPONENTS, Component, get_component
 from .dla import DLAResult, direct_logit_attribution
 from .head_detection import HeadDetectionResult, detect_heads, repeated_random_tokens
 from .heads import HeadRef, group_size, head_ref, head_table, kv_group, parse_heads, query_heads
 from .logit_lens import LogitLensResult, logit_lens
+from .massive import MassiveActivationWarning, massive_mask
 from .metrics import KLDivergence, LogitDiff, Metric, TargetProb, kl_divergence, logit_diff, normalized, target_prob
 from .neurons import NeuronTopActivations, load_corpus, top_activating
 from .patching import PatchingResult, activation_patching
 from .path_patching import path_patching
 from .refusal import (
     REFUSAL_MARKERS,
-    AbliterationResult,
+    DirectionSelection,
     PromptKL,
     RefusalDirections,
     RefusalRate,
@@ -39,18 +41,27 @@ from .refusal import (
     prompt_kl,
     refusal_directions,
     refusal_rate,
+    select_direction,
 )
 from .results import AnalysisResult
 from .steering import Steering, SteeringDirection, steer, steering_direction
+from .viewers import AttentionPatterns, HeadAttention, attends, attention_patterns
 
 __all__ = [
     "ablation_sweep",
+    "measure_ablation",
+    "AblationResult",
     "Scorer",
     "Prompt",
     "AblationSweepResult",
     "activation_patching",
     "attribution_patching",
     "path_patching",
+    "edge_attribution",
+    "attribution_graph",
+    "EdgeScores",
+    "Circuit",
+    "AttributionGraph",
     "direct_logit_attribution",
     "logit_lens",
     "detect_heads",
@@ -95,5 +106,12 @@ __all__ = [
     "RefusalRate",
     "RefusalDirections",
     "PromptKL",
-    "AbliterationResult",
+    "select_direction",
+    "DirectionSelection",
+    "MassiveActivationWarning",
+    "massive_mask",
+    "attention_patterns",
+    "attends",
+    "AttentionPatterns",
+    "HeadAttention",
 ]

@@ -26,29 +26,27 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
+from _core import distributed as dist
+from _core.errors import arg
+from _core.readers import Prompt  # one prompt with its answers: what a prompt file holds and a scorer scores
 from hooks import InputError
+from hooks.indices import check_indices
 
 from .components import get_component
 from .engine import PairInputs, Variant, mark_variants, replacement_setup, run_variants
 from .results import AnalysisResult
 
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
+
 METRICS = ("loss", "logit-diff", "prob")
 SWEEP_COMPONENTS = {"heads": "z", "neurons": "neurons", "layers": "resid_post"}
-
-
-@dataclass
-class Prompt:
-    """A prompt and its single-token answers (``where`` names it in errors, e.g. ``prompts.txt:3``)."""
-
-    text: str
-    correct: str | None = None
-    incorrect: str | None = None
-    where: str = "prompt"
 
 
 def as_prompts(prompts: Sequence[Any], answers: Sequence[str] | None = None) -> list[Prompt]:
@@ -75,12 +73,13 @@ def as_prompts(prompts: Sequence[Any], answers: Sequence[str] | None = None) -> 
     return out
 
 
-def _single_token(model, text: str, where: str) -> int:
+def _single_token(model: HookedLlama, text: str, where: str) -> int:
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise InputError(
             f"{where}: answer {text!r} is {len(ids)} tokens; answers must be single tokens "
-            "(mind the leading space, e.g. ' Mary')"
+            "(mind the leading space, e.g. ' Mary')",
+            param="answers",
         )
     return ids[0]
 
@@ -109,13 +108,15 @@ class Scorer:
     incorrect: torch.Tensor | None = None  # [N]
 
     @classmethod
-    def build(cls, model, metric: str, prompts: Sequence[Any], answers: Sequence[str] | None = None) -> "Scorer":
+    def build(
+        cls, model: HookedLlama, metric: str, prompts: Sequence[Any], answers: Sequence[str] | None = None
+    ) -> "Scorer":
         """Check that every prompt has what ``metric`` needs; answers must be single tokens."""
         if metric not in METRICS:
-            raise InputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+            raise InputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}", param="metric")
         items = as_prompts(prompts, answers)
         if not items:
-            raise InputError("no prompts: pass --prompts FILE or --prompt TEXT")
+            raise InputError(f"{arg('prompts')} is empty; give at least one prompt", param="prompts")
         if model.tokenizer is None:
             raise InputError(
                 "this model has no tokenizer, so it cannot read text prompts; load a checkpoint with tokenizer files"
@@ -125,14 +126,17 @@ class Scorer:
             for key in need:
                 if getattr(item, key) is None:
                     raise InputError(
-                        f"{item.where}: --metric {metric} needs a {key} answer for every prompt; add "
-                        "PROMPT<TAB>CORRECT<TAB>INCORRECT lines or pass --answers CORRECT INCORRECT"
+                        f"{item.where}: {arg('metric', metric)} needs a {key} answer for every prompt; add "
+                        f"PROMPT<TAB>CORRECT<TAB>INCORRECT lines or pass {arg('answers')} CORRECT INCORRECT",
+                        param="answers",
                     )
         ids = {key: torch.tensor([_single_token(model, getattr(it, key), it.where) for it in items]) for key in need}
         if metric == "loss":
             for item in items:
                 if len(model.tokenize(item.text)[0][0]) < 2:
-                    raise InputError(f"{item.where}: --metric loss needs prompts of at least two tokens")
+                    raise InputError(
+                        f"{item.where}: {arg('metric', 'loss')} needs prompts of at least two tokens", param="prompts"
+                    )
         return cls(metric, items, ids.get("correct"), ids.get("incorrect"))
 
     @property
@@ -140,7 +144,7 @@ class Scorer:
         """The prompt texts, in order."""
         return [it.text for it in self.items]
 
-    def tokens(self, model, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self, model: HookedLlama, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded token ids [b, P] and a bool mask of prompts ``rows``, on the model's device."""
         tokens, mask = model.tokenize([self.items[int(r)].text for r in rows])
         return tokens.to(model.device), mask.to(model.device).bool()
@@ -152,9 +156,18 @@ class Scorer:
 
         if self.metric == "loss":
             return _PromptLoss(tokens, mask)
+        correct, incorrect = self._answers()
         if self.metric == "logit-diff":
-            return LogitDiff(self.correct[rows], self.incorrect[rows])
-        return TargetProb(self.correct[rows])
+            return LogitDiff(correct[rows], incorrect[rows])
+        return TargetProb(correct[rows])
+
+    def _answers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The answer ids [N] (an empty tensor for an answer the metric does not use)."""
+        empty = torch.zeros(0, dtype=torch.long)
+        return (
+            self.correct if self.correct is not None else empty,
+            self.incorrect if self.incorrect is not None else empty,
+        )
 
     def score(
         self, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
@@ -164,14 +177,17 @@ class Scorer:
         if self.metric == "loss":
             return {"values": _PromptLoss(tokens, mask)(logits)}
         last = logits[:, -1].float()  # [B, V]
+        correct, incorrect = self._answers()
         out = {"values": self.metric_for(rows, tokens, mask).score(last)}
-        out["correct_logit"] = last.gather(-1, self.correct[rows][:, None].to(last.device))[:, 0]
+        out["correct_logit"] = last.gather(-1, correct[rows][:, None].to(last.device))[:, 0]
         if self.metric == "logit-diff":
-            out["incorrect_logit"] = last.gather(-1, self.incorrect[rows][:, None].to(last.device))[:, 0]
+            out["incorrect_logit"] = last.gather(-1, incorrect[rows][:, None].to(last.device))[:, 0]
         return out
 
     @torch.no_grad()
-    def evaluate(self, model, batch_size: int = 16, progress: Callable | None = None) -> dict[str, torch.Tensor]:
+    def evaluate(
+        self, model: HookedLlama, batch_size: int = 16, progress: Callable | None = None
+    ) -> dict[str, torch.Tensor]:
         """The metric of every prompt (and the answer logits), batched: ``{"values": [N], ...}`` on CPU.
         ``progress(n_batches)``, when given, returns a callable advanced once per batch."""
         parts: list[dict[str, torch.Tensor]] = []
@@ -185,6 +201,164 @@ class Scorer:
             if step:
                 step(1)
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+# --------------------------------------------------------------------------- one ablation, base vs edited
+class AblationResult(AnalysisResult):
+    """The metric of every prompt on the unedited and on the edited model.
+
+    ``base`` / ``edited`` hold ``{"values": [N], ...}`` as ``Scorer.evaluate`` returns them (with the
+    answers' logits for ``logit-diff`` and ``prob``); ``effects`` [N] = edited - base; ``edits`` the edit
+    plan as a dict; ``while_applied`` what the ``while_applied`` callback returned (None without one).
+    """
+
+    title = "ablation"
+
+    def __init__(
+        self,
+        items: list[Prompt],
+        metric: str,
+        base: dict[str, torch.Tensor],
+        edited: dict[str, torch.Tensor],
+        edits: dict | None = None,
+        while_applied: Any = None,
+    ) -> None:
+        self.items, self.metric, self.base, self.edited = items, metric, base, edited
+        self.edits, self.while_applied = edits, while_applied
+
+    @property
+    def effects(self) -> torch.Tensor:
+        """[N] edited - base metric per prompt."""
+        return self.edited["values"] - self.base["values"]
+
+    def rows(self) -> list[dict]:
+        """One row per prompt: the prompt, its answers, base, edited, effect (and the answers' logits)."""
+        out = []
+        for i, item in enumerate(self.items):
+            row = {
+                "prompt": item.text,
+                "correct": item.correct,
+                "incorrect": item.incorrect,
+                "base": float(self.base["values"][i]),
+                "edited": float(self.edited["values"][i]),
+                "effect": float(self.edited["values"][i] - self.base["values"][i]),
+            }
+            for key in ("correct_logit", "incorrect_logit"):
+                if key in self.base:
+                    row[f"base_{key}"], row[f"edited_{key}"] = float(self.base[key][i]), float(self.edited[key][i])
+            out.append(row)
+        return out
+
+    @property
+    def mean(self) -> dict[str, float]:
+        """Mean base, edited and effect over the prompts (float64)."""
+        rows = self.rows()
+        return {
+            k: float(torch.tensor([r[k] for r in rows], dtype=torch.float64).mean())
+            for k in ("base", "edited", "effect")
+        }
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "edits": self.edits, "prompts": self.rows(), "mean": self.mean}
+
+    def figure(self, **kwargs: Any):
+        """Grouped bars, base vs edited, per prompt (hover shows the prompt) and their mean."""
+        import plotly.graph_objects as go
+
+        rows, mean = self.rows(), self.mean
+        labels = [f"#{i}" for i in range(len(rows))] + ["mean"]
+        hover = [r["prompt"] for r in rows] + ["mean over prompts"]
+        fig = go.Figure(
+            [
+                go.Bar(
+                    name=key,
+                    x=labels,
+                    y=[r[key] for r in rows] + [mean[key]],
+                    hovertext=hover,
+                    hovertemplate="%{hovertext}<br>" + key + " %{y:.4g}<extra></extra>",
+                )
+                for key in ("base", "edited")
+            ]
+        )
+        fig.update_layout(
+            barmode="group",
+            yaxis_title=self.metric,
+            xaxis_title="prompt",
+            xaxis_type="category",
+            margin=dict(l=60, r=20, t=40, b=60),
+            legend=dict(orientation="h", y=1.1),
+        )
+        return fig
+
+
+@contextlib.contextmanager
+def _applied(model: HookedLlama, edits) -> Iterator[None]:
+    """``edits`` applied to ``model`` inside (an edit plan, one edit, or a list of edits applied in order)."""
+    if hasattr(edits, "applied"):
+        with edits.applied(model):
+            yield
+        return
+    if not isinstance(edits, (list, tuple)) or not all(hasattr(e, "applied") for e in edits):
+        raise InputError(
+            f"{arg('edits')} must be an edit plan, an edit or a list of edits (surgery.EditPlan, surgery.ZeroHeads …), "
+            f"got {type(edits).__name__}",
+            param="edits",
+        )
+    with contextlib.ExitStack() as stack:
+        for edit in edits:
+            stack.enter_context(edit.applied(model))
+        yield
+
+
+def _edits_dict(edits) -> dict | None:
+    if hasattr(edits, "to_dict"):
+        return edits.to_dict()
+    if isinstance(edits, (list, tuple)) and all(hasattr(e, "to_dict") for e in edits):
+        return {"edits": [e.to_dict() for e in edits]}
+    return None
+
+
+@torch.no_grad()
+def measure_ablation(
+    model: HookedLlama,
+    edits,
+    prompts: Scorer | Sequence[Any],
+    metric: str = "loss",
+    *,
+    answers: Sequence[str] | None = None,
+    batch_size: int = 16,
+    progress: Callable | None = None,
+    while_applied: Callable[[Any], Any] | None = None,
+) -> AblationResult:
+    """The metric of every prompt with and without ``edits`` (an ``EditPlan``, one edit or a list of them):
+    what ``scalpel ablate`` reports.
+
+    The edits are applied once: the edited measurement runs first, then ``while_applied(model)`` when
+    given (still on the edited model — e.g. ``lambda m: surgery.export(m, "out")`` exports the very state
+    that was measured), then the model is restored exactly and measured unedited. A plan that does not
+    fit the model is refused before anything is measured. ``prompts`` as ``Scorer.build`` takes them (or a
+    built ``Scorer``); ``progress(label, n_batches)``, when given, returns a callable advanced per batch.
+
+    Example::
+
+        res = measure_ablation(model, surgery.EditPlan([surgery.ZeroHeads(19, [2])]), IOI, "logit-diff")
+        res.effects          # [N] edited - base
+        res.rows(); res.mean["effect"]; res.figure()
+    """
+    scorer = prompts if isinstance(prompts, Scorer) else Scorer.build(model, metric, prompts, answers)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(f"{arg('batch_size')} must be a positive integer, got {batch_size!r}", param="batch_size")
+
+    def bar(label: str):
+        return (lambda n: progress(label, n)) if progress else None
+
+    extra = None
+    with _applied(model, edits):  # applies (and checks) every edit before any measurement
+        edited = scorer.evaluate(model, batch_size, progress=bar("edited"))
+        if while_applied is not None:
+            extra = while_applied(model)
+    base = scorer.evaluate(model, batch_size, progress=bar("base"))
+    return AblationResult(scorer.items, scorer.metric, base, edited, _edits_dict(edits), extra)
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -212,9 +386,10 @@ class AblationSweepResult(AnalysisResult):
         self.metric, self.ablation, self.n_heads, self.prompts = metric, ablation, n_heads, prompts or []
 
     def label(self, unit: tuple[int, int | None]) -> str:
-        """``"5.3"`` for a head, ``"12:405"`` for a neuron, ``"20"`` for a layer."""
+        """``"L5H3"`` for a head, ``"12:405"`` for a neuron, ``"20"`` for a layer (each as ``--heads`` /
+        ``--neurons`` / ``--layers`` read it)."""
         layer, idx = unit
-        return {"heads": f"{layer}.{idx}", "neurons": f"{layer}:{idx}", "layers": f"{layer}"}[self.component]
+        return {"heads": f"L{layer}H{idx}", "neurons": f"{layer}:{idx}", "layers": f"{layer}"}[self.component]
 
     @property
     def mean_effects(self) -> torch.Tensor:
@@ -253,7 +428,7 @@ class AblationSweepResult(AnalysisResult):
             "units": self.rows(),
         }
 
-    def figure(self, top: int = 30):
+    def figure(self, top: int = 30, **kwargs: Any):
         """Heads: a layer x head heatmap of the mean effect; neurons and layers: the top units as bars."""
         if self.component == "heads" and self.n_heads:
             from .plotting import heatmap
@@ -294,16 +469,11 @@ class AblationSweepResult(AnalysisResult):
         return fig
 
 
-def sweep_units(model, component: str, layers: list[int] | None) -> list[tuple[int, int | None]]:
+def sweep_units(model: HookedLlama, component: str, layers: list[int] | None) -> list[tuple[int, int | None]]:
     """Every unit of ``component`` (heads, neurons or layers) in ``layers`` (default all layers)."""
     if component not in SWEEP_COMPONENTS:
         raise InputError(f"unknown component {component!r}; use heads, neurons or layers")
-    layers = list(range(model.n_layers)) if layers is None else list(layers)
-    bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
-    if bad:
-        raise InputError(
-            f"layer {bad[0]} is out of range; the model has {model.n_layers} layers (0..{model.n_layers - 1})"
-        )
+    layers = list(range(model.n_layers)) if layers is None else check_indices(model, "layer", layers, param="layers")
     if component == "heads":
         return [(layer, h) for layer in layers for h in range(model.n_heads)]
     if component == "neurons":
@@ -321,7 +491,7 @@ def _replacement(component: str, means: dict | None):
 
 @torch.no_grad()
 def ablation_sweep(
-    model,
+    model: HookedLlama,
     scorer: Scorer,
     component: str,
     layers: list[int] | None = None,
@@ -358,13 +528,16 @@ def ablation_sweep(
         inputs = PairInputs(tokens, tokens, None if bool(mask.all()) else mask.long(), None)
         setup = replacement_setup(model, comp, inputs, used, replace)
         metric = scorer.metric_for(rows, tokens, mask)
-        for s in range(0, len(variants), per_pass):
+        passes = range(0, len(variants), per_pass)
+        for s in [passes[i] for i in dist.shard(len(passes))]:  # under torchrun: this rank's block of units
             part = variants[s : s + per_pass]
             mark_variants(comp, setup, part, metric, reuse_prefix=True)
-            values = run_variants(model, comp, setup, part, metric, max_batch=per_pass, per_prompt=True)
+            with dist.local():
+                values = run_variants(model, comp, setup, part, metric, max_batch=per_pass, per_prompt=True)
             effects[s : s + len(part), rows] = values.float() - base["values"][rows][None]
             if step:
                 step(len(part))
+    dist.all_reduce(effects)  # each entry was computed by one rank (the others hold 0): every rank gets all
     ablation = "mean" if means is not None else ("remove" if component == "layers" else "zero")
     return AblationSweepResult(
         component, units, base["values"], effects, scorer.metric, ablation, n_heads=model.n_heads, prompts=scorer.texts

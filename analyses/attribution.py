@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from _core.autograd import differentiates
 from hooks import InputError
 from hooks.model import takes_model
 
@@ -34,9 +35,12 @@ from .metrics import Metric, resolve_metric
 from .patching import PatchingResult, _check_indices, _metric_name, patch_axes
 from .results import AnalysisResult, jsonable
 
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
+
 
 @contextlib.contextmanager
-def frozen_parameters(model):
+def frozen_parameters(model: HookedLlama):
     """Parameters stop requiring gradients inside the block (activations still get them), restored after."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -59,7 +63,7 @@ def _reduce(comp: Component, prod: torch.Tensor, per_position: bool) -> torch.Te
     return out
 
 
-def clean_and_corrupted_gradients(model, inputs: PairInputs, names: list[str], metric):
+def clean_and_corrupted_gradients(model: HookedLlama, inputs: PairInputs, names: list[str], metric):
     """One forward of the clean and corrupted prompts together and one backward of the corrupted metric.
 
     Returns ``(clean_value, corrupted_value, clean_acts, corrupted_acts, corrupted_grads)``, the dicts
@@ -107,7 +111,7 @@ def clean_and_corrupted_gradients(model, inputs: PairInputs, names: list[str], m
     return float(clean_value.detach()), float(value.detach()), clean_acts, corr_acts, corr_grads
 
 
-def _clean_logits(model, inputs: PairInputs) -> torch.Tensor:
+def _clean_logits(model: HookedLlama, inputs: PairInputs) -> torch.Tensor:
     with torch.no_grad():
         return model(inputs.clean, attention_mask=inputs.mask)
 
@@ -142,8 +146,9 @@ class AttributionResults(AnalysisResult):
 
 
 @takes_model
+@differentiates  # works under torch.no_grad() and torch.inference_mode()
 def attribution_patching(
-    model,
+    model: HookedLlama,
     clean,
     corrupted,
     metric: Metric | str | None = None,

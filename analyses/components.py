@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from hooks import InputError, act_name
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class Component:
     def hook_name(self, layer: int) -> str:
         return act_name(self.act, layer)
 
-    def n_units(self, model) -> int:
+    def n_units(self, model: HookedLlama) -> int:
         """Number of units per layer (1 for whole-vector components)."""
         return {None: 1, "head": model.n_heads, "kv_head": model.n_kv_heads, "neuron": model.d_mlp}[self.unit]
 

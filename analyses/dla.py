@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from .engine import _tokens
 from .heads import group_size
 from .metrics import token_ids
 from .results import AnalysisResult, jsonable
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 
 @dataclass
@@ -171,7 +175,7 @@ class DLAResult(AnalysisResult):
 
 @takes_model
 def direct_logit_attribution(
-    model, prompt, answer, wrong=None, *, pos: int = -1, neurons: bool = True, attention_mask=None
+    model: HookedLlama, prompt, answer, wrong=None, *, pos: int = -1, neurons: bool = True, attention_mask=None
 ) -> DLAResult:
     """Direct contributions of embeddings, heads, attention / MLP layers and neurons to a logit difference.
 

@@ -17,7 +17,8 @@ activation written into that slice, for every variant, and it does so cheaply:
    prompts still agree) change nothing and are answered by the corrupted run itself.
 4. **Logits only where the metric reads.** The final norm and unembedding are applied at the
    metric's position only (full logits for TransformerLens-style callables).
-5. **Chunked** to ``max_batch`` variants and an estimated ``memory_budget_mb``.
+5. **Chunked** to ``max_batch`` variants and an estimated ``memory_budget_mb``; under torchrun each
+   rank runs a contiguous block of the chunks and every rank gets all the values (``_core.distributed``).
 
 The numbers equal a naive loop of one ``run_with_hooks`` per patch (tests check ≤ 1e-4).
 """
@@ -26,15 +27,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from _core import distributed as dist
 from hooks import InputError, KVCache
 from hooks.hook_points import act_name
 
 from .components import Component
 from .metrics import Metric
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 
 # --------------------------------------------------------------------------- inputs
@@ -56,7 +61,7 @@ class PairInputs:
         return self.clean.shape[1]
 
 
-def _tokens(model, x, mask):
+def _tokens(model: HookedLlama, x, mask):
     if isinstance(x, torch.Tensor):
         t = x[None] if x.dim() == 1 else x
         return t.to(model.device, torch.long), mask
@@ -64,7 +69,7 @@ def _tokens(model, x, mask):
     return tokens.to(model.device), (m if mask is None else mask)
 
 
-def prepare_pair(model, clean, corrupted, attention_mask=None) -> PairInputs:
+def prepare_pair(model: HookedLlama, clean, corrupted, attention_mask=None) -> PairInputs:
     """Tokenise a clean and a corrupted input (strings, lists of strings, chat messages or ids).
 
     Both must give the same shape (and the same padding); an error says so otherwise.
@@ -126,7 +131,7 @@ def _capture(t: torch.Tensor, hook) -> None:
 FINAL = "ln_final.hook_normalized"  # where a forward is ended early: x / scale, before the norm's weight
 
 
-def unembed_normalized(model, normalized: torch.Tensor) -> torch.Tensor:
+def unembed_normalized(model: HookedLlama, normalized: torch.Tensor) -> torch.Tensor:
     """Logits from ``ln_final.hook_normalized`` values, as the model computes them: lm_head(weight * x)."""
     return model.lm_head(model.model.norm.weight * normalized)
 
@@ -175,7 +180,7 @@ class PatchSetup:
     corrupted_logits: torch.Tensor
 
 
-def run_setup(model, comp: Component, inputs: PairInputs, layers: list[int]) -> PatchSetup:
+def run_setup(model: HookedLlama, comp: Component, inputs: PairInputs, layers: list[int]) -> PatchSetup:
     """The clean and the corrupted forward, caching only what the engine needs."""
     names = [comp.hook_name(layer) for layer in layers]
     lo = min(layers)
@@ -199,7 +204,7 @@ def run_setup(model, comp: Component, inputs: PairInputs, layers: list[int]) -> 
 
 
 def replacement_setup(
-    model,
+    model: HookedLlama,
     comp: Component,
     inputs: PairInputs,
     layers: list[int],
@@ -251,7 +256,7 @@ def mark_variants(comp: Component, setup: PatchSetup, variants: list[Variant], m
 
 
 # --------------------------------------------------------------------------- running
-def _row_bytes(model, T: int, P: int, n_logit_pos: int) -> int:
+def _row_bytes(model: HookedLlama, T: int, P: int, n_logit_pos: int) -> int:
     M, F, H, G, D, V = model.d_model, model.d_mlp, model.n_heads, model.n_kv_heads, model.d_head, model.d_vocab
     el = torch.finfo(model.dtype).bits // 8
     per_token = el * (12 * M + 6 * F + 4 * (H + 2 * G) * D + 3 * H * P)
@@ -259,7 +264,13 @@ def _row_bytes(model, T: int, P: int, n_logit_pos: int) -> int:
 
 
 def chunk_variants(
-    model, variants: list[Variant], B: int, P: int, full_logits: bool, max_batch: int | None, memory_budget_mb: float
+    model: HookedLlama,
+    variants: list[Variant],
+    B: int,
+    P: int,
+    full_logits: bool,
+    max_batch: int | None,
+    memory_budget_mb: float,
 ) -> list[tuple[int, list[Variant]]]:
     """Group computed variants by first changed position, sorted by layer, in chunks fitting the budget."""
     groups: dict[int, list[Variant]] = {}
@@ -311,7 +322,7 @@ def _patch_hook(mask: torch.Tensor, clean: torch.Tensor, B: int):
 
 
 def run_chunk(
-    model,
+    model: HookedLlama,
     comp: Component,
     setup: PatchSetup,
     start: int,
@@ -380,7 +391,7 @@ def score_logits(metric, logits: torch.Tensor, per_prompt: bool = False) -> torc
 
 
 def run_variants(
-    model,
+    model: HookedLlama,
     comp: Component,
     setup: PatchSetup,
     variants: list[Variant],
@@ -404,19 +415,22 @@ def run_variants(
     out = torch.full((len(variants),) + ((B,) if per_prompt else ()), float("nan"))
     index = {id(v): i for i, v in enumerate(variants)}
     chunks = chunk_variants(model, variants, B, P, full, max_batch, memory_budget_mb)
-    it = chunks
+    mine = dist.shard(len(chunks))  # under torchrun: this rank's chunks, gathered below
+    it = [chunks[i] for i in mine]
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(chunks, desc=f"patching {comp.name}")
+        it = tqdm(it, desc=f"patching {comp.name}", disable=not dist.is_main())
+    done: list[torch.Tensor] = []
     with torch.no_grad():
         for start, chunk in it:
             positions = None if full else [metric.pos % P]
             logits = run_chunk(model, comp, setup, start, chunk, positions, stats)
-            values = score_logits(metric, logits, per_prompt).cpu()
-            for v, val in zip(chunk, values):
-                out[index[id(v)]] = val
+            done.append(score_logits(metric, logits, per_prompt).cpu())
             stats.n_chunks += 1
+    for (_, chunk), values in zip(chunks, dist.gather_blocks(done)):
+        for v, val in zip(chunk, values):
+            out[index[id(v)]] = val
     for i, v in enumerate(variants):
         if v.noop:
             out[i] = corrupted_value

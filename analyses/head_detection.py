@@ -3,12 +3,17 @@ induction scores for every (layer, query head).
 
 Each sequence is ``[BOS] R R`` with ``R`` a run of ``seq_len`` random tokens (seeded). For a query at
 position q of the second copy, the earlier copy of the same token sits at ``q - seq_len`` and the token
-after it at ``q - seq_len + 1``. A head's score is its mean attention, over sequences and query
-positions, to:
+after it at ``q - seq_len + 1``. A head's score is its attention weight to a target key, averaged with
+equal weight over the sequences and over these query positions (``o`` = 1 with the BOS, 0 without;
+``P = o + 2 * seq_len``):
 
-- previous-token: ``q - 1`` (every query after the first token of ``R``);
-- duplicate-token: ``q - seq_len`` (queries in the second copy);
-- induction: ``q - seq_len + 1`` (queries in the second copy).
+- previous-token: key ``q - 1`` for queries ``q = o + 1 … P - 1`` (every token of both copies but the
+  first of ``R``; the BOS is never a query, and ``R``'s first token attending to the BOS is not counted);
+- duplicate-token: key ``q - seq_len`` for the second copy's queries ``q = o + seq_len … P - 1``;
+- induction: key ``q - seq_len + 1`` for the same queries (the second copy's first token attends to the
+  first copy's second token).
+
+Scores are of query heads (under GQA each query head has its own pattern) and lie in [0, 1].
 
 Only the attention patterns of the layers asked for are cached, and the forward stops after the last
 of them.
@@ -23,7 +28,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -34,11 +39,14 @@ from .heads import HeadRef, head_ref
 from .patching import _check_indices
 from .results import AnalysisResult, jsonable
 
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
+
 KINDS = ("previous_token", "duplicate_token", "induction")
 
 
 def repeated_random_tokens(
-    model, seq_len: int = 20, n_seqs: int = 8, seed: int = 0, prepend_bos: bool = True
+    model: HookedLlama, seq_len: int = 20, n_seqs: int = 8, seed: int = 0, prepend_bos: bool = True
 ) -> torch.Tensor:
     """[n_seqs, (1 +) 2 * seq_len] sequences ``[BOS] R R`` of random non-special tokens (seeded).
 
@@ -176,7 +184,7 @@ class HeadDetectionResult(AnalysisResult):
 
 @takes_model
 def detect_heads(
-    model,
+    model: HookedLlama,
     *,
     seq_len: int = 20,
     n_seqs: int = 8,

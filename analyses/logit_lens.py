@@ -14,11 +14,12 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from hooks import InputError, act_name
+from hooks.indices import check_positions
 from hooks.model import takes_model
 from hooks.tokens import is_messages
 
@@ -26,6 +27,9 @@ from .metrics import token_ids
 from .patching import _check_indices
 from .plotting import heatmap, position_labels
 from .results import AnalysisResult, jsonable
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 _KINDS = ("resid_pre", "resid_mid", "resid_post")
 
@@ -134,7 +138,7 @@ def _stage_names(n_layers: int, kinds: Sequence[str], layers: Sequence[int]) -> 
 
 @takes_model
 def logit_lens(
-    model,
+    model: HookedLlama,
     prompt,
     targets=None,
     *,
@@ -177,7 +181,7 @@ def logit_lens(
     tokens = tokens.to(model.device)
     P = tokens.shape[1]
     layers = list(range(model.n_layers)) if layers is None else _check_indices(layers, model.n_layers, "layer")
-    positions = list(range(P)) if positions is None else [int(p) % P for p in positions]
+    positions = list(range(P)) if positions is None else check_positions(P, positions)
     named = _stage_names(model.n_layers, kinds, layers)
     target_ids = token_ids(model, targets).reshape(-1) if targets is not None else None
     with torch.no_grad():

@@ -16,14 +16,19 @@ Example::
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from hooks import InputError
 
+from .divergence import kl_rows
 
-def token_ids(model, tokens) -> torch.Tensor:
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
+
+
+def token_ids(model: HookedLlama, tokens) -> torch.Tensor:
     """Token ids from an id, a single-token string, or a list of them (one per prompt): [] or [B]."""
     if isinstance(tokens, torch.Tensor):
         return tokens.long()
@@ -121,15 +126,13 @@ class KLDivergence(Metric):
     def __init__(self, reference: torch.Tensor, pos: int = -1) -> None:
         super().__init__(pos)
         ref = reference[:, pos] if reference.dim() == 3 else reference
-        self.ref_logprobs = ref.detach().float().log_softmax(-1)  # [B, V]
+        self.reference = ref.detach().float()  # [B, V]
 
     def score(self, logits_at: torch.Tensor) -> torch.Tensor:
-        ref = self.ref_logprobs.to(logits_at.device)
-        logp = logits_at.float().log_softmax(-1)
-        return (ref.exp() * (ref - logp)).sum(-1)
+        return kl_rows(self.reference.to(logits_at.device), logits_at, dtype=torch.float32)  # float32, as always
 
 
-def logit_diff(model, correct, incorrect, pos: int = -1) -> LogitDiff:
+def logit_diff(model: HookedLlama, correct, incorrect, pos: int = -1) -> LogitDiff:
     """A ``LogitDiff`` from single-token strings or ids (one pair, or one per prompt).
 
     Example: ``logit_diff(model, " Mary", " John")``.
@@ -137,7 +140,7 @@ def logit_diff(model, correct, incorrect, pos: int = -1) -> LogitDiff:
     return LogitDiff(token_ids(model, correct), token_ids(model, incorrect), pos)
 
 
-def target_prob(model, target, pos: int = -1) -> TargetProb:
+def target_prob(model: HookedLlama, target, pos: int = -1) -> TargetProb:
     """A ``TargetProb`` from a single-token string or id. Example: ``target_prob(model, " Paris")``."""
     return TargetProb(token_ids(model, target), pos)
 
@@ -251,7 +254,7 @@ def answer_pairs(answers):
     return answers
 
 
-def resolve_metric(model, metric, answers, clean_logits: torch.Tensor | None):
+def resolve_metric(model: HookedLlama, metric, answers, clean_logits: torch.Tensor | None):
     """The metric an analysis uses: a ``Metric``, a callable on logits (TransformerLens style), or a name.
 
     Names: ``"logit_diff"`` (needs ``answers=(correct, incorrect)``), ``"target_prob"`` (``answers=target``

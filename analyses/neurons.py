@@ -14,29 +14,39 @@ Example::
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from _core.readers import read_prompt_file
 from hooks import InputError, act_name
+from hooks.indices import check_index, check_indices
 from hooks.model import takes_model
 
 from .results import AnalysisResult, jsonable
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 CORPUS_PATH = Path(__file__).parent / "data" / "corpus.txt"
 
 
 def load_corpus(path: str | Path | None = None) -> list[str]:
-    """The lines of a text file (default: the shipped corpus), blank lines dropped.
+    """The texts of a prompt file (default: the shipped corpus), read by the one prompt-file reader
+    (``_core.readers.read_prompt_file``: ``.txt`` one text a line, blank lines and ``#`` lines skipped,
+    ``.jsonl``/``.json`` on purpose; UTF-8 only).
 
     Example: ``len(load_corpus()) == 100``.
     """
+    if path is not None and (isinstance(path, bytes) or not isinstance(path, (str, os.PathLike))):
+        raise InputError(f"corpus must be a file path or a list of strings, got {type(path).__name__}", param="corpus")
     path = Path(path) if path is not None else CORPUS_PATH
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"corpus file {path} does not exist; pass a list of strings or an existing text file")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r.text for r in read_prompt_file(path, error=InputError, what="corpus file", param="corpus", strip=True)]
 
 
 @dataclass
@@ -54,6 +64,8 @@ class NeuronTopActivations(AnalysisResult):
     contexts: list[list[str]]
     n_docs: int
     n_tokens: int
+
+    unit = "neuron"  # what a row is, in figure labels ("N348"); SAE features say "feature" ("F348")
 
     @property
     def title(self) -> str:
@@ -105,10 +117,10 @@ class NeuronTopActivations(AnalysisResult):
         return heatmap(
             self.values[:m],
             [f"#{r + 1}" for r in range(self.values.shape[1])],
-            [f"N{n}" for n in self.neurons[:m]],
+            [f"{self.unit[0].upper()}{n}" for n in self.neurons[:m]],
             title=self.title,
             x_title="rank",
-            y_title="neuron",
+            y_title=self.unit,
             zmid=None,
             colorscale="Viridis",
             text=text,
@@ -117,7 +129,7 @@ class NeuronTopActivations(AnalysisResult):
         )
 
 
-def _doc_ids(model, doc, max_tokens: int) -> torch.Tensor:
+def _doc_ids(model: HookedLlama, doc, max_tokens: int) -> torch.Tensor:
     """Token ids [n] of one document (a string, or ids), truncated to its first ``max_tokens`` tokens."""
     ids = model.tokenize(doc)[0][0] if isinstance(doc, str) else torch.as_tensor(doc, dtype=torch.long).reshape(-1)
     if ids.numel() == 0:
@@ -125,7 +137,7 @@ def _doc_ids(model, doc, max_tokens: int) -> torch.Tensor:
     return ids[:max_tokens]
 
 
-def _batches(model, corpus, batch_size: int, max_tokens: int):
+def _batches(model: HookedLlama, corpus, batch_size: int, max_tokens: int):
     """(doc offset, tokens [b, P], mask [b, P]) batches, left-padded (pad id 0, masked out); ``corpus`` may
     be any iterable (a generator over a file's lines is read one batch at a time)."""
     it, start = iter(corpus), 0
@@ -146,7 +158,7 @@ def _batches(model, corpus, batch_size: int, max_tokens: int):
 def iter_corpus(path: str | Path | None = None):
     """The non-blank lines of a text file (default: the shipped corpus), read lazily."""
     path = Path(path) if path is not None else CORPUS_PATH
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"corpus file {path} does not exist; pass a list of strings or an existing text file")
 
     def lines():
@@ -158,7 +170,9 @@ def iter_corpus(path: str | Path | None = None):
     return lines()
 
 
-def stream_top_k(model, corpus, read, n_units: int, k: int, batch_size: int, max_tokens: int, context: int) -> dict:
+def stream_top_k(
+    model: HookedLlama, corpus, read, n_units: int, k: int, batch_size: int, max_tokens: int, context: int
+) -> dict:
     """Top-``k`` (document, position) per unit of ``read(tokens, mask) -> [b, P, N]`` over ``corpus``:
     the top-k fields of ``NeuronTopActivations`` (``values``, ``doc``, ``pos``, ``tokens``, ``contexts``,
     ``n_docs``, ``n_tokens``) as a dict.
@@ -226,7 +240,7 @@ def stream_top_k(model, corpus, read, n_units: int, k: int, batch_size: int, max
 
 @takes_model
 def top_activating(
-    model,
+    model: HookedLlama,
     layer: int,
     neurons: Sequence[int] | int | None = None,
     corpus=None,
@@ -253,15 +267,10 @@ def top_activating(
 
         top_activating(model, 3, neurons=[7], k=3).rows()
     """
-    if not -model.n_layers <= int(layer) < model.n_layers:  # negatives count from the end
-        raise InputError(f"layer {layer} is out of range; the model has {model.n_layers} layers")
-    layer = int(layer) % model.n_layers
+    layer = check_index(model, "layer", layer, param="layer", negative=True)  # negatives count from the end
     if neurons is None:
         neurons = list(range(model.d_mlp))
-    neurons = [neurons] if isinstance(neurons, int) else [int(n) for n in neurons]
-    bad = [n for n in neurons if not 0 <= n < model.d_mlp]
-    if bad:
-        raise InputError(f"neuron(s) {bad} out of range; layer {layer} has {model.d_mlp} neurons")
+    neurons = check_indices(model, "neuron", [neurons] if isinstance(neurons, int) else neurons, param="neurons")
     if corpus is None or isinstance(corpus, (str, Path)):
         corpus = load_corpus(corpus)
     corpus = list(corpus)

@@ -18,11 +18,12 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from hooks import InputError
+from hooks.indices import check_range
 from hooks.model import takes_model
 
 from .components import Component, get_component
@@ -32,6 +33,9 @@ from .metrics import Metric, resolve_metric
 from .metrics import normalized as _normalized
 from .plotting import heatmap, position_labels
 from .results import AnalysisResult, jsonable
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 
 @dataclass
@@ -183,16 +187,13 @@ class PatchingResult(AnalysisResult):
 
 
 def _check_indices(values, n: int, what: str) -> list[int]:
-    out = []
-    for v in values:
-        v = int(v)
-        if not -n <= v < n:
-            raise InputError(f"{what} {v} is out of range (0..{n - 1})")
-        out.append(v % n)
-    return out
+    """Indices 0..n-1 of ``what`` (negatives count from the end), through the one range check of each kind."""
+    kind = {"kv head": "kv_group"}.get(what, what)
+    param = {"layer": "layers", "position": "positions", "neuron": "neurons"}.get(what, "heads")
+    return [check_range(kind, v, n, param=param, negative=True) for v in values]
 
 
-def _units_for(model, comp: Component, heads, neurons) -> list[int] | None:
+def _units_for(model: HookedLlama, comp: Component, heads, neurons) -> list[int] | None:
     if comp.unit is None:
         return None
     n = comp.n_units(model)
@@ -212,7 +213,7 @@ def patch_axes(comp: Component, per_position: bool) -> tuple[str, ...]:
 
 @takes_model
 def activation_patching(
-    model,
+    model: HookedLlama,
     clean,
     corrupted,
     metric: Metric | str | None = None,

@@ -25,6 +25,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from hooks import InputError, act_name
@@ -34,6 +36,9 @@ from .engine import FINAL, EngineStats, _capture, _Captured, prepare_pair, score
 from .heads import group_size, kv_group, parse_heads
 from .metrics import Metric, resolve_metric
 from .patching import PatchingResult, _baselines, _metric_name
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 
 def _set_sender_hook(heads: list[int], clean_z: torch.Tensor, B: int):
@@ -60,7 +65,7 @@ def _freeze_hook(frozen: torch.Tensor, n_rows: int):
 
 @takes_model
 def path_patching(
-    model,
+    model: HookedLlama,
     clean,
     corrupted,
     metric: Metric | str | None = None,
@@ -141,7 +146,7 @@ def path_patching(
                     hooks += [(act_name("mlp_out", l), _freeze_hook(kc["mlp_out", l], c)) for l in range(Ls, stop)]
                 recorded: dict[str, torch.Tensor] = {}
 
-                def record(t, hook):
+                def record(t, hook, recorded=recorded):
                     recorded[hook.name] = t.detach().clone()
 
                 names_r = sorted({act_name(k, l) for l, _ in recv for k in kinds})

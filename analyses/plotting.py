@@ -89,3 +89,39 @@ def heatmap(
         margin=dict(l=60, r=20, t=60, b=60),
     )
     return fig
+
+
+def wrap_text(text: str, width: int) -> str:
+    """``text`` with ``<br>`` line breaks so that no line is longer than ``width`` characters (words kept
+    whole; existing ``<br>`` respected).
+
+    Example: ``wrap_text("a b c", 3) == "a b<br>c"``.
+    """
+    import textwrap
+
+    lines = []
+    for part in str(text).split("<br>"):
+        lines += textwrap.wrap(part, width, break_long_words=False, break_on_hyphens=False) or [""]
+    return "<br>".join(lines)
+
+
+def tidy(fig, *, width: int = 1000, title_chars: int | None = None):
+    """A figure fit for a page ``width`` pixels wide: a long title wraps onto more lines (about 8.5 px a
+    character at plotly's 17 px title font) and the top margin grows to hold them; axis titles get room
+    from their tick labels (``automargin``). Returns ``fig`` (changed in place).
+
+    Example: ``tidy(res.figure()).to_html(include_plotlyjs=True)``.
+    """
+    title = fig.layout.title.text
+    chars = title_chars or max(30, int((width - 120) / 8.5))
+    if title and len(title.replace("<br>", "")) > chars:
+        wrapped = wrap_text(title, chars)
+        lines = wrapped.count("<br>") + 1
+        top = fig.layout.margin.t
+        fig.update_layout(
+            title=dict(text=wrapped, y=1.0, yref="container", yanchor="top", pad=dict(t=22)),
+            margin=dict(t=max(top or 0, 44 + 22 * lines)),
+        )
+    fig.update_xaxes(automargin=True)
+    fig.update_yaxes(automargin=True)
+    return fig

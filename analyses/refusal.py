@@ -4,10 +4,11 @@ Every function that builds prompts puts them through the model's chat template w
 ``system_prompt=`` (default ``"You are a helpful assistant."``; ``None`` for no system message — the
 template may still add its own). Prompts are plain user texts; chat-message lists pass through as given.
 
-- ``load_prompts(src)``: a list of strings, a text file (one prompt a line, blank lines and lines
-  starting with ``#`` skipped), a JSONL file (each line a string or an object with ``prompt`` /
-  ``instruction`` / ``text`` / ``content`` / ``goal``), or a shipped set: ``"harmful:train"``,
-  ``"harmful:eval"``, ``"harmless:train"``, ``"harmless:eval"``.
+- ``load_prompts(src)``: a list of strings, a text file (one prompt a line, split on ``\n`` only, its
+  surrounding spaces dropped; blank lines and lines starting with ``#`` skipped), a JSONL file (each line a string or
+  an object with ``prompt`` / ``instruction`` / ``text`` / ``content`` / ``goal``), a JSON file (a list
+  of the same), or a shipped set: ``"harmful:train"``, ``"harmful:eval"``, ``"harmless:train"``,
+  ``"harmless:eval"``. Files are read by the one prompt-file reader (``_core.readers``).
 - ``refusal_rate(model, prompts)``: greedy responses (batched, 100 new tokens by default), a response
   is a refusal when it is empty or contains a marker (case-insensitive, ``*`` removed, ’ → ',
   whitespace collapsed). ``REFUSAL_MARKERS`` is heretic's default list.
@@ -28,23 +29,31 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from _core import distributed as dist
+from _core.errors import arg
+from _core.readers import PROMPT_KEYS, read_prompt_file, register_loader
 from hooks import InputError, act_name
 from hooks.tokens import is_messages
 
+from .divergence import kl_rows
+from .massive import RATIO, reference_norm, warn_if_massive
 from .results import AnalysisResult, jsonable
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 BUILTIN_SETS = ("harmful:train", "harmful:eval", "harmless:train", "harmless:eval")
-JSONL_KEYS = ("prompt", "instruction", "text", "content", "goal")
+JSONL_KEYS = PROMPT_KEYS  # where a JSONL/JSON object holds its prompt (the one prompt-file reader's keys)
 
 # heretic 1.4.0's default refusal markers (a list of words; matched as substrings, case-insensitive)
 REFUSAL_MARKERS = (
@@ -94,40 +103,29 @@ def load_prompts(src) -> list[str]:
     if isinstance(src, str) and src in BUILTIN_SETS:
         kind, split = src.split(":")
         src = DATA_DIR / f"{kind}_{split}.txt"
+    if isinstance(src, bytes) or not isinstance(src, (str, os.PathLike)):
+        raise InputError(
+            f"prompts must be a list of strings, a prompt file path or one of {', '.join(BUILTIN_SETS)}, "
+            f"got {type(src).__name__}",
+            param="prompts",
+        )
     path = Path(src)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(
             f"prompt file {path} does not exist; pass a .txt (one prompt a line) or .jsonl file, "
-            f"or one of {', '.join(BUILTIN_SETS)}"
+            f"or one of {', '.join(BUILTIN_SETS)}",
+            param="prompts",
         )
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out: list[str] = []
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(
-                    f"{path}:{n}: not valid JSON ({e.msg}); write one JSON string or object a line"
-                ) from None
-            if isinstance(obj, dict):
-                key = next((k for k in JSONL_KEYS if isinstance(obj.get(k), str)), None)
-                if key is None:
-                    raise InputError(
-                        f"{path}:{n}: the object has none of the keys {', '.join(JSONL_KEYS)}; "
-                        "put the prompt under one of them"
-                    )
-                obj = obj[key]
-            if not isinstance(obj, str) or not obj.strip():
-                raise InputError(f"{path}:{n}: expected a non-empty string or an object with a prompt")
-            out.append(obj)
-    else:
-        out = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not out:
-        raise InputError(f"prompt file {path} holds no prompts; write one prompt a line")
-    return out
+    return [r.text for r in read_prompt_file(path, error=InputError, what="prompt file", strip=True)]
+
+
+register_loader(
+    "prompts",
+    load_prompts,
+    kind="file",
+    files=(".txt", ".jsonl", ".json"),
+    sample=lambda: {"prompts.txt": b"How do I make tea?\n"},
+)
 
 
 def prompts_sha256(prompts: Sequence[str]) -> str:
@@ -143,7 +141,7 @@ def chat(prompts, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> list[lis
     return [list(p) if is_messages(p) else sys_msg + [{"role": "user", "content": p}] for p in prompts]
 
 
-def chat_tokens(model, prompts, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT):
+def chat_tokens(model: HookedLlama, prompts, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT):
     """(tokens [B, P], attention_mask [B, P]) of the chat-formatted prompts, left-padded, on the model's device."""
     tokens, mask = model.tokenize(chat(prompts, system_prompt))
     return tokens.to(model.device), mask.to(model.device)
@@ -162,7 +160,7 @@ def is_refusal(response: str, markers: Sequence[str] = REFUSAL_MARKERS) -> bool:
 
 
 def generate_responses(
-    model,
+    model: HookedLlama,
     prompts,
     *,
     max_new_tokens: int = 100,
@@ -172,11 +170,12 @@ def generate_responses(
 ) -> list[str]:
     """Greedy chat responses (the new text only), in batches, with ``fwd_hooks`` active."""
     msgs = chat(prompts, system_prompt)
-    out: list[str] = []
+    batches = list(_batches(len(msgs), batch_size))
+    mine: list[list[str]] = []  # under torchrun: this rank's block of batches; every rank gets all responses
     with model.hooks(fwd_hooks=list(fwd_hooks)), torch.no_grad():
-        for sl in _batches(len(msgs), batch_size):
-            out += model.generate(msgs[sl], max_new_tokens=max_new_tokens, return_type="completion")
-    return out
+        for i in dist.shard(len(batches)):
+            mine.append(model.generate(msgs[batches[i]], max_new_tokens=max_new_tokens, return_type="completion"))
+    return [r for part in dist.gather_blocks(mine) for r in part]
 
 
 @dataclass
@@ -240,7 +239,7 @@ class RefusalRate(AnalysisResult):
 
 
 def refusal_rate(
-    model,
+    model: HookedLlama,
     prompts,
     *,
     markers: Sequence[str] | None = None,
@@ -260,29 +259,86 @@ def refusal_rate(
 
     Example: ``refusal_rate(model, load_prompts("harmful:eval")).count``.
     """
-    prompts = load_prompts(prompts)
-    markers = list(REFUSAL_MARKERS if markers is None else markers)
-    if not markers or not all(isinstance(m, str) and m for m in markers):
-        raise InputError("markers must be a non-empty list of non-empty strings")
-    responses = generate_responses(
-        model,
-        prompts,
+    scorer = RefusalScorer(
+        markers=REFUSAL_MARKERS if markers is None else markers,
         max_new_tokens=max_new_tokens,
         system_prompt=system_prompt,
         batch_size=batch_size,
-        fwd_hooks=fwd_hooks,
     )
-    return RefusalRate(
-        prompts, responses, [is_refusal(r, markers) for r in responses], max_new_tokens, system_prompt, markers
-    )
+    return scorer(model, prompts, fwd_hooks=fwd_hooks)
+
+
+@dataclass(frozen=True)
+class RefusalScorer:
+    """The refusal scorer as an object (what ``refusal_rate`` runs, and what ``surgery.abliterate`` scores its
+    trials and confirmations with): greedy chat answers of ``max_new_tokens`` tokens, a refusal when the
+    answer is empty or holds one of ``markers`` (heretic's by default).
+
+    Example: ``RefusalScorer(max_new_tokens=16)(model, load_prompts("harmful:eval")).count``.
+    """
+
+    markers: Sequence[str] = REFUSAL_MARKERS
+    max_new_tokens: int = 100
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.markers, str) or not self.markers or not all(isinstance(m, str) and m for m in self.markers):
+            raise InputError("markers must be a non-empty list of non-empty strings", param="markers")
+        object.__setattr__(self, "markers", tuple(self.markers))
+
+    def __call__(self, model: HookedLlama, prompts, *, fwd_hooks=()) -> RefusalRate:
+        """How many of ``prompts`` (anything ``load_prompts`` takes) ``model`` refuses, ``fwd_hooks`` active."""
+        prompts = load_prompts(prompts)
+        responses = generate_responses(
+            model,
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            system_prompt=self.system_prompt,
+            batch_size=self.batch_size,
+            fwd_hooks=fwd_hooks,
+        )
+        return RefusalRate(
+            prompts,
+            responses,
+            [is_refusal(r, self.markers) for r in responses],
+            self.max_new_tokens,
+            self.system_prompt,
+            list(self.markers),
+        )
 
 
 # --------------------------------------------------------------------------- KL
-def kl_rows(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> torch.Tensor:
-    """KL(base ‖ edited) over the last dim, in float64: [..., V] -> [...]."""
-    p = base_logits.double().log_softmax(-1)
-    q = edited_logits.double().log_softmax(-1)
-    return (p.exp() * (p - q)).sum(-1)
+class FirstTokenKL:
+    """The KL scorer of an edit search: KL(base ‖ edited) of the first generated token on chat ``prompts``,
+    the mean over prompts (heretic's harmless measure; ``analyses.divergence.kl_rows``, float64).
+
+    The unedited distributions and the residual stream entering every layer are computed once, at
+    construction (all prompts in one left-padded batch); ``scorer(start)`` then runs the model as it is now
+    (an edit applied) from the cached ``blocks.{start}.hook_resid_pre``, which is exact when no layer
+    before ``start`` is edited.
+
+    Example::
+
+        kl = FirstTokenKL(model, load_prompts("harmless:eval"))
+        with edit.applied(model):
+            kl(start=first_edited_layer)
+    """
+
+    def __init__(self, model: HookedLlama, prompts, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> None:
+        self.model = model
+        tokens, self.mask = chat_tokens(model, load_prompts(prompts), system_prompt)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(
+                tokens, attention_mask=self.mask, names_filter=lambda n: n.endswith("hook_resid_pre")
+            )
+            self.base_logp = model(tokens, attention_mask=self.mask)[:, -1].double().log_softmax(-1)
+        self.resid = [cache[f"blocks.{i}.hook_resid_pre"] for i in range(model.n_layers)]
+
+    def __call__(self, start: int = 0) -> float:
+        with torch.no_grad():
+            logits = self.model(self.resid[start], attention_mask=self.mask, start_at_layer=start)[:, -1]
+            return float(kl_rows(self.base_logp, logits).mean())
 
 
 @dataclass
@@ -322,7 +378,7 @@ class PromptKL(AnalysisResult):
         return fig
 
 
-def _logits(model, tokens, mask, fwd_hooks, edited):
+def _logits(model: HookedLlama, tokens, mask, fwd_hooks, edited):
     with torch.no_grad():
         if edited is not None:
             return edited(tokens, attention_mask=mask)
@@ -331,7 +387,7 @@ def _logits(model, tokens, mask, fwd_hooks, edited):
 
 
 def prompt_kl(
-    model,
+    model: HookedLlama,
     prompts,
     *,
     fwd_hooks=(),
@@ -355,7 +411,8 @@ def prompt_kl(
     prompts = load_prompts(prompts)
     msgs = chat(prompts, system_prompt)
     per, counts = [], []
-    for sl in _batches(len(msgs), batch_size):
+    batches = list(_batches(len(msgs), batch_size))
+    for sl in [batches[i] for i in dist.shard(len(batches))]:  # this rank's block (torchrun), gathered below
         tokens, mask = model.tokenize(msgs[sl])
         tokens, mask = tokens.to(model.device), mask.to(model.device)
         if where == "first":
@@ -381,7 +438,9 @@ def prompt_kl(
         n = keep.sum(1).clamp_min(1)
         per.append(kl.sum(1) / n)
         counts += n.tolist()
-    return PromptKL(prompts, torch.cat(per).cpu(), where, counts)
+    per = [p.cpu() for p in dist.gather_blocks([t.cpu() for t in per])]
+    counts = dist.gather_blocks(counts)
+    return PromptKL(prompts, torch.cat(per), where, counts)
 
 
 # --------------------------------------------------------------------------- directions
@@ -413,7 +472,9 @@ class RefusalDirections(AnalysisResult):
         return self.directions.shape[0]
 
     def best_layer(self) -> int:
-        """The layer with the largest separation."""
+        """The layer with the largest separation. Separation is not efficacy: the best-separated layer
+        can be one whose direction changes nothing when ablated (layer 29 on SmolLM2-135M); choose the
+        layer by what ablating it does with ``select_direction``."""
         return int(self.separation.argmax())
 
     def direction(self, index: float) -> torch.Tensor:
@@ -475,7 +536,7 @@ class RefusalDirections(AnalysisResult):
 
 
 def residuals(
-    model,
+    model: HookedLlama,
     prompts,
     positions: Sequence[int] = (-1,),
     *,
@@ -487,7 +548,7 @@ def residuals(
     msgs = chat(load_prompts(prompts), system_prompt)
     names = [act_name("resid_post", i) for i in range(model.n_layers)]
     pos = list(positions)
-    out = []
+    out, read_norms, refs = [], [], []
     for sl in _batches(len(msgs), batch_size):
         tokens, mask = model.tokenize(msgs[sl])
         if any(not -tokens.shape[1] <= p < 0 for p in pos) or any(-p > int(mask.sum(1).min()) for p in pos):
@@ -499,11 +560,38 @@ def residuals(
                 tokens.to(model.device), attention_mask=mask.to(model.device), names_filter=names
             )
         out.append(torch.stack([cache[n][:, pos].float().mean(1) for n in names], 1).cpu())
+        unread = mask.bool().clone()
+        unread[:, pos] = False
+        norms = [cache[n].float().norm(dim=-1).cpu() for n in names]  # L × [B, P]
+        read_norms.append(torch.stack([x[:, pos] for x in norms], 1))  # [B, L, len(pos)]
+        refs.append(torch.tensor([reference_norm(model, n, x, unread) for n, x in zip(names, norms)]))
+    read, ref = torch.cat(read_norms), torch.stack(refs).median(0).values[None, :, None]
+    hot = sorted({int(i) for i in (read > RATIO * ref).nonzero()[:, 1]})
+    if hot:
+        warn_if_massive(
+            "refusal_directions",
+            f"resid_post of layer{'s' if len(hot) > 1 else ''} {_spans(hot)}",
+            read,
+            ref,
+            "those layers' directions measure that token's outlier; read other positions (positions=) "
+            "or choose the layer by ablation effect (select_direction), not by separation",
+            stacklevel=4,
+        )
     return torch.cat(out)
 
 
+def _spans(layers: list[int]) -> str:
+    """``[2, 3, 4, 15]`` → ``"2–4, 15"``."""
+    out, start = [], layers[0]
+    for a, b in zip(layers, layers[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}–{a}")
+            start = b
+    return ", ".join(out)
+
+
 def refusal_directions(
-    model,
+    model: HookedLlama,
     harmful,
     harmless,
     *,
@@ -578,7 +666,9 @@ def check_whiten(whiten) -> None:
     if whiten is not None and (
         isinstance(whiten, bool) or not isinstance(whiten, (int, float)) or not math.isfinite(whiten) or whiten <= 0
     ):
-        raise InputError(f"whiten must be a positive shrinkage (e.g. 30) or None, got {whiten!r}")
+        raise InputError(
+            f"{arg('whiten')} must be a positive shrinkage (e.g. 30) or None, got {whiten!r}", param="whiten"
+        )
 
 
 def _whitened(diff: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tensor:
@@ -594,129 +684,261 @@ def _whitened(diff: torch.Tensor, keep: torch.Tensor, lam: float) -> torch.Tenso
     return out
 
 
-# --------------------------------------------------------------------------- search result
+# --------------------------------------------------------------------------- choosing the layer
+# select_direction's KL guard. Arditi et al. use 0.1 on 1.8B–72B models; on SmolLM2-135M ablating any layer's
+# direction everywhere moves the harmless first tokens by 0.06 or more, and the layers whose ablation removes
+# refusals cost 0.4–1.7, so 0.1 would keep only layers that change nothing (docs/analyses.md, "Refusal").
+KL_MAX = 0.5
+
+
+def ablation_hooks(model: HookedLlama, direction: torch.Tensor) -> list:
+    """Hooks projecting the unit ``direction`` out of the residual stream everywhere: ``resid_pre`` and
+    ``resid_mid`` of every layer and the last ``resid_post`` (Arditi et al.'s directional ablation,
+    ``x ← x − (x·r̂) r̂`` at every position), the run-time form of ``surgery.Orthogonalize``."""
+    unit = direction.detach().double()
+    unit = unit / unit.norm()
+
+    def project(t: torch.Tensor, hook) -> torch.Tensor:
+        r = unit.to(t.device, t.dtype)
+        return t - (t @ r)[..., None] * r
+
+    names = [act_name(k, i) for i in range(model.n_layers) for k in ("resid_pre", "resid_mid")]
+    return [(n, project) for n in names + [act_name("resid_post", model.n_layers - 1)]]
+
+
 @dataclass
-class AbliterationResult(AnalysisResult):
-    """What ``surgery.abliterate`` found: every trial, the Pareto front, the chosen edit and plan.
+class DirectionSelection(AnalysisResult):
+    """Each candidate layer's refusal direction, ablated: ``refusals`` [layers] (held-out harmful prompts
+    still refused in a short greedy answer of ``proxy_tokens``), ``kl`` [layers] (first-token KL(base ‖
+    ablated) on held-out harmless prompts), beside ``separation`` [layers]; ``baseline``: refusals
+    unablated; ``chosen``: the layer taken (fewest refusals among those with ``kl <= kl_max``, then the
+    lowest KL), ``guard_met``: whether any candidate met the KL guard."""
 
-    ``trials``: ``[{"trial", "params", "refusal_proxy", "kl", "refusals"}]`` (``refusal_proxy``: refusals
-    in a short greedy answer, ``proxy_tokens`` long; ``refusals``: the confirmed count in
-    ``max_new_tokens``, ``None`` where not generated); ``front``: trial indices on the (short-answer
-    refusals, KL) Pareto front, lowest KL first; ``chosen``: the trial taken; ``edit`` / ``plan``: its
-    ``Abliterate`` edit and a one-edit plan; ``before`` / ``after``: ``RefusalRate`` of the unedited
-    and edited model on the held-out harmful prompts; ``kl``: first-token KL(base ‖ edited) on the
-    held-out harmless prompts; ``provenance``: prompt-set hashes, seed, sampler and the chosen params
-    (for an export manifest; ``params["refined"]`` marks a trial of the refined direction, and
-    ``provenance["refine"]`` holds the refinement's steps, teacher trial, cosine and KLs); ``timings``:
-    seconds.
-    """
-
-    trials: list[dict]
-    front: list[int]
+    layers: list[int]
+    refusals: list[int]
+    kl: list[float]
+    separation: list[float]
+    baseline: int
+    n_harmful: int
+    n_harmless: int
     chosen: int
-    edit: object
-    plan: object
-    directions: RefusalDirections
-    before: RefusalRate
-    after: RefusalRate
-    kl: float
-    provenance: dict
-    timings: dict
+    kl_max: float
+    proxy_tokens: int
+    guard_met: bool
+    directions: RefusalDirections = field(repr=False)
 
-    title = "abliteration search"
+    title = "refusal direction chosen by ablation"
+
+    @property
+    def direction(self) -> torch.Tensor:
+        """The chosen layer's unit direction [M]."""
+        return self.directions.directions[self.chosen].clone()
 
     def rows(self) -> list[dict]:
-        out = []
-        for r in self.trials:
-            row = {
-                "trial": r["trial"],
-                "refusal_proxy": r["refusal_proxy"],
-                "kl": r["kl"],
-                "refusals": r["refusals"],
-                "front": r["trial"] in self.front,
-                "chosen": r["trial"] == self.chosen,
+        return [
+            {
+                "layer": layer,
+                "refusals": r,
+                "kl": k,
+                "separation": sep,
+                "kl_ok": k <= self.kl_max,
+                "chosen": layer == self.chosen,
             }
-            row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in r["params"].items()})
-            out.append(row)
-        return out
+            for layer, r, k, sep in zip(self.layers, self.refusals, self.kl, self.separation)
+        ]
 
     def top_rows(self, n: int = 10) -> list[dict]:
-        rows = self.rows()
-        return [rows[i] for i in self.front][:n]
-
-    def summary(self) -> dict:
-        return {
-            "refusals_before": self.before.count,
-            "refusals_after": self.after.count,
-            "n_eval_harmful": self.after.n,
-            "kl": self.kl,
-            "chosen_trial": self.chosen,
-            "params": self.trials[self.chosen]["params"],
-            "front": self.front,
-            "timings": self.timings,
-            "confirmed": [
-                {"trial": r["trial"], "refusals": r["refusals"], "kl": r["kl"]}
-                for r in self.trials
-                if r["refusals"] is not None
-            ],
-        }
+        return sorted(self.rows(), key=lambda r: (not r["kl_ok"], r["refusals"], r["kl"]))[:n]
 
     def to_dict(self) -> dict:
         return jsonable(
             {
-                **self.summary(),
-                "trials": self.trials,
-                "provenance": self.provenance,
-                "before": self.before.to_dict(),
-                "after": self.after.to_dict(),
+                "chosen": self.chosen,
+                "baseline": self.baseline,
+                "n_harmful": self.n_harmful,
+                "n_harmless": self.n_harmless,
+                "kl_max": self.kl_max,
+                "proxy_tokens": self.proxy_tokens,
+                "guard_met": self.guard_met,
+                "rows": self.rows(),
             }
         )
 
     def figure(self):
-        """Every trial's short-answer refusal count against its KL; the Pareto front joined; confirmed counts labelled."""
+        """Refusals left per ablated layer (bars) and its KL (line), the separation-best layer marked."""
         import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
 
-        xs = [r["kl"] for r in self.trials]
-        ys = [r["refusal_proxy"] for r in self.trials]
-        fig = go.Figure()
-        refined = [bool(r["params"].get("refined")) for r in self.trials]
+        fig = make_subplots(specs=[[{"secondary_y": True}]])
+        colors = ["crimson" if layer == self.chosen else "steelblue" for layer in self.layers]
+        fig.add_trace(go.Bar(x=self.layers, y=self.refusals, name="refusals left", marker_color=colors))
         fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                mode="markers",
-                name="trials (◆ refined direction)",
-                marker=dict(color="lightgray", size=8, symbol=["diamond" if f else "circle" for f in refined]),
-                hovertext=[f"trial {r['trial']}" + (" (refined)" if f else "") for r, f in zip(self.trials, refined)],
-            )
+            go.Scatter(x=self.layers, y=self.kl, mode="lines+markers", name="KL on harmless"), secondary_y=True
         )
-        fig.add_trace(
-            go.Scatter(
-                x=[xs[i] for i in self.front],
-                y=[ys[i] for i in self.front],
-                mode="lines+markers+text",
-                name="Pareto front",
-                text=[
-                    ("" if self.trials[i]["refusals"] is None else f"{self.trials[i]['refusals']}/{self.after.n}")
-                    for i in self.front
-                ],
-                textposition="top center",
-            )
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=[xs[self.chosen]],
-                y=[ys[self.chosen]],
-                mode="markers",
-                name="chosen",
-                marker=dict(symbol="star", size=16, color="crimson"),
-            )
+        best_sep = self.layers[max(range(len(self.layers)), key=lambda i: self.separation[i])]
+        label = dict(annotation_bgcolor="rgba(255,255,255,0.85)", annotation_font_size=11)  # readable over a bar
+        fig.add_vline(x=best_sep, line_dash="dot", annotation_text="best separation", **label)
+        fig.add_hline(y=self.kl_max, line_dash="dash", secondary_y=True)
+        fig.add_annotation(  # by hand: add_hline places its label on the primary axis' scale
+            text="KL guard",
+            x=1,
+            xref="x domain",
+            xanchor="right",
+            y=self.kl_max,
+            yref="y2",
+            yanchor="bottom",
+            showarrow=False,
+            bgcolor=label["annotation_bgcolor"],
+            font_size=11,
         )
         fig.update_layout(
             title=dict(
-                text=f"abliteration: refusals {self.before.count}→{self.after.count}/{self.after.n}, KL {self.kl:.4f}"
+                text=f"refusal direction ablated per layer: {self.baseline}/{self.n_harmful} refusals unablated; "
+                f"chosen: layer {self.chosen} (red)"
             ),
-            xaxis=dict(title=dict(text="first-token KL(base ‖ edited) on harmless prompts"), type="log"),
-            yaxis=dict(title=dict(text="refusals in a short greedy answer")),
+            xaxis=dict(title=dict(text="layer of the direction"), tickmode="array", tickvals=self.layers),
         )
+        fig.update_yaxes(title_text=f"refusals of {self.n_harmful}", secondary_y=False, rangemode="tozero")
+        fig.update_yaxes(title_text="first-token KL (nats)", secondary_y=True, rangemode="tozero")
         return fig
+
+
+def select_direction(
+    model: HookedLlama,
+    directions: RefusalDirections,
+    harmful,
+    harmless,
+    *,
+    layers: Sequence[int] | None = None,
+    kl_max: float = KL_MAX,
+    max_layer_fraction: float = 0.8,
+    proxy_tokens: int = 16,
+    markers: Sequence[str] | None = None,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    batch_size: int = 32,
+) -> DirectionSelection:
+    """Choose the refusal direction's layer by what ablating it does (Arditi et al. 2024), not by separation.
+
+    For each candidate layer, its direction is projected out of the residual stream everywhere
+    (``ablation_hooks``); the refusals left on the held-out ``harmful`` prompts (greedy, ``proxy_tokens``
+    new tokens, marker scorer) and the first-token KL(base ‖ ablated) on the held-out ``harmless``
+    prompts are measured. The chosen layer has the fewest refusals among the layers whose KL is at most
+    ``kl_max`` (ties: the lower KL); when none meets the guard, the fewest refusals overall, with a warning,
+    and a warning too when no layer within the guard removes a refusal while others do (``KL_MAX``).
+
+    Args:
+        directions: ``refusal_directions(...)`` built on *other* prompts (a training split).
+        harmful, harmless: held-out prompts (anything ``load_prompts`` takes).
+        layers: candidates (default: the layers below ``max_layer_fraction`` × n_layers, as Arditi et al.:
+            directions near the unembedding act on the output tokens, not on the decision to refuse).
+
+    Example::
+
+        dirs = refusal_directions(model, load_prompts("harmful:train"), load_prompts("harmless:train"))
+        sel = select_direction(model, dirs, load_prompts("harmful:eval")[:16], load_prompts("harmless:eval")[:16])
+        sel.chosen, sel.direction, sel.figure()
+    """
+    import warnings
+
+    n = directions.n_layers
+    if layers is None:
+        layers = list(range(max(1, int(max_layer_fraction * n))))
+    layers = [int(x) % n if -n <= int(x) < n else int(x) for x in layers]
+    if not layers or any(not 0 <= x < n for x in layers):
+        raise InputError(f"layers must be a non-empty list of layers in 0..{n - 1}, got {layers}", param="layers")
+    if isinstance(kl_max, bool) or not isinstance(kl_max, (int, float)) or not kl_max > 0:
+        raise InputError(f"kl_max must be a positive number of nats, got {kl_max!r}", param="kl_max")
+    harmful, harmless = load_prompts(harmful), load_prompts(harmless)
+    markers = list(REFUSAL_MARKERS if markers is None else markers)
+    kw = dict(markers=markers, max_new_tokens=proxy_tokens, system_prompt=system_prompt, batch_size=batch_size)
+    baseline = refusal_rate(model, harmful, **kw).count
+    base = []
+    for sl in _batches(len(harmless), batch_size):
+        tokens, mask = chat_tokens(model, harmless[sl], system_prompt)
+        with torch.no_grad():
+            base.append((tokens, mask, model(tokens, attention_mask=mask)[:, -1]))
+    refusals, kls = [], []
+    for layer in layers:
+        hooks = ablation_hooks(model, directions.directions[layer])
+        refusals.append(refusal_rate(model, harmful, fwd_hooks=hooks, **kw).count)
+        per = [kl_rows(b, _logits(model, t, m, hooks, None)[:, -1]) for t, m, b in base]
+        kls.append(float(torch.cat(per).mean()))
+    ok = [i for i in range(len(layers)) if kls[i] <= kl_max]
+    pool = ok or list(range(len(layers)))
+    best = min(pool, key=lambda i: (refusals[i], kls[i]))
+    if not ok:
+        warnings.warn(
+            f"no candidate layer's ablation kept the KL on the harmless prompts within kl_max={kl_max} "
+            f"(lowest {min(kls):.3g}); took layer {layers[best]} anyway: raise kl_max or try other layers",
+            stacklevel=2,
+        )
+    elif refusals[best] >= baseline and min(refusals) < baseline:
+        warnings.warn(
+            f"no layer within kl_max={kl_max} removes a refusal ({baseline} of {len(harmful)} either way); the layers "
+            f"that do cost a KL of {min(k for r, k in zip(refusals, kls) if r < baseline):.3g} or more: raise kl_max",
+            stacklevel=2,
+        )
+    return DirectionSelection(
+        layers=layers,
+        refusals=refusals,
+        kl=kls,
+        separation=[float(directions.separation[x]) for x in layers],
+        baseline=baseline,
+        n_harmful=len(harmful),
+        n_harmless=len(harmless),
+        chosen=layers[best],
+        kl_max=float(kl_max),
+        proxy_tokens=proxy_tokens,
+        guard_met=bool(ok),
+        directions=directions,
+    )
+
+
+# --------------------------------------------------------------------------- a search's trials
+def search_figure(
+    trials: list[dict], front: list[int], chosen: int, before: RefusalRate, after: RefusalRate, kl: float
+):
+    """Every trial's short-answer refusal count against its KL (``trials``: ``[{"trial", "params",
+    "refusal_proxy", "kl", "refusals"}]``), the Pareto front ``front`` joined with its confirmed counts,
+    the ``chosen`` trial starred: the figure of ``surgery.abliterate``'s result."""
+    import plotly.graph_objects as go
+
+    xs = [r["kl"] for r in trials]
+    ys = [r["refusal_proxy"] for r in trials]
+    fig = go.Figure()
+    refined = [bool(r["params"].get("refined")) for r in trials]
+    fig.add_trace(
+        go.Scatter(
+            x=xs,
+            y=ys,
+            mode="markers",
+            name="trials (◆ refined direction)",
+            marker=dict(color="lightgray", size=8, symbol=["diamond" if f else "circle" for f in refined]),
+            hovertext=[f"trial {r['trial']}" + (" (refined)" if f else "") for r, f in zip(trials, refined)],
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[xs[i] for i in front],
+            y=[ys[i] for i in front],
+            mode="lines+markers+text",
+            name="Pareto front",
+            text=[("" if trials[i]["refusals"] is None else f"{trials[i]['refusals']}/{after.n}") for i in front],
+            textposition="top center",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=[xs[chosen]],
+            y=[ys[chosen]],
+            mode="markers",
+            name="chosen",
+            marker=dict(symbol="star", size=16, color="crimson"),
+        )
+    )
+    fig.update_layout(
+        title=dict(text=f"abliteration: refusals {before.count}→{after.count}/{after.n}, KL {kl:.4f}"),
+        xaxis=dict(title=dict(text="first-token KL(base ‖ edited) on harmless prompts"), type="log"),
+        yaxis=dict(title=dict(text="refusals in a short greedy answer")),
+    )
+    return fig

@@ -79,7 +79,7 @@ class AnalysisResult:
         """A JSON-serialisable dict of the whole result."""
         raise NotImplementedError
 
-    def figure(self, **kwargs):
+    def figure(self, *args: Any, **kwargs: Any) -> Any:  # subclasses name their own options
         """A ``plotly.graph_objects.Figure``."""
         raise NotImplementedError
 
@@ -100,12 +100,16 @@ class AnalysisResult:
         """In Jupyter: the figure through plotly's own renderer (works offline), then the top rows."""
         from IPython.display import HTML, display
 
-        display(self.figure())
+        from .plotting import tidy
+
+        display(tidy(self.figure()))
         display(HTML(f"<p><b>{html.escape(self.title)}</b>: top rows</p>" + rows_to_html(self.top_rows())))
 
     def _repr_html_(self) -> str:
         """For HTML front ends other than Jupyter (plotly.js from its CDN, to keep the page small)."""
-        fig = self.figure()
+        from .plotting import tidy
+
+        fig = tidy(self.figure())
         return (
             fig.to_html(full_html=False, include_plotlyjs="cdn")
             + f"<p><b>{html.escape(self.title)}</b>: top rows</p>"

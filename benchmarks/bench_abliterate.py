@@ -82,7 +82,7 @@ def behaviour_files(work: Path) -> tuple[Path, Path]:
     if not (bad.exists() and good.exists()):
         from analyses.refusal import load_prompts
         from hooks import HookedLlama
-        from surgery.refusal_search import behaviour_split
+        from surgery.abliteration import behaviour_split
 
         refused, answered, _ = behaviour_split(
             HookedLlama.default(),
@@ -98,7 +98,7 @@ def behaviour_files(work: Path) -> tuple[Path, Path]:
 
 def run_heretic(exe: Path, model_dir: Path, work: Path, trials: int, seed: int, split: str) -> dict:
     """heretic with our sampler's start-up share (``startup_trials``), in ``work/heretic``."""
-    from surgery.refusal_search import startup_trials
+    from surgery.abliteration import startup_trials
 
     cwd = work / "heretic"
     cwd.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ Texts: paragraphs of the Python standard library's docstrings (English technical
 machine with Python, no download); every 10th paragraph is held out for the evaluation.
 
     python benchmarks/bench_sae_train.py --out /tmp/sae-bench     # prints a JSON line of numbers
+    python benchmarks/bench_sae_train.py --device cuda --dtype bfloat16 --steps 2000   # one GPU (gpu_check.sh)
+    python benchmarks/bench_sae_train.py --transcoder --architecture jumprelu           # an MLP transcoder
 """
 
 from __future__ import annotations
@@ -57,19 +59,34 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="the model's dtype (default: the checkpoint's)")
+    ap.add_argument("--architecture", default="topk", choices=["topk", "jumprelu"])
+    ap.add_argument("--l0-coef", type=float, default=2e-3)
+    ap.add_argument("--transcoder", action="store_true", help="the layer's MLP transcoder instead of a residual SAE")
+    ap.add_argument("--cache-to-disk", action="store_true", help="harvest once to <out>.acts and train from it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model = HookedLlama.default()
+    model = HookedLlama.default(device=args.device, dtype=args.dtype)
     paras = stdlib_paragraphs(args.texts)
     train = [p for i, p in enumerate(paras) if i % 10]
     held = [p for i, p in enumerate(paras) if i % 10 == 0]
     hook = f"blocks.{args.layer}.hook_resid_post"
+    out_hook = None
+    if args.transcoder:
+        hook, out_hook = f"blocks.{args.layer}.ln2.hook_normalized", f"blocks.{args.layer}.hook_mlp_out"
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    t_start = time.time()
     res = train_sae(
         model,
         hook,
         train,
         args.out,
+        hook_name_out=out_hook,
+        architecture=args.architecture,
+        l0_coef=args.l0_coef,
+        cache_to_disk=args.cache_to_disk,
         expansion=args.expansion,
         k=args.k,
         steps=args.steps,
@@ -78,14 +95,20 @@ def main() -> None:
         max_tokens=args.max_tokens,
         overwrite=True,
     )
+    sync()
     t_train = time.time() - t0
+    t_loop = time.time() - t_start
     m = sae_metrics(model, res.sae, held, max_tokens=args.max_tokens)
     inl = sae_metrics(model, res.sae, held, max_tokens=args.max_tokens, outlier_ratio=10.0)
     total = time.time() - t0
     print(
         json.dumps(
             {
-                "hook": hook,
+                "hook": hook if out_hook is None else f"{hook} -> {out_hook}",
+                "architecture": args.architecture,
+                "device": str(model.device),
+                "dtype": str(model.dtype).removeprefix("torch."),
+                "amp": model.device.type == "cuda",
                 "d_sae": res.sae.d_sae,
                 "k": args.k,
                 "steps": res.steps,
@@ -104,6 +127,10 @@ def main() -> None:
                 "ce_recovered_without_outliers": round(inl.ce_recovered, 4),
                 "dead": m.dead,
                 "seconds_to_trained": round(t_train),
+                "train_tokens_per_s": round(res.tokens / t_loop),
+                "padding": res.stats["padding"],
+                "harvested_tokens": res.stats["kept"],
+                "cache_to_disk": args.cache_to_disk,
                 "seconds_total": round(total),
             }
         )

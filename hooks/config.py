@@ -11,6 +11,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from _core.readers import Fields
+
 from .errors import LoadError, UnsupportedArchitectureError
 
 # model_type -> the family's own transformers class (the reference for every check)
@@ -190,3 +192,18 @@ def check_config_fields(raw: dict, file) -> None:
             raise bad(key, "an integer >= 1" if key in _POSITIVE_INTS else "a positive number")
         elif not value > 0 or value != value or value in (float("inf"),):
             raise bad(key, "an integer >= 1" if key in _POSITIVE_INTS else "a positive number")
+    fields = Fields(raw, str(file), LoadError, "fix it in config.json")
+    fields.int("sliding_window", None, minimum=1)  # a window of 0 or -5 keys would silently mask everything
+    fields.int("max_window_layers", None, minimum=0)
+    fields.bool("use_sliding_window", None)
+    fields.str("hidden_act", None, choices=SUPPORTED_ACTIVATIONS)
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = fields.mapping(key)
+        rope.str("rope_type", None)
+        rope.str("type", None)
+        rope.number("rope_theta", None, positive=True)
+        if rope.number("factor", None, positive=True) not in (None,) and rope.data["factor"] < 1:
+            raise rope.bad("factor", "a number >= 1")
+        for name in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale"):
+            rope.number(name, None)
+        rope.int("original_max_position_embeddings", None, minimum=1)

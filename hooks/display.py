@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import html
 from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model import HookedLlama
 
 
 def _table(rows, header) -> str:
@@ -14,7 +18,7 @@ def _table(rows, header) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def model_html(model) -> str:
+def model_html(model: HookedLlama) -> str:
     c = model.config
     facts = [
         ("layers", model.n_layers),

@@ -2,11 +2,22 @@
 
 from _core.errors import (
     HookError,
+    InputAssertionError,
     InputError,
     LoadError,
     NonFiniteError,
+    RangeError,
     ScalpelError,
     UnsupportedArchitectureError,
 )
 
-__all__ = ["ScalpelError", "HookError", "InputError", "LoadError", "NonFiniteError", "UnsupportedArchitectureError"]
+__all__ = [
+    "ScalpelError",
+    "HookError",
+    "InputError",
+    "InputAssertionError",
+    "LoadError",
+    "NonFiniteError",
+    "RangeError",
+    "UnsupportedArchitectureError",
+]

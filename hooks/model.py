@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
@@ -22,10 +23,12 @@ from transformers import LlamaConfig
 from transformers.activations import ACT2FN
 
 from . import config as cfg
-from .cache import ActivationCache
+from .cache import ActivationCache, slice_positions
+from .cache_storage import store_for
 from .errors import HookError, InputError
 from .hf_compat import HFSurfaceMixin
 from .hook_points import HookFn, HookHandles, HookPoint, HookRegistry, NameOrFilter, RunContext, describe_filter
+from .placement import execution_device
 from .tl_compat import TransformerLensMixin
 from .tokens import Prepared, TokenizerMixin, prepare_input
 
@@ -105,7 +108,9 @@ class AttentionMask:
         return not self.sdpa_is_causal() and not (self.padding is None and self.q_len == 1)
 
     def additive(self, dtype: torch.dtype, device: torch.device, window: int | None = None) -> torch.Tensor:
-        """[B or 1, 1, P, K] with 0 where attention is allowed and finfo.min elsewhere (never -inf).
+        """[B or 1, 1, P, K] with 0 where attention is allowed and -inf elsewhere (as TransformerLens shows
+        ``hook_attn_scores``; the softmax is the same as with HF's finfo.min), except in a row with no allowed
+        key (a padding query), which takes finfo.min, as HF, so its softmax is uniform rather than NaN.
 
         With a sliding ``window``, query i sees keys i - window < j <= i (cache indices, as HF)."""
         window = self.effective_window(window)
@@ -120,9 +125,16 @@ class AttentionMask:
             allowed = allowed[None, None]
             if self.padding is not None:
                 allowed = allowed & self.padding.to(device)[:, None, None, :]
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-            self._built[key] = mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+            value = functools.partial(torch.full, (), dtype=dtype, device=device)
+            blocked = torch.where(allowed.any(-1, keepdim=True), value(float("-inf")), value(torch.finfo(dtype).min))
+            self._built[key] = torch.where(allowed, value(0.0), blocked)
         return self._built[key]
+
+
+def _keys_held(mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The mask's first K key columns when this layer's KV cache holds fewer keys than the call's positions
+    (its forward was skipped on an earlier step, e.g. by nnsight's ``skip``), as transformers slices it."""
+    return mask if mask.shape[-1] == k.shape[2] else mask[..., : k.shape[2]]
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -207,7 +219,10 @@ class Attention(nn.Module):
     def needs_eager(self) -> bool:
         return self.hook_attn_scores.active or self.hook_pattern.active
 
-    def forward(self, x: torch.Tensor, cos, sin, mask: AttentionMask, kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos, sin, mask: AttentionMask, kv_cache=None) -> tuple[torch.Tensor, None]:
+        """(attention output [B, P, M], None): transformers' ``(attn_output, attn_weights)`` with the weights left
+        out as under SDPA (module-level tools such as nnsight read ``self_attn.output[0]``); the pattern is at
+        ``hook_pattern``."""
         B, P, _ = x.shape
         q = self.hook_q(self.q_proj(x).view(B, P, self.n_heads, self.head_dim))
         k = self.hook_k(self.k_proj(x).view(B, P, self.n_kv_heads, self.head_dim))
@@ -221,10 +236,10 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, G, K, D]
         window = self.sliding_window
         if self.needs_eager:
-            m = mask.additive(q.dtype, q.device, window)
+            m = _keys_held(mask.additive(q.dtype, q.device, window), k)
             z = eager_attention(q, k, v, m, self.scaling, self.hook_attn_scores, self.hook_pattern)
         elif mask.needed_by_sdpa(window):
-            m = mask.additive(q.dtype, q.device, window)
+            m = _keys_held(mask.additive(q.dtype, q.device, window), k)
             z = F.scaled_dot_product_attention(
                 q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), attn_mask=m, scale=self.scaling
             )
@@ -237,8 +252,8 @@ class Attention(nn.Module):
             w = self.o_proj.weight.view(-1, self.n_heads, self.head_dim)  # [M, H, D]
             result = self.hook_result(torch.einsum("bphd,mhd->bphm", z, w))  # [B, P, H, M]
             out = result.sum(dim=2)
-            return out if self.o_proj.bias is None else out + self.o_proj.bias
-        return self.o_proj(z.reshape(B, P, self.n_heads * self.head_dim))
+            return (out if self.o_proj.bias is None else out + self.o_proj.bias), None
+        return self.o_proj(z.reshape(B, P, self.n_heads * self.head_dim)), None
 
 
 class MLP(nn.Module):
@@ -292,7 +307,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask: AttentionMask, kv_cache=None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache))
+        attn_out = self.hook_attn_out(self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)[0])
         x = self.hook_resid_mid(x + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.post_attention_layernorm(x)))
         return self.hook_resid_post(x + mlp_out)
@@ -335,6 +350,9 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
             self.lm_head.weight = self.model.embed_tokens.weight
         self.hook_embed = HookPoint("hook_embed")  # [B, P, M]
         self.hook_logits = HookPoint("hook_logits")  # [B, P, V]
+        # edit state (see "edit state" below): what surgery changed in these weights, and its undo journals
+        self.edit_history: list[dict[str, Any]] = []
+        self.edit_journals: list[Any] = []
         self._index_hooks()
 
     # ----------------------------------------------------------------- construction helpers
@@ -379,20 +397,77 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         device=None,
         allow_pickle: bool = False,
         device_map=None,
+        max_memory=None,
+        check_weights: bool = True,
     ) -> "HookedLlama":
-        """Load a local HF directory, a hub id already in the HF cache (offline), or a ``.gguf`` file."""
+        """Load a local HF directory, a hub id already in the HF cache (offline), or a ``.gguf`` file.
+
+        ``dtype`` defaults to the checkpoint's (as transformers 5; ``"auto"`` says the same). The model is
+        built on the meta device and each tensor read once, straight onto its device in ``dtype``.
+        ``device_map``: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` (accelerate's
+        map within ``max_memory``, e.g. ``{0: "70GiB", "cpu": "100GiB"}``, offloading to the CPU and disk
+        when the weights do not fit), one device, or a dict of HF module names to devices (``"disk"``
+        offload reads from the checkpoint's safetensors files). ``check_weights=False`` skips the
+        finiteness check (one fused min/max per tensor on its device).
+        """
         from .loading import load_pretrained
 
         return load_pretrained(
-            cls, path_or_id, dtype=dtype, device=device, allow_pickle=allow_pickle, device_map=device_map
+            cls,
+            path_or_id,
+            dtype=dtype,
+            device=device,
+            allow_pickle=allow_pickle,
+            device_map=device_map,
+            max_memory=max_memory,
+            check_weights=check_weights,
         )
 
     @classmethod
-    def from_hf(cls, hf_model, tokenizer=None) -> "HookedLlama":
-        """Wrap a live ``LlamaForCausalLM``: the two models share their weight tensors (no copy)."""
+    def from_hf(cls, hf_model, tokenizer=None, *, check_weights: bool = True) -> "HookedLlama":
+        """Wrap a live ``LlamaForCausalLM``: the two models share their weight tensors (no copy). A model
+        loaded with a ``device_map`` keeps its placement and offload (nothing is read again); only tensors
+        in memory are checked for finiteness (``check_weights=False``: none)."""
         from .loading import wrap_hf
 
-        return wrap_hf(cls, hf_model, tokenizer)
+        return wrap_hf(cls, hf_model, tokenizer, check=check_weights)
+
+    @classmethod
+    def plan(
+        cls,
+        config_or_dir,
+        *,
+        max_memory=None,
+        dtype: torch.dtype | str | None = None,
+        device_map="auto",
+        batch: int = 1,
+        positions: int = 2048,
+        names: NameOrFilter | Iterable[str] | None = None,
+    ):
+        """Where each layer would go and what it would take, before loading anything: weights per device,
+        the KV cache and caching ``names`` (default: everything ``run_with_cache`` caches) for ``batch`` ×
+        ``positions`` tokens. ``config_or_dir``: a config, or a checkpoint directory / cached hub id (its
+        config.json and safetensors headers only). Returns a ``MemoryPlan`` (``print`` it, or ``to_dict()``)."""
+        from .plan import plan
+
+        return plan(
+            cls,
+            config_or_dir,
+            max_memory=max_memory,
+            dtype=dtype,
+            device_map=device_map,
+            batch=batch,
+            positions=positions,
+            names=names,
+        )
+
+    def onloaded(self, *names: str, writes: bool = False):
+        """Context manager: the offloaded weights of modules ``names`` (HF names, e.g. ``"model.layers.3"``;
+        all when none) are real tensors inside the block; with ``writes``, what the block changes in them
+        is kept. Does nothing for a model without offloaded layers (see ``hooks.placement``)."""
+        from .placement import onloaded
+
+        return onloaded(self, *names, writes=writes)
 
     @classmethod
     def default(cls, *, dtype: torch.dtype | str | None = None, device=None) -> "HookedLlama":
@@ -438,7 +513,8 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        """Where inputs go: the embeddings' execution device (an offloaded embedding runs on the main device)."""
+        return execution_device(self.model.embed_tokens)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -464,6 +540,7 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         loss_per_token: bool = False,
         padding_side: str | None = None,
         input_ids=None,
+        **generation_kwargs,
     ):
         """Logits [B, P, V] for token ids, a string, a list of strings or chat messages.
 
@@ -474,14 +551,15 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         ``start_at_layer=L`` takes that residual stream [B, P, M] as ``input``. Negative values count
         from the end as a slice of the blocks does (``stop_at_layer=-1`` skips the last block).
         ``prepend_bos`` (text input): add the BOS token (True), drop it (False), or do what
-        ``cfg.default_prepend_bos`` says (None). Batches are left-padded (``padding_side`` must be
-        "left" or None); positions count from each row's first real token.
+        ``cfg.default_prepend_bos`` says (None). Batches of text are left-padded unless ``padding_side``
+        (or ``cfg.default_padding_side``) says "right"; positions count from each row's first real token.
+        Generation arguments (``max_new_tokens``, ``do_sample`` …, which transformers' forward accepts and
+        ignores, and nnsight passes to a trace) are ignored with a warning; any other keyword is an error.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise InputError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         input = _one_input(input, input_ids)
-        if padding_side not in (None, "left"):
-            raise InputError(f"padding_side={padding_side!r}: batches are always left-padded here; pass 'left' or None")
+        _ignore_generation_kwargs(generation_kwargs)
         prep = self._prepare(
             input,
             attention_mask,
@@ -489,6 +567,7 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
             kv_cache=kv_cache,
             resid=start_at_layer is not None,
             prepend_bos=prepend_bos,
+            padding_side=padding_side,
         )
         with self.ctx.running(prep.positions):  # hooks added from inside a hook end with this pass
             x = self._run_layers(prep, start_at_layer, stop_at_layer, kv_cache)
@@ -515,15 +594,15 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         mask = AttentionMask(prep.padding, P, past)
         cos, sin = self.model.rotary_emb(prep.positions, x.dtype)
         for layer in layers[start:stop]:
-            dev = layer.input_layernorm.weight.device
+            dev = execution_device(layer)
             if x.device != dev:  # layers placed on several devices
                 x, cos, sin = x.to(dev), cos.to(dev), sin.to(dev)
             x = layer(x, cos, sin, mask, kv_cache)
         if stop_requested:  # stop_at_layer=n_layers: the final residual stream, before the final norm
             return x
-        x = x.to(self.model.norm.weight.device)
+        x = x.to(execution_device(self.model.norm))
         x = self.model.norm(x)
-        return self.hook_logits(self.lm_head(x.to(self.lm_head.weight.device)))
+        return self.hook_logits(self.lm_head(x.to(execution_device(self.lm_head))))
 
     @staticmethod
     def loss_from_logits(
@@ -540,11 +619,18 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         return (nll * keep).sum() / keep.sum().clamp(min=1)
 
     def _prepare(
-        self, input, attention_mask, position_ids, *, kv_cache=None, resid=False, prepend_bos=None
+        self, input, attention_mask, position_ids, *, kv_cache=None, resid=False, prepend_bos=None, padding_side=None
     ) -> Prepared:
         past = kv_cache.length if kv_cache is not None else 0
         return prepare_input(
-            self, input, attention_mask, position_ids, past_len=past, resid=resid, prepend_bos=prepend_bos
+            self,
+            input,
+            attention_mask,
+            position_ids,
+            past_len=past,
+            resid=resid,
+            prepend_bos=prepend_bos,
+            padding_side=padding_side,
         )
 
     # ----------------------------------------------------------------- hooks
@@ -556,15 +642,22 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
     def hook_dict(self) -> dict[str, HookPoint]:
         return self.hook_registry.points
 
-    def add_hook(self, name: NameOrFilter, fn: HookFn, dir: str = "fwd", is_permanent: bool = False) -> "HookHandles":
+    def add_hook(
+        self,
+        name: NameOrFilter,
+        fn: HookFn,
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> "HookHandles":
         """Attach ``fn`` at a name (or every name a predicate accepts); returns a handle with ``.remove()``.
-        A permanent hook survives ``reset_hooks()`` (but not ``reset_hooks(including_permanent=True)``)."""
+        A permanent hook survives ``reset_hooks()`` (but not ``reset_hooks(including_permanent=True)``);
+        ``prepend`` runs it before the hooks already there; ``level`` tags it for ``reset_hooks(level=…)``."""
         points = self.hook_registry.resolve(name)
         if not points:
             raise HookError(f"hook filter {describe_filter(name)} matched no hook point; see model.hook_names()")
-        handles = [p.add_hook(fn, dir) for p in points]
-        for h in handles:
-            h.permanent = bool(is_permanent)
+        handles = [p.add_hook(fn, dir, is_permanent=is_permanent, level=level, prepend=prepend) for p in points]
         return HookHandles(handles)
 
     def reset_hooks(
@@ -575,15 +668,12 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         level: int | None = None,
     ) -> None:
         """Remove the hooks of ``direction`` ("fwd", "bwd" or "both") from every hook point; permanent
-        ones only with ``including_permanent``. (``clear_contexts`` and ``level`` are accepted for
-        TransformerLens code: hook points here keep no context and hooks have no levels.)"""
+        ones only with ``including_permanent``; with ``level``, only those added with that level.
+        (``clear_contexts`` is accepted for TransformerLens code: hook points here keep no context.)"""
         if direction not in ("fwd", "bwd", "both"):
             raise InputError(f"direction must be 'fwd', 'bwd' or 'both', got {direction!r}")
         for point in self.hook_registry.points.values():
-            handles = (point.fwd_hooks if direction != "bwd" else []) + (point.bwd_hooks if direction != "fwd" else [])
-            for handle in handles:
-                if including_permanent or not handle.permanent:
-                    handle.remove()
+            point.remove_hooks(direction, including_permanent=including_permanent, level=level)
 
     @contextlib.contextmanager
     def hooks(
@@ -641,6 +731,9 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         fwd_hooks=(),
         remove_batch_dim: bool = False,
         return_cache_object: bool = True,
+        pos_slice=None,
+        incl_bwd: bool = False,
+        spill_dir=None,
         **kwargs,
     ) -> tuple[Any, ActivationCache]:
         """(logits, cache) with the activations ``names_filter`` selects (default: every hook point
@@ -648,32 +741,57 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
 
         ``device`` / ``dtype`` move each activation as it is produced (e.g. ``device="cpu"`` keeps GPU
         memory flat). ``remove_batch_dim`` drops a batch of one; ``return_cache_object=False`` gives a dict.
+        ``pos_slice`` keeps those positions of each activation (the query positions of patterns and
+        scores), as TransformerLens does. ``incl_bwd`` (with ``return_type="loss"``) also calls
+        ``backward()`` on the loss and caches each gradient under ``<name>_grad``.
+
+        No autograd graph is kept unless ``incl_bwd`` asks for gradients (the output has no ``grad_fn``).
+        Storage (``hooks.cache_storage``): on a CPU, activations are copied into buffers reused across
+        calls; ``device="cpu"`` from a GPU copies into pinned buffers without waiting; ``device="disk"``
+        spills each layer to a private directory (in ``spill_dir``, default the temp directory) as soon
+        as it is done and memory-maps it back, removed when the cache is gone.
         """
+        if incl_bwd:
+            if kwargs.get("return_type") != "loss" or kwargs.get("loss_per_token"):
+                raise InputError(
+                    "incl_bwd=True calls backward() on the output, which must be the mean loss: pass "
+                    "return_type='loss'",
+                    param="incl_bwd",
+                )
+            if not torch.is_grad_enabled():
+                raise InputError(
+                    "incl_bwd=True needs autograd; run it outside torch.no_grad() / inference_mode", param="incl_bwd"
+                )
         points = self._cache_points(names_filter)
-        store: dict[str, torch.Tensor] = {}
-        last: list = [None, None]  # the tensor saved last (when no other hook could edit it) and its copy
+        store = store_for(device, dtype, self.device, spill_dir)
+        last: list = [None, None]  # the tensor saved last (when no other hook could edit it) and its name
 
         def save(t: torch.Tensor, hook: HookPoint) -> None:
             alone = len(hook.fwd_hooks) == 1  # no other hook here can have edited t in place
             if alone and t is last[0]:  # one tensor at consecutive points (resid_post i / resid_pre i+1)
-                store[hook.name] = last[1]
+                store.alias(hook.name, last[1])
                 return
-            kept = t.detach()
-            if device is not None or dtype is not None:
-                kept = kept.to(device=device, dtype=dtype)
-            store[hook.name] = kept
-            last[:] = [t, kept] if alone else [None, None]
+            store.put(hook.name, slice_positions(t.detach(), hook.name, pos_slice), hook.layer)
+            last[:] = [t, hook.name] if alone else [None, None]
+
+        def save_grad(g: torch.Tensor, hook: HookPoint) -> None:
+            store.put(hook.name + "_grad", slice_positions(g.detach(), hook.name, pos_slice), None)
 
         handles = []
         try:
             with self.hooks(fwd_hooks=fwd_hooks):
                 for point in points:
                     handles.append(point.add_hook(save))
-                out = self(input, *args, **kwargs)
+                    if incl_bwd:
+                        handles.append(point.add_hook(save_grad, "bwd"))
+                with torch.set_grad_enabled(bool(incl_bwd)):  # no autograd graph unless gradients are asked for
+                    out = self(input, *args, **kwargs)
+                if incl_bwd:
+                    out.backward()
         finally:
             for h in handles:
                 h.remove()
-        cache = ActivationCache(store, self)
+        cache = ActivationCache(store.finish(out), self)
         if remove_batch_dim:
             cache = cache.remove_batch_dim()
         return out, (cache if return_cache_object else dict(cache.store))
@@ -716,6 +834,7 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         input_ids=None,
         streamer=None,
         min_new_tokens: int = 0,
+        position_ids=None,
     ):
         """Continue a prompt with a KV cache; active hooks run at every step and see only new positions.
 
@@ -727,7 +846,9 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         ``return_type="completion"`` returns only the new text.
         Token batches may be left-padded with an ``attention_mask``; text batches are padded for you.
         ``input_ids=``, ``min_new_tokens`` (no stop at EOS before it) and a transformers ``streamer``
-        (``put`` / ``end``) are accepted as HF's ``generate`` takes them (nnsight passes them).
+        (``put`` / ``end``) are accepted as HF's ``generate`` takes them (nnsight passes them), and
+        ``position_ids`` when they are the ones the attention mask implies (each row counted from its first
+        real token, as nnsight batches invokes); other positions are refused.
         """
         from .generation import generate
 
@@ -744,7 +865,11 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
             top_p, temperature = given.get("top_p", top_p), given.get("temperature", temperature)
             freq_penalty = given.get("freq_penalty", freq_penalty)
         if padding_side not in (None, "left"):
-            raise InputError(f"padding_side={padding_side!r}: batches are always left-padded here; pass 'left' or None")
+            raise InputError(
+                f"padding_side={padding_side!r}: generate pads batches on the left, so the new tokens follow every "
+                "row's last token; pass 'left' or None",
+                param="padding_side",
+            )
         return generate(
             self,
             input,
@@ -764,7 +889,28 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
             prepend_bos=prepend_bos,
             streamer=streamer,
             min_new_tokens=min_new_tokens,
+            position_ids=position_ids,
         )
+
+    # ----------------------------------------------------------------- edit state
+    # What ``surgery`` changes on a model is declared here, so it is part of the model, not set from outside:
+    # - ``edit_history``: the records (``Edit.to_dict()``) of the edits applied to these weights, oldest first;
+    #   ``surgery.export`` writes them into the manifest. An edit appends its record after it changed the weights.
+    # - ``edit_journals``: the undo journals open on the model (``surgery``'s ``applied()`` contexts and
+    #   all-or-nothing ``apply``), innermost last; an edit saves a tensor's old values in each before writing it.
+    # - ``replace_layers(layers)``: the one way to change the decoder layer list.
+    def replace_layers(self, layers: Iterable[nn.Module]) -> None:
+        """Make ``layers`` the decoder layers: a new list in the model's train/eval mode, ``num_hidden_layers``
+        (and Qwen's per-layer ``layer_types``, for layers taken from this model) updated, hook points renumbered
+        (``blocks.0..N-1``)."""
+        layers = list(layers)
+        index = {id(layer): i for i, layer in enumerate(self.model.layers)}
+        types = getattr(self.config, "layer_types", None)
+        if types and all(id(layer) in index for layer in layers):  # each kept layer keeps its full / sliding attention
+            self.config.layer_types = [types[index[id(layer)]] for layer in layers]
+        self.model.layers = nn.ModuleList(layers).train(self.training)  # a fresh ModuleList starts in training mode
+        self.config.num_hidden_layers = len(layers)
+        self._index_hooks()
 
     # ----------------------------------------------------------------- numerics guard
     @property
@@ -788,6 +934,39 @@ class HookedLlama(TransformerLensMixin, HFSurfaceMixin, TokenizerMixin, nn.Modul
         from .display import model_html
 
         return model_html(self)
+
+
+# generate()'s arguments that transformers' forward accepts and ignores (nnsight passes them to a trace)
+_GENERATION_KWARGS = frozenset(
+    {
+        "max_new_tokens",
+        "min_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "num_beams",
+        "max_length",
+        "stop_at_eos",
+        "eos_token_id",
+        "pad_token_id",
+        "use_cache",
+        "streamer",
+        "generation_config",
+        "repetition_penalty",
+    }
+)
+
+
+def _ignore_generation_kwargs(kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - _GENERATION_KWARGS)
+    if unknown:
+        raise TypeError(f"forward() got unexpected keyword arguments: {', '.join(unknown)}")
+    if kwargs:
+        warnings.warn(
+            f"forward ignores the generation arguments {', '.join(sorted(kwargs))}; call generate to use them",
+            stacklevel=3,
+        )
 
 
 def _one_input(input, input_ids):

@@ -9,22 +9,27 @@ sparse autoencoder spliced by SAELens's ``HookedSAETransformer`` has
 and writes another (a transcoder): it is called as ``module(x_read, x_write)`` at the write point, its
 hook points named under the read point.
 
-The module runs before any hook attached at the write point, so those hooks see its output. Nothing
-here knows what the module computes; ``hooks`` stays free of sparse autoencoders.
+The module runs before any hook attached at the write point, so those hooks see its output. A splice
+acts on the forward passes of the thread that opened the block only (as a ``hooks()`` block does).
+Nothing here knows what the module computes; ``hooks`` stays free of sparse autoencoders.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+import threading
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from .errors import HookError
 from .hook_points import HookHandle, HookPoint, RunContext
 
+if TYPE_CHECKING:
+    from .model import HookedLlama
 
-def _spliced_names(model) -> set:
+
+def _spliced_names(model: HookedLlama) -> set:
     registry = model.hook_registry
     if not hasattr(registry, "spliced"):
         registry.spliced = set()
@@ -32,14 +37,14 @@ def _spliced_names(model) -> set:
 
 
 @contextlib.contextmanager
-def splice(model, hook_name: str, module, *, read: str | None = None):
+def splice(model: HookedLlama, hook_name: str, module, *, read: str | None = None):
     """Context manager: ``module`` replaces the tensor at ``hook_name`` (see the module docstring)."""
     with splice_all(model, [(hook_name, module, read)]):
         yield model
 
 
 @contextlib.contextmanager
-def splice_all(model, entries: Iterable[tuple[str, object, str | None]]):
+def splice_all(model: HookedLlama, entries: Iterable[tuple[str, object, str | None]]):
     """Several splices at once, all undone on exit (also after an exception)."""
     registry = model.hook_registry
     spliced = _spliced_names(model)
@@ -79,12 +84,14 @@ def splice_all(model, entries: Iterable[tuple[str, object, str | None]]):
 
 
 def _attach(point: HookPoint, module, read_point: HookPoint | None) -> list[HookHandle]:
+    """The splice's hooks, owned by this thread: another thread's forward passes never run them."""
+    thread = threading.get_ident()
     if read_point is None:
 
         def run_module(x: torch.Tensor, hook) -> torch.Tensor:
             return module(x)
 
-        handle = HookHandle(point, run_module, "fwd")
+        handle = HookHandle(point, run_module, "fwd", thread=thread)
         point.fwd_hooks.insert(0, handle)  # before any hook already there
         return [handle]
 
@@ -98,8 +105,8 @@ def _attach(point: HookPoint, module, read_point: HookPoint | None) -> list[Hook
             raise HookError(f"{read_point.name} did not run before {point.name}; the read point must come first")
         return module(seen.pop("x"), x)
 
-    remember_handle = HookHandle(read_point, remember, "fwd")
+    remember_handle = HookHandle(read_point, remember, "fwd", thread=thread)
     read_point.fwd_hooks.append(remember_handle)  # after the hooks there: reads what the model passes on
-    handle = HookHandle(point, run_module_read, "fwd")
+    handle = HookHandle(point, run_module_read, "fwd", thread=thread)
     point.fwd_hooks.insert(0, handle)
     return [remember_handle, handle]

@@ -9,11 +9,24 @@
 True
 """
 
+from .ablation import ablation_plan
+from .abliteration import (
+    AbliterationConfig,
+    AbliterationResult,
+    RefinedDirection,
+    abliterate,
+    refine_direction,
+    search_space,
+)
+from .circuits import NodeCircuit, bake_refusals, circuit_edits, export_circuit, node_circuit
+from .control_vector import ControlVector, check_control_vector, load_control_vector
 from .edits import (
     ALL_EDITS,
+    Abliterate,
     AddSteering,
     Edit,
     MeanAblateHeads,
+    MergeLora,
     Orthogonalize,
     RankOneEdit,
     RemoveLayers,
@@ -22,16 +35,15 @@ from .edits import (
     ZeroHeads,
     ZeroKVGroups,
     ZeroNeurons,
+    key_covariance,
     kinds,
+    mean_activations,
+    peaked_weights,
 )
-from .abliteration import Abliterate, peaked_weights
 from .errors import AdapterError, EditError, ExportError, ExportWriteError, IntegrityError, ParityError, PlanError
 from .export import ExportResult, GGUFResult, export, export_gguf, verify
-from .lora import MergeLora
-from .refine import RefinedDirection, refine_direction
-from .refusal_search import abliterate, search_space
+from .llamacpp import QUANT_TYPES, QuantizeResult, quantize_gguf
 from .plan import EditPlan, apply_plan, as_plan, load_plan, save_plan
-from .stats import key_covariance, mean_activations
 
 __all__ = [
     "Edit",
@@ -51,6 +63,12 @@ __all__ = [
     "ALL_EDITS",
     "kinds",
     "EditPlan",
+    "ablation_plan",
+    "circuit_edits",
+    "export_circuit",
+    "node_circuit",
+    "bake_refusals",
+    "NodeCircuit",
     "load_plan",
     "save_plan",
     "apply_plan",
@@ -58,6 +76,8 @@ __all__ = [
     "mean_activations",
     "key_covariance",
     "abliterate",
+    "AbliterationConfig",
+    "AbliterationResult",
     "search_space",
     "refine_direction",
     "RefinedDirection",
@@ -66,6 +86,12 @@ __all__ = [
     "verify",
     "ExportResult",
     "GGUFResult",
+    "quantize_gguf",
+    "QuantizeResult",
+    "QUANT_TYPES",
+    "ControlVector",
+    "load_control_vector",
+    "check_control_vector",
     "EditError",
     "PlanError",
     "AdapterError",

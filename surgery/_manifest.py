@@ -8,18 +8,19 @@ with a note saying what cannot be checked.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 from pathlib import Path
 from typing import Any
 
-from ._atomic import MANIFEST, MANIFEST_FORMAT
+from _core.readers import CONFIG_LIMIT, parse_data, read_bytes, register_loader
+from _core.writer import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, SELF_HASH, canonical_sha256, seal
+
 from .errors import IntegrityError
 
-MANIFEST_VERSION = 2
-SELF_HASH = "manifest_sha256"
+__all__ = ["MANIFEST_VERSION", "SELF_HASH", "PROBE_LOGITS", "canonical_sha256", "seal", "read_manifest", "first_line"]
+
 PROBE_LOGITS = "scalpel_probe_logits.safetensors"
 DTYPES = ("float32", "bfloat16", "float16")
 V1_NOTE = (
@@ -27,19 +28,6 @@ V1_NOTE = (
     f"cannot be detected; re-export to get a version {MANIFEST_VERSION} manifest"
 )
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-
-
-def canonical_sha256(manifest: dict) -> str:
-    """sha256 of the manifest's canonical JSON, without its own ``manifest_sha256``."""
-    body = {k: v for k, v in manifest.items() if k != SELF_HASH}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def seal(manifest: dict) -> dict:
-    """Add ``manifest_sha256`` (last, so the file reads as before)."""
-    manifest[SELF_HASH] = canonical_sha256(manifest)
-    return manifest
 
 
 def read_manifest(out_dir: Path) -> tuple[dict[str, Any], str | None]:
@@ -50,22 +38,15 @@ def read_manifest(out_dir: Path) -> tuple[dict[str, Any], str | None]:
     if not mfile.is_file():
         raise IntegrityError(f"{out_dir} has no {MANIFEST}; it was not written by surgery.export")
     where = f"{out_dir / MANIFEST}"
+    fix = "the manifest was modified or corrupted, re-export"
+    raw = read_bytes(mfile, what="manifest", error=IntegrityError, limit=CONFIG_LIMIT)
     try:
-        text = mfile.read_bytes().decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise IntegrityError(
-            f"{where} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-            "the manifest was modified or corrupted, re-export"
+            f"{where} is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); {fix}"
         ) from None
-    except OSError as exc:
-        raise IntegrityError(f"cannot read {where} ({exc.strerror or exc}); fix its permissions") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise IntegrityError(
-            f"{where} is not valid JSON at line {exc.lineno}: {exc.msg}; the manifest was "
-            "modified or corrupted, re-export"
-        ) from None
+    manifest = parse_data(text, where, IntegrityError, yaml_format=False, fix=fix)
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise IntegrityError(
             f'{where} is not a llama-scalpel manifest (no "format": "{MANIFEST_FORMAT}"); '
@@ -149,3 +130,18 @@ def _check_fields(manifest: dict, where: str) -> None:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _sample_manifest() -> dict[str, bytes]:
+    """A valid version-2 manifest (for the loader registry's fuzz test)."""
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "files": {PROBE_LOGITS: "0" * 64},
+        "probes": [{"input_ids": [1, 2], "top5": [{"id": 1}]}],
+        "dtype": "float32",
+    }
+    return {MANIFEST: json.dumps(seal(manifest)).encode()}
+
+
+register_loader("export manifest", read_manifest, kind="dir", files=(MANIFEST,), sample=_sample_manifest)

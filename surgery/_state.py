@@ -1,18 +1,21 @@
-"""Model state that edits change, in one place: the undo journal behind every ``applied()`` context,
-turning biases on, untying embeddings, removing layers, and hashing weights.
+"""Model state that edits change, in one place: the undo journals behind every ``applied()`` context and
+every all-or-nothing ``apply``, the finiteness check of what an edit wrote, turning biases on, untying
+embeddings, removing layers, and hashing weights.
 
-Edits write weights only through :func:`writable`, which records the tensor's old values in every
-open journal first; new parameters (biases, an untied ``lm_head``) and the layer list are restored
-from references taken when the journal opened. So a journal restores the exact original tensors,
-config, layer list and hook names, however many edits ran inside it.
+The state itself is declared by ``HookedLlama`` (its "edit state" section): ``model.edit_history`` (the
+records of the edits applied), ``model.edit_journals`` (the open journals) and ``model.replace_layers``.
+Edits write weights only through :func:`writable`, which records the tensor's old values in every open
+journal first (one copy, shared by the journals that did not hold the tensor yet); new parameters (biases,
+an untied ``lm_head``) and the layer list are restored from references taken when the journal opened.
+So a journal restores the exact original tensors, config, layer list, hook names and history, however many
+edits ran inside it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
@@ -21,6 +24,9 @@ from hooks import config as cfg
 
 from .errors import EditError
 
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
+
 ATTENTION_BIAS_MODULES = cfg.ATTENTION_PROJECTIONS
 MLP_BIAS_MODULES = cfg.MLP_PROJECTIONS
 
@@ -28,17 +34,13 @@ MLP_BIAS_MODULES = cfg.MLP_PROJECTIONS
 class Journal:
     """Everything needed to put a model back as it was when the journal opened."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model: HookedLlama) -> None:
         self.model = model
         self.config = copy.deepcopy(model.config.__dict__)
         self.layers = list(model.model.layers)
         self.params = [(m, dict(m._parameters)) for m in model.modules()]
-        self.history = list(getattr(model, "scalpel_history", []))
-        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def save(self, tensor: torch.Tensor) -> None:
-        if id(tensor) not in self.saved:
-            self.saved[id(tensor)] = (tensor, tensor.detach().clone())
+        self.history = list(model.edit_history)
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (live tensor, its old values)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -48,23 +50,46 @@ class Journal:
         for module, params in self.params:
             module._parameters.clear()
             module._parameters.update(params)
-        model.model.layers = _layer_list(model, self.layers)
+        model.replace_layers(self.layers)
         model.config.__dict__.clear()
         model.config.__dict__.update(copy.deepcopy(self.config))
-        object.__setattr__(model, "scalpel_history", list(self.history))
-        model._index_hooks()
+        model.edit_history = list(self.history)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the model's state with the one this journal holds (its state when the journal opened);
+        a second ``swap`` undoes the first. In place, one scratch tensor at a time."""
+        model = self.model
+        for tensor, old in self.saved.values():
+            scratch = tensor.detach().clone()
+            tensor.copy_(old)
+            old.copy_(scratch)
+        for i, (module, params) in enumerate(self.params):
+            now = dict(module._parameters)
+            module._parameters.clear()
+            module._parameters.update(params)
+            self.params[i] = (module, now)
+        layers, config, history = list(model.model.layers), copy.deepcopy(model.config.__dict__), model.edit_history
+        model.replace_layers(self.layers)
+        model.config.__dict__.clear()
+        model.config.__dict__.update(self.config)
+        model.edit_history = list(self.history)
+        self.layers, self.config, self.history = layers, config, list(history)
+
+    def new_parameters(self) -> list[torch.Tensor]:
+        """Parameters created since the journal opened (biases turned on, an untied ``lm_head``)."""
+        out = []
+        for module, before in self.params:
+            out += [p for name, p in module._parameters.items() if p is not None and before.get(name) is not p]
+        return out
 
 
-def _journals(model) -> list[Journal]:
-    journals = model.__dict__.get("_scalpel_journals")
-    if journals is None:
-        journals = []
-        object.__setattr__(model, "_scalpel_journals", journals)
-    return journals
+def _journals(model: HookedLlama) -> list[Journal]:
+    return model.edit_journals
 
 
 @contextlib.contextmanager
-def journal(model) -> Iterator[Journal]:
+def journal(model: HookedLlama) -> Iterator[Journal]:
     """Restore ``model`` exactly on exit, even after an exception."""
     j = Journal(model)
     stack = _journals(model)
@@ -77,7 +102,7 @@ def journal(model) -> Iterator[Journal]:
 
 
 @contextlib.contextmanager
-def transaction(model) -> Iterator[Journal]:
+def transaction(model: HookedLlama) -> Iterator[Journal]:
     """Keep what the body did if it succeeds; restore ``model`` exactly if it raises."""
     j = Journal(model)
     stack = _journals(model)
@@ -92,11 +117,61 @@ def transaction(model) -> Iterator[Journal]:
         stack.remove(j)
 
 
-def writable(model, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (a parameter of ``model``) ready for an in-place write: open journals keep its old values."""
+@contextlib.contextmanager
+def unapplied(model: HookedLlama) -> Iterator[bool]:
+    """Inside, ``model`` is as it was before every edit of its ``edit_history``, when an open journal (an
+    ``applied()`` context) holds that state: yields True, and the edits are back on exit. Yields False (and
+    changes nothing) when no journal reaches back that far (edits applied outside any journal)."""
+    base = next((j for j in _journals(model) if not j.history), None)
+    if base is None or not model.edit_history:
+        yield False
+        return
+    base.swap()
+    try:
+        yield True
+    finally:
+        base.swap()
+
+
+def writable(model: HookedLlama, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (a parameter of ``model``) ready for an in-place write: open journals keep its old values
+    (one copy, shared by every journal that does not hold the tensor yet)."""
+    if tensor.is_meta:
+        raise EditError(
+            "the model's weights are offloaded (on the meta device, kept by accelerate's offload hooks); an edit "
+            "needs them in memory: load the model on devices that hold it, or export without edits",
+            param="model",
+        )
+    old = None
     for j in _journals(model):
-        j.save(tensor)
+        if id(tensor) not in j.saved:
+            old = tensor.detach().clone() if old is None else old
+            j.saved[id(tensor)] = (tensor, old)
     return tensor.data
+
+
+@torch.no_grad()
+def check_finite_writes(model: HookedLlama, j: Journal, who: str, params: tuple[str, ...]) -> None:
+    """A one-line ``EditError`` when a tensor written or created since ``j`` opened holds NaN or inf where it
+    was finite before (the caller's journal then restores the model)."""
+    bad = None
+    for tensor, old in j.saved.values():
+        if not bool(torch.isfinite(tensor).all()) and bool((~torch.isfinite(tensor) & torch.isfinite(old)).any()):
+            bad = tensor
+            break
+    if bad is None:
+        bad = next((p for p in j.new_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is None:
+        return
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    value = bad.detach()[~torch.isfinite(bad.detach())][0].item()
+    kind = str(bad.dtype).replace("torch.", "")
+    what = " / ".join(params) if params else "values"
+    raise EditError(
+        f"{who}: the edit would write a non-finite value ({value}) into {names.get(id(bad), 'a weight')} "
+        f"({kind}); use smaller {what}; nothing was changed",
+        param=params[0] if params else None,
+    )
 
 
 def set_param(module: nn.Module, name: str, value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
@@ -106,7 +181,7 @@ def set_param(module: nn.Module, name: str, value: torch.Tensor, like: torch.Ten
     return param
 
 
-def check_bias_slot(model, part: str, module: str, who: str) -> None:
+def check_bias_slot(model: HookedLlama, part: str, module: str, who: str) -> None:
     """Raise a one-line ``EditError`` when ``module`` ("o_proj", "down_proj") of the model's family
     cannot carry a bias in its own transformers class (so the edit could not be exported exactly)."""
     if cfg.bias_flag(model.config, part) is None:
@@ -117,7 +192,7 @@ def check_bias_slot(model, part: str, module: str, who: str) -> None:
         )
 
 
-def enable_biases(model, *, attention: bool = False, mlp: bool = False) -> None:
+def enable_biases(model: HookedLlama, *, attention: bool = False, mlp: bool = False) -> None:
     """Give every module a ``attention_bias`` / ``mlp_bias`` flag governs a (zero) bias, and set the flag.
 
     HF builds q/k/v/o (attention_bias, Llama and Qwen3) or gate/up/down (mlp_bias, Llama) with biases
@@ -143,7 +218,7 @@ def enable_biases(model, *, attention: bool = False, mlp: bool = False) -> None:
         setattr(model.config, flag, True)
 
 
-def untie_embeddings(model) -> None:
+def untie_embeddings(model: HookedLlama) -> None:
     """Give ``lm_head`` its own copy of the tied embedding matrix (so editing one leaves the other)."""
     if model.lm_head.weight is model.model.embed_tokens.weight or model.config.tie_word_embeddings:
         w = model.model.embed_tokens.weight
@@ -151,40 +226,12 @@ def untie_embeddings(model) -> None:
         model.config.tie_word_embeddings = False
 
 
-def _layer_list(model, layers) -> nn.ModuleList:
-    """A new layer list in the model's own train/eval mode (a fresh ModuleList starts in training mode,
-    which tools that check ``module.training`` everywhere, such as TransformerLens's patching, refuse)."""
-    return nn.ModuleList(layers).train(model.training)
+def remove_layers(model: HookedLlama, layers: list[int]) -> None:
+    """Delete decoder layers (``model.replace_layers`` keeps the rest, their per-layer config, and renumbers)."""
+    gone = set(layers)
+    model.replace_layers(layer for i, layer in enumerate(model.model.layers) if i not in gone)
 
 
-def remove_layers(model, layers: list[int]) -> None:
-    keep = [layer for i, layer in enumerate(model.model.layers) if i not in set(layers)]
-    model.model.layers = _layer_list(model, keep)
-    model.config.num_hidden_layers = len(keep)
-    types = getattr(model.config, "layer_types", None)
-    if types:  # Qwen2/Qwen3: each kept layer keeps its full / sliding attention
-        model.config.layer_types = [t for i, t in enumerate(types) if i not in set(layers)]
-    model._index_hooks()
-
-
-def record(model, entry: dict) -> None:
-    """Append an applied edit to ``model.scalpel_history`` (restored with the weights by journals)."""
-    history = list(getattr(model, "scalpel_history", []))
-    history.append(entry)
-    object.__setattr__(model, "scalpel_history", history)
-
-
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def state_sha256(model) -> str:
-    """sha256 over the state dict in name order: name, dtype, shape and raw bytes of each tensor."""
-    h = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        t = state[name]
-        h.update(f"{name}|{str(t.dtype).replace('torch.', '')}|{tuple(t.shape)}|".encode())
-        h.update(tensor_bytes(t))
-    return h.hexdigest()
+def record(model: HookedLlama, entry: dict) -> None:
+    """Append an applied edit's record to ``model.edit_history`` (restored with the weights by journals)."""
+    model.edit_history.append(entry)

@@ -21,14 +21,19 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+from _core.readers import is_yaml, read_data, register_loader
+from _core.writer import write_file
 from hooks.errors import ScalpelError
 from hooks.model import check_model
 
 from . import _state
 from .edits import Edit, HookList, RemoveLayers
 from .errors import EditError, PlanError
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 FORMAT = "llama-scalpel-plan"
 VERSION = 1
@@ -51,7 +56,7 @@ class EditPlan:
                 try:
                     e = Edit.from_dict(e)
                 except EditError as exc:
-                    raise type(exc)(f"edit #{i + 1}: {exc}") from None
+                    raise type(exc)(f"edit #{i + 1}: {exc}", param=exc.param) from None
             if not isinstance(e, Edit):
                 raise PlanError(f"edit #{i + 1} is a {type(e).__name__}, not an Edit or an edit record")
             self.edits.append(e)
@@ -100,33 +105,23 @@ class EditPlan:
             raise PlanError("the plan's 'edits' must be a list")
         return cls(data["edits"])
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write JSON (or YAML for ``.yaml``/``.yml``); the file is replaced atomically."""
-        path = Path(path)
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write JSON (or YAML for ``.yaml``/``.yml``) through the staged writer: an existing file is
+        replaced only with ``overwrite=True`` and only when llama-scalpel wrote it and it is unchanged
+        since (a YAML plan carries a self-checking last line, a JSON plan a record; see ``_core.writer``)."""
         data = self.to_dict()
-        if path.suffix.lower() in (".yaml", ".yml"):
+        if is_yaml(path):
             import yaml
 
             text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
         else:
             text = json.dumps(data, indent=1) + "\n"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_file(path, text, kind="plan", overwrite=overwrite, param="path")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EditPlan":
         path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"no such plan file: {path}")
-        from ._files import parse, read_text
-
-        text = read_text(path, PlanError, "plan file")
-        data = parse(text, path, PlanError, yaml_format=path.suffix.lower() in (".yaml", ".yml"))
+        data = read_data(path, PlanError, "plan file", param="path")
         try:
             plan = cls.from_dict(data)
         except EditError as exc:
@@ -139,12 +134,12 @@ class EditPlan:
         return plan
 
     # -- applying -----------------------------------------------------------------------
-    def validate(self, model) -> None:
+    def validate(self, model: HookedLlama) -> None:
         """Check every edit against the model as earlier edits leave it; the model is unchanged after."""
         with _state.journal(model):
             self.apply(model, atomic=False)
 
-    def apply(self, model, *, atomic: bool = True):
+    def apply(self, model: HookedLlama, *, atomic: bool = True):
         """Apply every edit in order. ``atomic`` (default): all or nothing, an error restores the model
         and re-raises (this keeps a copy of every tensor the plan writes until it is done)."""
         check_model(model, "EditPlan.apply")
@@ -153,17 +148,17 @@ class EditPlan:
                 try:
                     e.apply(model)
                 except EditError as exc:
-                    raise type(exc)(f"edit #{i + 1}: {exc}") from None
+                    raise type(exc)(f"edit #{i + 1}: {exc}", param=exc.param) from None
         return model
 
     @contextlib.contextmanager
-    def applied(self, model) -> Iterator:
+    def applied(self, model: HookedLlama) -> Iterator:
         """``with plan.applied(model):`` – every edit applied inside, the exact original model after."""
         with _state.journal(model):
             self.apply(model, atomic=False)  # the journal restores everything anyway
             yield model
 
-    def as_hooks(self, model) -> HookList:
+    def as_hooks(self, model: HookedLlama) -> HookList:
         """Hooks for the whole plan on the unedited ``model``, in plan order.
 
         Each edit's hooks are built against the model as the earlier edits leave it (applied inside a
@@ -177,7 +172,7 @@ class EditPlan:
                 try:
                     part = e.as_hooks(model)
                 except EditError as exc:
-                    raise type(exc)(f"edit #{i + 1}: {exc}") from None
+                    raise type(exc)(f"edit #{i + 1}: {exc}", param=exc.param) from None
                 for j, (name, fn) in enumerate(part):
                     name = _renumber(name, original)
                     keyed.append(((-i if _INPUT_SIDE.search(name) else i, j), name, fn))
@@ -223,10 +218,18 @@ def load_plan(path: str | os.PathLike) -> EditPlan:
     return EditPlan.load(path)
 
 
-def save_plan(plan, path: str | os.PathLike) -> Path:
-    return as_plan(plan).save(path)
+def save_plan(plan, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a plan (or anything ``as_plan`` takes) to ``path``; see ``EditPlan.save``."""
+    return as_plan(plan).save(path, overwrite=overwrite)
 
 
-def apply_plan(model, plan):
+def apply_plan(model: HookedLlama, plan):
     """Apply a plan (or a list of edits, or a plan file) to ``model`` in place; all or nothing."""
     return as_plan(plan).apply(model)
+
+
+def _sample_plan() -> dict[str, bytes]:
+    return {"plan.yaml": b"edits:\n  - {edit: ZeroHeads, layer: 0, heads: [0]}\n"}
+
+
+register_loader("plan", load_plan, kind="file", files=(".yaml", ".yml", ".json"), sample=_sample_plan)

@@ -46,3 +46,11 @@ def smol_hf():
 
     path = default_gguf_path()
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that run a comparator in its own environment go last (stable order otherwise): on a clean
+    machine that environment is still being built (`.ci/run` starts the builds first), and these tests wait
+    on its lock rather than holding up everything else."""
+    late = {"test_circuits_comparators.py"}
+    items.sort(key=lambda item: item.path.name in late or item.get_closest_marker("saelens") is not None)

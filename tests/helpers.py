@@ -7,6 +7,7 @@ Test modules import from here (never from each other); fixtures live in ``confte
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import select
@@ -377,7 +378,7 @@ def snapshot(model) -> dict:
         "config": model.config.to_dict(),
         "hooks": model.hook_names(),
         "tied": model.lm_head.weight is model.model.embed_tokens.weight,
-        "history": list(getattr(model, "scalpel_history", [])),
+        "history": list(model.edit_history),
     }
 
 
@@ -389,7 +390,7 @@ def assert_same(model, snap) -> None:
     assert model.config.to_dict() == snap["config"]
     assert model.hook_names() == snap["hooks"]
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == snap["tied"]
-    assert list(getattr(model, "scalpel_history", [])) == snap["history"]
+    assert list(model.edit_history) == snap["history"]
 
 
 CHILD = textwrap.dedent("""
@@ -411,11 +412,27 @@ API_EXPORT = CHILD + textwrap.dedent("""
 """)
 
 
+BARRIER = textwrap.dedent("""
+    import os as _os, time as _time
+    from surgery.export.hf import HFExport as _HFExport
+    _write_shard = _HFExport.write_shard
+    def _barrier(self, path, entries):
+        sha = _write_shard(self, path, entries)
+        if path.name.startswith("model-00001-of-"):  # the first of several shards is on disk: signal, then wait
+            _os.write({fd}, f"wrote {{path.name}}\\n".encode())
+            _time.sleep(60)
+        return sha
+    _HFExport.write_shard = _barrier
+""")
+
+
 def interrupt_mid_write(script: str, parent: Path, sig: int) -> subprocess.CompletedProcess:
-    """Run ``script`` (which starts with ``CHILD``), send ``sig`` while its export waits at the test
-    barrier after the first shard, and wait for it to end."""
+    """Run ``script`` (which starts with ``CHILD``), send ``sig`` while its export waits after its first shard,
+    and wait for it to end. The child patches the write stage (``HFExport.write_shard``) to report on a pipe
+    and pause there: the fault is injected by the test, never by production code."""
     read_end, write_end = os.pipe()
-    env = {**os.environ, sys.modules["surgery.export"].TEST_BARRIER_ENV: f"/dev/fd/{write_end}"}
+    script = script.replace("import surgery\n", "import surgery\n" + BARRIER.format(fd=write_end), 1)
+    env = dict(os.environ)
     proc = subprocess.Popen(
         [sys.executable, "-c", script],
         cwd=REPO,
@@ -501,3 +518,83 @@ def small_sentencepiece_tokenizer() -> LlamaTokenizer:
     spec = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
     return LlamaTokenizer(vocab=spec["vocab"], merges=merges)
+
+
+def apply_interop_skips(items, folder: Path, skips: dict[str, str], failing: dict[str, str] | None = None) -> None:
+    """Mark every test collected under ``folder`` (an adapted TransformerLens / nnsight suite) ``interop``;
+    skip those ``skips`` names (``"file.py::test"``, a class, or one parametrisation) with the reason given
+    there, the one list of skips of that suite; and, on HookedLlama (``SCALPEL_INTEROP_TARGET`` unset or
+    "scalpel"), mark those ``failing`` names as strict expected failures with their reason (a test that starts
+    to pass fails the run, so the list stays true)."""
+    folder = folder.resolve()
+    on_scalpel = os.environ.get("SCALPEL_INTEROP_TARGET", "scalpel") == "scalpel"
+    marks = [(skips, lambda reason: pytest.mark.skip(reason=reason))]
+    if failing and on_scalpel:
+        marks.append((failing, lambda reason: pytest.mark.xfail(reason=reason, strict=True)))
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        if folder not in path.parents:
+            continue
+        item.add_marker(pytest.mark.interop)
+        local = path.name + "::" + item.nodeid.split("::", 1)[1]
+        for table, mark in marks:
+            key = next((k for k in table if local == k or local.startswith((k + "[", k + "::"))), None)
+            if key is not None:
+                item.add_marker(mark(table[key]))
+                break
+
+
+@functools.lru_cache(maxsize=1)
+def _smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from hooks.loading import DEFAULT_NAME, cache_root, default_gguf_path, sha256_file
+
+    gguf = default_gguf_path()
+    cached = cache_root() / f"{DEFAULT_NAME.lower()}-{sha256_file(gguf)[:16]}"
+    if (cached / "tokenizer.json").is_file():  # the default model's cache (written by its first load)
+        return AutoTokenizer.from_pretrained(cached)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def smol_tokenizer():
+    """The default model's (SmolLM2's) tokenizer, read once; a fresh copy each call (models and tests may
+    change its settings, e.g. nnsight sets its padding side)."""
+    return copy.deepcopy(_smol_tokenizer())
+
+
+# --------------------------------------------------------------------------- headless Chromium
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--virtual-time-budget=15000",
+)
+
+
+def chromium() -> str:
+    """The chromium binary, or a skip (a failure under CI, whose .ci/run installs it)."""
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs it with apt-get install -y chromium")
+        pytest.skip("chromium is not installed; install it with: apt-get install -y chromium")
+    return found
+
+
+def browse(page: Path, profile: Path, *, screenshot: Path | None = None, width: int = 1280, height: int = 900) -> str:
+    """The DOM of ``page`` after headless Chromium ran its scripts (``--dump-dom``), or, with ``screenshot``,
+    a PNG of the first ``width`` × ``height`` pixels written there (returns "")."""
+    what = [f"--screenshot={screenshot}"] if screenshot is not None else ["--dump-dom"]
+    cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", *what]
+    proc = subprocess.run(cmd + [page.resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout

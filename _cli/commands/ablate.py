@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+import contextlib
 
 from _cli.context import model_meta
-from _cli.inputs import (
-    CLIError,
-    check_answers,
-    check_heads,
-    check_layers,
-    check_neurons,
-    gather_prompts,
-    parse_heads,
-    parse_layers,
-    parse_neurons,
-)
+from _cli.inputs import CLIError, check_answers, gather_prompts
 from _cli.options import common, prompt_options
-from _cli.plans import build_plan
-from _cli.progress import counter, task
+from _cli.progress import task
 from _cli.report import Output
+from hooks.indices import parse_heads, parse_layers, parse_neurons
 
 HELP = "measure an ablation on prompts (base vs edited); --out exports the edited checkpoint"
 EXAMPLE = (
@@ -40,60 +30,69 @@ def add_arguments(p) -> None:
     common(p)
 
 
-def _units(args, model) -> tuple[list, list, list]:
-    heads = parse_heads(args.heads) if args.heads else []
-    neurons = parse_neurons(args.neurons) if args.neurons else []
-    layers = parse_layers(args.layers) if args.layers else []
-    if model is not None:
-        check_heads(model, heads)
-        check_neurons(model, neurons)
-        check_layers(model, layers)
-    return heads, neurons, layers
-
-
-def _trim(text: str, n: int = 40) -> str:
-    text = text.replace("\n", "\\n")
-    return text if len(text) <= n else "…" + text[-(n - 1) :]
-
-
-def run(args, ctx) -> Output:
-    """Base vs edited metric on the prompts (per prompt and mean); ``--out`` exports the edited model."""
+def _units(args) -> tuple[list, list, list]:
+    """The heads, neurons and layers of the command line (syntax only, before the model is loaded)."""
     if not (args.heads or args.neurons or args.layers):
         raise CLIError(
             "ablate needs something to ablate: --heads L.H,... and/or --neurons L:N,... and/or --layers L,..."
         )
-    _units(args, None)  # syntax first, before loading anything
+    heads = parse_heads(args.heads) if args.heads else []
+    neurons = parse_neurons(args.neurons) if args.neurons else []
+    layers = parse_layers(args.layers) if args.layers else []
+    return heads, neurons, layers
+
+
+def _prompts(args) -> list:
     items = gather_prompts(args.prompt, args.prompts, check_answers(args.answers))
     if not items:
         raise CLIError("ablate needs prompts: --prompts FILE or --prompt TEXT")
-    model = ctx.model()
-    heads, neurons, layers = _units(args, model)
+    return items
+
+
+def check(args, ctx) -> None:
+    """Every input against the model: units in range, prompts and answers fit the metric."""
+    import surgery
     from analyses import Scorer
 
+    heads, neurons, layers = _units(args)
+    model = ctx.model()
+    Scorer.build(model, args.metric, _prompts(args))
+    surgery.ablation_plan(model, heads, neurons, layers)  # the range checks (a mean plan computes nothing here)
+
+
+def _trim(text: str, n: int = 40) -> str:
+    """The prompt cut on the right to ``n`` characters (it reads from its start; --json has it whole)."""
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def run(args, ctx) -> Output:
+    """Base vs edited metric on the prompts (``analyses.measure_ablation``); ``--out`` exports the edited
+    model from the state that was measured (the plan is applied once)."""
+    import surgery
+    from analyses import Scorer, measure_ablation
+
+    heads, neurons, layers = _units(args)  # syntax first, before loading anything
+    items = _prompts(args)
+    model = ctx.model()
     scorer = Scorer.build(model, args.metric, items)
-    plan = build_plan(model, heads, neurons, layers, mean=args.mean, texts=scorer.texts)
-    plan.validate(model)
-    with counter("base") as bar:
-        base = scorer.evaluate(model, args.batch_size, progress=bar)
-    with plan.applied(model), counter("edited") as bar:
-        edited = scorer.evaluate(model, args.batch_size, progress=bar)
-    rows = []
-    for i, item in enumerate(items):
-        row = {
-            "prompt": item.text,
-            "correct": item.correct,
-            "incorrect": item.incorrect,
-            "base": float(base["values"][i]),
-            "edited": float(edited["values"][i]),
-            "effect": float(edited["values"][i] - base["values"][i]),
-        }
-        for key in ("correct_logit", "incorrect_logit"):
-            if key in base:
-                row[f"base_{key}"], row[f"edited_{key}"] = float(base[key][i]), float(edited[key][i])
-        rows.append(row)
-    mean = {
-        k: float(torch.tensor([r[k] for r in rows], dtype=torch.float64).mean()) for k in ("base", "edited", "effect")
-    }
+    plan = surgery.ablation_plan(model, heads, neurons, layers, mean=args.mean, texts=scorer.texts)
+
+    def export(edited):  # the model as measured, the plan applied: exported as it is (applied once)
+        with task(f"exporting {args.out} (write, reload, compare)"):
+            return surgery.export(edited, args.out, overwrite=args.overwrite)
+
+    with contextlib.ExitStack() as bars:
+        res = measure_ablation(
+            model,
+            plan,
+            scorer,
+            batch_size=args.batch_size,
+            progress=lambda label, n: bars.enter_context(task(label, n)),
+            while_applied=export if args.out else None,
+        )
+    exported = res.while_applied
+    rows, mean = res.rows(), res.mean
     spec = {
         "heads": [f"{l}.{h}" for l, h in heads],
         "neurons": [f"{l}:{n}" for l, n in neurons],
@@ -110,19 +109,15 @@ def run(args, ctx) -> Output:
         "mean": mean,
     }
     out = Output("ablate", data, title="scalpel ablate")
-    if args.out:
-        import surgery
-
-        with task(f"exporting {args.out} (write, reload, compare)"):
-            res = surgery.export(model, args.out, edits=plan, overwrite=args.overwrite)
+    if exported is not None:
         data["export"] = {
-            "out_dir": str(res.out_dir),
-            "files": res.files,
-            "max_abs_logit_diff": res.max_abs_logit_diff,
-            "tolerance": res.tolerance,
-            "kl_to_base": res.kl_to_base,
+            "out_dir": str(exported.out_dir),
+            "files": exported.files,
+            "max_abs_logit_diff": exported.max_abs_logit_diff,
+            "tolerance": exported.tolerance,
+            "kl_to_base": exported.kl_to_base,
         }
-        out.files.append(str(res.out_dir))
+        out.files.append(str(exported.out_dir))
     answers = args.metric != "loss"
     headers = ["#", "prompt"] + (["answers"] if answers else []) + ["base", "edited", "effect"]
     table = [
@@ -140,7 +135,7 @@ def run(args, ctx) -> Output:
         headers,
         table,
     )
-    if args.out:
+    if exported is not None:
         e = data["export"]
         out.table(
             "export",
@@ -153,38 +148,9 @@ def run(args, ctx) -> Output:
                 ["KL to base (probes)", e["kl_to_base"]],
             ],
         )
-    out.figure(f"{args.metric} per prompt, base vs edited", _bars(rows, mean, args.metric))
+    out.figure(f"{args.metric} per prompt, base vs edited", res.figure())
     return out
 
 
 def _plural(n: int, word: str) -> str:
     return "" if n == 0 else f"{n} {word}{'s' if n != 1 else ''}"
-
-
-def _bars(rows: list[dict], mean: dict, metric: str):
-    """Grouped bars, base vs edited, per prompt (hover shows the prompt) and their mean."""
-    import plotly.graph_objects as go
-
-    labels = [f"#{i}" for i in range(len(rows))] + ["mean"]
-    hover = [r["prompt"] for r in rows] + ["mean over prompts"]
-    fig = go.Figure(
-        [
-            go.Bar(
-                name=name,
-                x=labels,
-                y=[r[key] for r in rows] + [mean[key]],
-                hovertext=hover,
-                hovertemplate="%{hovertext}<br>" + name + " %{y:.4g}<extra></extra>",
-            )
-            for name, key in (("base", "base"), ("edited", "edited"))
-        ]
-    )
-    fig.update_layout(
-        barmode="group",
-        yaxis_title=metric,
-        xaxis_title="prompt",
-        xaxis_type="category",
-        margin=dict(l=60, r=20, t=40, b=60),
-        legend=dict(orientation="h", y=1.1),
-    )
-    return fig

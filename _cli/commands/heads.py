@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from _cli.context import model_meta
-from _cli.inputs import CLIError, check_layers, parse_layers
+from _cli.inputs import CLIError
 from _cli.options import common, positive_int
 from _cli.report import Output
+from hooks.indices import check_indices, parse_layers
 
 HELP = "head detector scores (previous-token, duplicate, induction), ranked"
 EXAMPLE = "scalpel heads --top 5"
@@ -28,19 +31,29 @@ def add_arguments(p) -> None:
 KINDS = ("previous_token", "duplicate_token", "induction")
 
 
-def run(args, ctx) -> Output:
-    """Previous-token, duplicate-token and induction scores of every head, ranked per detector."""
-    from analyses import detect_heads
-
+def _layers(args) -> list[int] | None:
     if args.seq_len < 2:
         raise CLIError("--seq-len must be at least 2")
-    layers = parse_layers(args.layers) if args.layers else None
-    model = ctx.model()
+    return parse_layers(args.layers) if args.layers else None
+
+
+def check(args, ctx) -> None:
+    """The layers against the model."""
+    layers = _layers(args)
     if layers is not None:
-        check_layers(model, layers)
+        check_indices(ctx.model(), "layer", layers, param="layers", negative=True)
+
+
+def run(args, ctx) -> Output:
+    """Previous-token, duplicate-token and induction scores of every head, ranked per detector
+    (``analyses.detect_heads``, which checks the layers)."""
+    from analyses import detect_heads
+
+    layers = _layers(args)
+    model = ctx.model()
     res = detect_heads(model, seq_len=args.seq_len, n_seqs=args.n_seqs, seed=args.seed, layers=layers)
     rows = res.rows()
-    ranked = {kind: sorted(rows, key=lambda r, k=kind: -r[k]) for kind in KINDS}
+    ranked = {kind: sorted(rows, key=lambda r: -r[kind]) for kind in KINDS}
     data = {
         "command": "heads",
         "model": model_meta(model),
@@ -48,7 +61,7 @@ def run(args, ctx) -> Output:
         "ranked": {
             kind: [
                 {
-                    "head": f"{r['layer']}.{r['head']}",
+                    "head": f"L{r['layer']}H{r['head']}",
                     "layer": r["layer"],
                     "index": r["head"],
                     "kv_group": r["kv_group"],
@@ -62,10 +75,10 @@ def run(args, ctx) -> Output:
     out = Output("heads", data, title="scalpel heads")
     table = []
     for rank in range(min(args.top, len(rows))):
-        line = [rank + 1]
+        line: list[Any] = [rank + 1]
         for kind in KINDS:
             r = ranked[kind][rank]
-            line += [f"{r['layer']}.{r['head']}", r[kind]]
+            line += [f"L{r['layer']}H{r['head']}", r[kind]]
         table.append(line)
     out.table(
         f"top {min(args.top, len(rows))} heads per detector ({res.n_seqs} random sequences repeated twice, "
@@ -74,4 +87,19 @@ def run(args, ctx) -> Output:
         table,
     )
     out.figure("head detector scores (layer x head)", res.figure())
+    out.figure(*_pattern_view(model, args, res))
     return out
+
+
+def _pattern_view(model, args, res) -> tuple[str, Any]:
+    """The attention patterns of the best head of each detector on the first sequence (the viewer)."""
+    from analyses import attention_patterns, repeated_random_tokens
+
+    tokens = repeated_random_tokens(model, args.seq_len, args.n_seqs, args.seed)[:1]
+    best: dict[tuple[int, int], list[str]] = {}
+    for kind in KINDS:
+        ref = res.top(kind, 1)[0]
+        best.setdefault((ref.layer, ref.head), []).append(kind.replace("_", "-"))
+    view = attention_patterns(model, tokens, heads=list(best))
+    names = ", ".join(f"{label} ({', '.join(kinds)})" for label, kinds in zip(view.labels, best.values()))
+    return f"attention patterns on the first sequence, the best head of each detector: {names}", view

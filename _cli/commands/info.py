@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import TYPE_CHECKING
+
 import torch
 
-from _cli.context import model_meta
+from _cli.context import DEFAULT_MODEL, model_meta
+from _cli.inputs import CLIError
 from _cli.options import common
 from _cli.report import Output
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 HELP = "architecture, parameter count, dtype/device and the hook map"
 EXAMPLE = "scalpel info --all-hooks"
@@ -14,14 +21,50 @@ EXAMPLE = "scalpel info --all-hooks"
 
 def add_arguments(p) -> None:
     p.add_argument("--all-hooks", action="store_true", help="list every hook point instead of one line per kind")
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="where each layer would go and the memory of weights, KV cache and a cache of every hook point, "
+        "from config.json and the safetensors headers alone (no weight is read)",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=_max_memory,
+        metavar="DEV=SIZE,...",
+        help="with --plan: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB (default: what is free here)",
+    )
+    p.add_argument(
+        "--shape",
+        type=_shape,
+        metavar="BxP",
+        help="with --plan: batch x positions of the KV cache and cache figures (default 1x2048)",
+    )
     common(p)
+
+
+def _max_memory(text: str) -> dict:
+    out: dict = {}
+    for part in text.split(","):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise argparse.ArgumentTypeError(f"expected DEVICE=SIZE,... such as 0=70GiB,cpu=200GiB, got {text!r}")
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = size.strip()
+    return out
+
+
+def _shape(text: str) -> tuple[int, int]:
+    b, sep, p = text.lower().partition("x")
+    if not sep or not b.isdigit() or not p.isdigit() or int(b) < 1 or int(p) < 1:
+        raise argparse.ArgumentTypeError(f"expected BATCHxPOSITIONS such as 8x256, got {text!r}")
+    return int(b), int(p)
 
 
 PROBE_POSITIONS = 4
 
 
 @torch.no_grad()
-def hook_shapes(model, positions: int = PROBE_POSITIONS) -> dict[str, list[int]]:
+def hook_shapes(model: HookedLlama, positions: int = PROBE_POSITIONS) -> dict[str, list[int]]:
     """Shape of every hook point (``attn.hook_result`` included) for one prompt of ``positions`` tokens."""
     tokens = (torch.arange(positions) % model.d_vocab)[None].to(model.device)
     _, cache = model.run_with_cache(tokens, names_filter=lambda name: True)
@@ -34,7 +77,12 @@ def _hook_kind(name: str) -> str:
 
 
 def run(args, ctx) -> Output:
-    """Architecture, parameter count, dtype/device and the hook map (names x shapes)."""
+    """Architecture, parameter count, dtype/device and the hook map (names x shapes); or, with ``--plan``,
+    the memory plan (``HookedLlama.plan``) without loading the weights."""
+    if args.plan:
+        return _plan(args, ctx)
+    if args.max_memory is not None or args.shape is not None:
+        raise CLIError("--max-memory and --shape size a memory plan: add --plan")
     model = ctx.model()
     c = model.config
     from hooks import config as hooks_config
@@ -103,4 +151,30 @@ def run(args, ctx) -> Output:
             rows,
             note="--all-hooks lists every name",
         )
+    return out
+
+
+def _plan(args, ctx) -> Output:
+    from hooks import HookedLlama
+
+    batch, positions = args.shape or (1, 2048)
+    source = ctx.model().config if ctx.model_spec == DEFAULT_MODEL else ctx.model_spec  # 135M: its config
+    plan = HookedLlama.plan(source, max_memory=args.max_memory, dtype=args.dtype, batch=batch, positions=positions)
+    data = plan.to_dict()
+    out = Output("info", {"command": "info", "model": ctx.model_spec, "plan": data})
+    out.table(
+        f"plan: {data['family']}, {data['n_layers']} layers, {data['dtype']}",
+        ["part", "device", "weights (bytes)"],
+        [[p["part"], p["device"], p["weight_bytes"]] for p in data["parts"]],
+    )
+    shape = f"{batch}x{positions}"
+    out.table(
+        "memory per device (bytes)",
+        ["device", "weights", f"KV cache {shape}", f"cache {shape}", "max_memory"],
+        [
+            [d["device"], d["weight_bytes"], d["kv_cache_bytes"], d["cache_bytes"], d["max_memory_bytes"]]
+            for d in data["devices"]
+        ],
+        note=f"cache: the {data['cached_hook_points']} hook points run_with_cache keeps by default, each tensor once",
+    )
     return out

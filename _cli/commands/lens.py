@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from _cli.context import model_meta
-from _cli.inputs import CLIError, check_layers, parse_ints, parse_layers
+from _cli.inputs import CLIError, parse_ints, split_list
 from _cli.options import common, positive_int
 from _cli.report import Output
+from hooks.indices import check_indices, parse_layers
 
 HELP = "logit lens: what each layer's residual stream predicts"
 EXAMPLE = "scalpel lens 'The Eiffel Tower is in the city of' --target ' Paris' --layers 20-29"
@@ -40,53 +43,59 @@ def _cell(token: str, prob: float) -> str:
 STAGES = {"pre": "resid_pre", "mid": "resid_mid", "post": "resid_post"}
 
 
-def run(args, ctx) -> Output:
-    """Logit lens of one prompt: the top token (and probability) each layer's residual stream predicts."""
-    from analyses import logit_lens
-
+def _inputs(args) -> tuple[list[str], list[int] | None, list[int] | None]:
+    """Stages, layers and positions of the command line (syntax only, before the model is loaded)."""
     kinds = []
-    for s in args.stages.split(","):
-        s = s.strip()
+    for s in split_list(args.stages):
         if s not in STAGES and s not in STAGES.values():
             raise CLIError(f"--stages {args.stages!r}: use pre, mid and/or post (e.g. post or pre,mid,post)")
         kinds.append(STAGES.get(s, s))
     layers = parse_layers(args.layers) if args.layers else None
-    positions = parse_ints(args.positions, "--positions") if args.positions else None
+    positions = parse_ints(args.positions, "positions") if args.positions not in (None, "") else None
+    return kinds, layers, positions
+
+
+def check(args, ctx) -> None:
+    """A tokenizer for the prompt and the layers against the model (positions: when the prompt is read)."""
+    _, layers, _ = _inputs(args)
     model = ctx.model()
     if model.tokenizer is None:
         raise CLIError("this model has no tokenizer, so it cannot read a text prompt")
     if layers is not None:
-        check_layers(model, layers)
+        check_indices(model, "layer", layers, param="layers", negative=True)
+
+
+def run(args, ctx) -> Output:
+    """Logit lens of one prompt: the top token (and probability) each layer's residual stream predicts
+    (``analyses.logit_lens``, which checks layers and positions)."""
+    from analyses import logit_lens
+
+    check(args, ctx)
+    kinds, layers, positions = _inputs(args)
+    model = ctx.model()
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    n_pos = model.tokenize(prompt)[0].shape[1]
-    for p in positions or []:
-        if not -n_pos <= p < n_pos:
-            raise CLIError(
-                f"--positions {p}: out of range; the prompt has {n_pos} tokens (0..{n_pos - 1} or -1..-{n_pos})"
-            )
     res = logit_lens(
         model, prompt, args.target or None, k=max(args.top, 5), stages=kinds, layers=layers, positions=positions
     )
     data = {"command": "lens", "model": model_meta(model), "prompt": args.prompt, "lens": res.to_dict()}
     out = Output("lens", data, title="scalpel lens")
     shown = list(range(len(res.positions)))[-args.columns :]
+    tokens, labels = res.str_tokens, res.target_labels or []
     headers = ["stage"] + [
-        f"{res.positions[j]}:{res.str_tokens[res.positions[j]]!r}" if res.str_tokens else str(res.positions[j])
-        for j in shown
+        f"{res.positions[j]}:{tokens[res.positions[j]]!r}" if tokens else str(res.positions[j]) for j in shown
     ]
     rows = []
     for s, stage in enumerate(res.stages):
-        row = [stage]
+        row: list[Any] = [stage]
         for j in shown:
             toks, probs = res.top_tokens[s][j][: args.top], res.top_probs[s, j, : args.top]
             row.append(" ".join(_cell(t, float(p)) for t, p in zip(toks, probs)))
-        if res.target_probs is not None:
-            for t in range(len(res.target_labels)):
+        if res.target_probs is not None and res.target_ranks is not None:
+            for t in range(len(labels)):
                 row += [float(res.target_probs[s, -1, t]), int(res.target_ranks[s, -1, t])]
         rows.append(row)
-    if res.target_probs is not None:
-        for label in res.target_labels:
-            headers += [f"p({label!r}) last", f"rank({label!r}) last"]
+    for label in labels:
+        headers += [f"p({label!r}) last", f"rank({label!r}) last"]
     out.table(
         f"logit lens: top-{args.top} token and probability per stage",
         headers,
@@ -96,7 +105,6 @@ def run(args, ctx) -> Output:
         else "",
     )
     out.figure("logit lens: top-1 token and its probability", res.figure())
-    if res.target_probs is not None:
-        for t, label in enumerate(res.target_labels):
-            out.figure(f"logit lens: p({label!r})", res.figure(target=t))
+    for t, label in enumerate(labels):
+        out.figure(f"logit lens: p({label!r})", res.figure(target=t))
     return out

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from _cli.context import model_meta
-from _cli.inputs import CLIError, check_layers, parse_layers
+from _cli.inputs import CLIError, split_list
 from _cli.options import common, positive_int
 from _cli.progress import track
 from _cli.report import Output
+from hooks.indices import check_indices, parse_layers
 
 HELP = "activation patching over components x positions (clean vs corrupted prompt)"
 EXAMPLE = (
@@ -35,25 +36,41 @@ def add_arguments(p) -> None:
 PATCH_METRICS = {"logit-diff": "logit_diff", "prob": "target_prob", "kl": "kl"}
 
 
-def run(args, ctx) -> Output:
-    """Activation patching of each component x layer x position, clean into corrupted."""
-    from analyses import activation_patching, get_component
+def _inputs(args) -> tuple[list, list[int] | None]:
+    """The components and layers of the command line (syntax only, before the model is loaded)."""
+    from analyses import get_component
 
     answers = args.answers
     if args.metric == "logit-diff" and (not answers or len(answers) != 2):
         raise CLIError("--metric logit-diff needs --answers CORRECT INCORRECT, e.g. --answers ' Mary' ' John'")
     if args.metric == "prob" and (not answers or len(answers) > 2):
         raise CLIError("--metric prob needs --answers CORRECT")
-    components = [c.strip() for c in args.components.split(",") if c.strip()]
+    components = split_list(args.components)
     if not components:
         raise CLIError("--components is empty; e.g. resid_pre,attn_out,mlp_out")
     comps = [get_component(c) for c in components]  # unknown names: one-line error with the close ones
-    layers = parse_layers(args.layers) if args.layers else None
+    return comps, parse_layers(args.layers) if args.layers else None
+
+
+def check(args, ctx) -> None:
+    """Every input against the model: the layers in range, a tokenizer for the prompts."""
+    _, layers = _inputs(args)
     model = ctx.model()
     if model.tokenizer is None:
         raise CLIError("this model has no tokenizer, so it cannot read text prompts")
     if layers is not None:
-        check_layers(model, layers)
+        check_indices(model, "layer", layers, param="layers", negative=True)
+
+
+def run(args, ctx) -> Output:
+    """Activation patching of each component x layer x position, clean into corrupted
+    (``analyses.activation_patching``, which checks the layers)."""
+    from analyses import activation_patching
+
+    check(args, ctx)
+    comps, layers = _inputs(args)
+    answers = args.answers
+    model = ctx.model()
     metric = PATCH_METRICS[args.metric]
     data = {
         "command": "patch",

@@ -6,10 +6,11 @@ import csv
 import io
 
 from _cli.context import model_meta
-from _cli.inputs import CLIError, check_answers, check_layers, gather_prompts, parse_layers
+from _cli.inputs import CLIError, check_answers, gather_prompts
 from _cli.options import common, positive_int, prompt_options
 from _cli.progress import counter, task
 from _cli.report import Output, write_atomic
+from hooks.indices import check_indices, parse_layers
 
 HELP = "ablate each head / neuron / layer in turn and rank them by effect"
 EXAMPLE = (
@@ -27,8 +28,8 @@ def add_arguments(p) -> None:
     common(p)
 
 
-def run(args, ctx) -> Output:
-    """Ablate every unit of a component alone, rank by |mean effect|, table + figure (+ CSV)."""
+def _inputs(args) -> tuple[list[int] | None, list]:
+    """The layers and prompts of the command line (syntax only, before the model is loaded)."""
     layers = parse_layers(args.layers) if args.layers else None
     if args.component == "neurons" and layers is None:
         raise CLIError("sweep --component neurons needs --layers (every neuron of every layer is a long sweep)")
@@ -37,11 +38,26 @@ def run(args, ctx) -> Output:
     items = gather_prompts(args.prompt, args.prompts, check_answers(args.answers))
     if not items:
         raise CLIError("sweep needs prompts: --prompts FILE or --prompt TEXT")
+    return layers, items
+
+
+def check(args, ctx) -> None:
+    """Every input against the model: layers in range, prompts and answers fit the metric."""
+    from analyses import Scorer
+
+    layers, items = _inputs(args)
     model = ctx.model()
     if layers is not None:
-        check_layers(model, layers)
+        check_indices(model, "layer", layers, param="layers")
+    Scorer.build(model, args.metric, items)
+
+
+def run(args, ctx) -> Output:
+    """Ablate every unit of a component alone, rank by |mean effect|, table + figure (+ CSV)."""
     from analyses import Scorer, ablation_sweep
 
+    layers, items = _inputs(args)
+    model = ctx.model()
     scorer = Scorer.build(model, args.metric, items)
     means = None
     if args.mean:
@@ -64,7 +80,7 @@ def run(args, ctx) -> Output:
         [[r["rank"], r["unit"], r["mean_effect"], r["mean_ablated"]] for r in ranked[: args.top]],
     )
     if args.csv:
-        write_atomic(args.csv, _csv(ranked, len(items)))
+        write_atomic(args.csv, _csv(ranked, len(items)), overwrite=args.overwrite)
         out.files.append(args.csv)
     out.figure(f"top {min(30, len(ranked))} {args.component} by |mean effect|", res.bar_figure(30))
     if args.component == "heads":

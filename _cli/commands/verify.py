@@ -5,6 +5,7 @@ from __future__ import annotations
 from _cli.options import common
 from _cli.report import Output
 
+PARAMS = {"out_dir": "dir"}  # surgery.verify(out_dir) checks DIR
 HELP = "check an exported checkpoint: file hashes and reload parity"
 EXAMPLE = "scalpel verify edited-smollm2"
 

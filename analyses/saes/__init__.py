@@ -8,6 +8,7 @@ steer and train by feature.
 >>> cache["blocks.6.hook_resid_post.hook_sae_acts_post"].shape   # [batch, pos, d_sae]
 """
 
+from .dashboard import FeatureCard, FeatureDashboard, feature_dashboard, logit_effects
 from .features import (
     FeatureAblation,
     FeatureAttribution,
@@ -22,7 +23,7 @@ from .formats import check_fits, load_sae, save_sae
 from .metrics import SAEMetrics, sae_metrics
 from .sae import ARCHITECTURES, SAE, SAEConfig
 from .splicing import ablate_features, clamp_features, scale_features, spliced
-from .train import TrainResult, train_sae
+from .train import TrainResult, train_sae, train_saes, transcoder_hooks
 
 __all__ = [
     "SAE",
@@ -36,6 +37,8 @@ __all__ = [
     "clamp_features",
     "scale_features",
     "train_sae",
+    "train_saes",
+    "transcoder_hooks",
     "TrainResult",
     "sae_metrics",
     "SAEMetrics",
@@ -47,4 +50,8 @@ __all__ = [
     "feature_direction",
     "FeatureSteering",
     "FeatureAblation",
+    "feature_dashboard",
+    "FeatureDashboard",
+    "FeatureCard",
+    "logit_effects",
 ]

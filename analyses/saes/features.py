@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from _core.autograd import differentiates
 from hooks import InputError
 
 from ..metrics import resolve_metric
@@ -29,12 +30,17 @@ from ..results import AnalysisResult, jsonable
 from .sae import SAE
 from .splicing import _features, ablate_features, spliced
 
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
+
 
 # --------------------------------------------------------------------------- top contexts
 @dataclass
 class FeatureTopActivations(NeuronTopActivations):
     """Top-k activations of SAE features; as ``NeuronTopActivations`` with ``features`` as the rows
-    (``layer`` is the SAE's hook name here)."""
+    (``layer`` is the SAE's hook name here); figures label rows ``F348``, "feature"."""
+
+    unit = "feature"
 
     @property
     def features(self) -> list[int]:
@@ -52,7 +58,7 @@ class FeatureTopActivations(NeuronTopActivations):
 
 
 def top_feature_contexts(
-    model,
+    model: HookedLlama,
     sae: SAE,
     features: Sequence[int] | int | None = None,
     corpus=None,
@@ -149,7 +155,7 @@ class FeatureAttribution(AnalysisResult):
         return fig
 
 
-def _tokens(model, prompts):
+def _tokens(model: HookedLlama, prompts):
     if isinstance(prompts, torch.Tensor):
         t = prompts[None] if prompts.dim() == 1 else prompts
         return t.to(model.device), None
@@ -157,7 +163,8 @@ def _tokens(model, prompts):
     return tokens.to(model.device), mask.to(model.device)
 
 
-def feature_attribution(model, sae: SAE, prompts, metric=None, *, answers=None) -> FeatureAttribution:
+@differentiates  # works under torch.no_grad() and torch.inference_mode()
+def feature_attribution(model: HookedLlama, sae: SAE, prompts, metric=None, *, answers=None) -> FeatureAttribution:
     """Gradient × activation of every feature to ``metric`` (a ``Metric``, a callable on logits, or a
     name with ``answers``, as elsewhere), over a batch of prompts in one forward and backward.
 
@@ -204,7 +211,7 @@ def feature_attribution(model, sae: SAE, prompts, metric=None, *, answers=None) 
 
 
 def feature_patching(
-    model,
+    model: HookedLlama,
     sae: SAE,
     prompt,
     features: Sequence[int],
@@ -291,7 +298,7 @@ class FeatureSteering:
 
         return [(self.hook_name, add_feature_direction)]
 
-    def applied(self, model):
+    def applied(self, model: HookedLlama):
         return model.hooks(fwd_hooks=self.fwd_hooks())
 
     def to_edit(self) -> dict:
@@ -320,7 +327,7 @@ class FeatureAblation:
     use_error_term: bool = True
 
     @contextlib.contextmanager
-    def applied(self, model):
+    def applied(self, model: HookedLlama):
         with (
             spliced(model, [self.sae], use_error_term=self.use_error_term),
             model.hooks([(f"{self.sae.hook_name}.hook_sae_acts_post", ablate_features(list(self.features)))]),

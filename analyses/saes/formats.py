@@ -17,22 +17,34 @@ No hub access and no pickle: safetensors files are read as tensors, ``ae.pt`` wi
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from _core.readers import Fields, read_json_object, register_loader
+from _core.writer import write_dir
 from hooks import HookError, InputError, LoadError
+from hooks.loading import check_weights
 
-from .sae import SAE, SAEConfig
+from .sae import DTYPES, NORMALIZATIONS, SAE, SAEConfig
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 SAELENS_WEIGHTS = "sae_weights.safetensors"
+_FIX = "fix the SAE's config or re-save the SAE"
 
 
 def load_sae(
-    path: str | os.PathLike, model=None, *, hook_name: str | None = None, device=None, dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    model: HookedLlama | None = None,
+    *,
+    hook_name: str | None = None,
+    device=None,
+    dtype: torch.dtype | None = None,
 ) -> SAE:
     """Load an SAE or transcoder from a local directory in any supported layout.
 
@@ -69,7 +81,7 @@ def load_sae(
     return sae
 
 
-def check_fits(sae: SAE, model) -> None:
+def check_fits(sae: SAE, model: HookedLlama) -> None:
     """Hook names exist in ``model`` and their widths are ``d_in`` / ``d_out``."""
     widths = _hook_widths(model)
     for name, width, what in (
@@ -91,7 +103,7 @@ def check_fits(sae: SAE, model) -> None:
             )
 
 
-def _hook_widths(model) -> dict[str, int]:
+def _hook_widths(model: HookedLlama) -> dict[str, int]:
     """Width of the last axis of every [batch, pos, d] hook point (and z flattened to heads × d_head)."""
     out = {"hook_embed": model.d_model}
     for i in range(model.n_layers):
@@ -112,23 +124,54 @@ def _hook_widths(model) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- SAELens
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LoadError(f"{path} is not valid JSON ({exc.__class__.__name__}); re-save the SAE's config") from exc
-    if not isinstance(data, dict):
-        raise LoadError(f"{path} does not hold a JSON object; re-save the SAE's config")
-    return data
+def _config(path: Path) -> Fields:
+    """The SAE config file ``path`` as typed fields (unique keys, size-capped, one-line errors)."""
+    return Fields(read_json_object(path, LoadError, "SAE config", fix=_FIX), str(path), LoadError, _FIX)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
-        raise LoadError(f"{path} is not a readable safetensors file ({exc}); re-download or re-save it") from exc
+        raise LoadError(
+            f"{path} is not a readable safetensors file ({_first(exc)}); re-download or re-save it"
+        ) from exc
+    check_weights(tensors, str(path))  # floating point and finite, as model loading checks
+    return tensors
+
+
+def _first(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _dims(t: dict, name: str, ndim: int, where: Path) -> torch.Tensor:
+    """``t[name]``, a tensor of ``ndim`` dimensions; one-line ``LoadError`` otherwise."""
+    if name not in t:
+        raise LoadError(f"{where} has no {name!r}; it does not hold this kind of SAE")
+    value = t[name]
+    if not isinstance(value, torch.Tensor) or value.dim() != ndim:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise LoadError(f"{where}: {name} has shape {shape}, not {ndim}-D; the file is corrupt or not an SAE")
+    return value
+
+
+def _dtype(f: Fields, default: str = "float32") -> str:
+    value = f.str("dtype", default)
+    name = value.removeprefix("torch.")
+    if name not in DTYPES:
+        raise f.bad("dtype", f"one of {', '.join(DTYPES)}")
+    return name
+
+
+def _hook(f: Fields, key: str) -> str | None:
+    value = f.data.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise f.bad(key, "a hook name (text)")
+    return value
 
 
 # SAELens architecture name -> (our architecture, transcoder, skip connection)
@@ -146,41 +189,46 @@ _SAELENS_ARCH = {
 
 
 def _load_saelens(root: Path) -> SAE:
-    c = _read_json(root / "cfg.json")
+    f = _config(root / "cfg.json")
     tensors = _read_safetensors(root / SAELENS_WEIGHTS)
-    name = c.get("architecture", "standard")
+    name = f.data.get("architecture")
+    name = "standard" if name is None else name
     if name == "batchtopk" and "threshold" in tensors:  # saved after training: runs as jumprelu
         name = "jumprelu"
-    if name not in _SAELENS_ARCH:
+    if not isinstance(name, str) or name not in _SAELENS_ARCH:
         raise LoadError(
             f"{root / 'cfg.json'}: SAELens architecture {name!r} is not supported; supported: "
             f"{', '.join(_SAELENS_ARCH)}"
         )
     arch, transcoder, skip = _SAELENS_ARCH[name]
-    for key in ("d_in", "d_sae"):
-        if key not in c:
-            raise LoadError(f"{root / 'cfg.json'} has no {key!r}; it is not a SAELens config")
-    meta = c.get("metadata") or {}
-    hook_name = _module_to_hook(c.get("hook_name") or meta.get("hook_name"), output=not transcoder)
-    hook_name_out = _module_to_hook(c.get("hook_name_out") or meta.get("hook_name_out")) if transcoder else None
+    d_in, d_sae = f.int("d_in", minimum=1), f.int("d_sae", minimum=1)
+    meta = f.mapping("metadata")
+    if meta.data.get("hook_head_index") is not None or f.data.get("hook_head_index") is not None:
+        raise LoadError(f"{root / 'cfg.json'}: an SAE of one attention head (hook_head_index) is not supported")
+    f.str("reshape_activations", "none", choices=("none",))
+    hook_name = _module_to_hook(_hook(f, "hook_name") or _hook(meta, "hook_name"), output=not transcoder)
+    hook_name_out = _module_to_hook(_hook(f, "hook_name_out") or _hook(meta, "hook_name_out")) if transcoder else None
     if transcoder and not hook_name_out:
         raise LoadError(f"{root / 'cfg.json'} is a transcoder without hook_name_out; add it to the config's metadata")
-    k = c.get("k")
+    info = {}
+    for key, check in (("model_name", "str"), ("context_size", "int"), ("dataset_path", "str")):
+        where = meta if meta.data.get(key) is not None else f
+        info[key] = where.str(key, None) if check == "str" else where.int(key, None, minimum=1)
     cfg = SAEConfig(
         architecture=arch,
-        d_in=int(c["d_in"]),
-        d_sae=int(c["d_sae"]),
+        d_in=d_in,
+        d_sae=d_sae,
         hook_name=hook_name,
         hook_name_out=hook_name_out,
-        d_out=c.get("d_out") if transcoder else None,
-        k=int(k) if k is not None and arch == "topk" else None,
-        apply_b_dec_to_input=bool(c.get("apply_b_dec_to_input", True)) and not transcoder,
-        normalize_activations=c.get("normalize_activations") or "none",
+        d_out=f.int("d_out", None, minimum=1) if transcoder else None,
+        k=f.int("k", minimum=1, maximum=d_sae) if arch == "topk" else None,
+        apply_b_dec_to_input=f.bool("apply_b_dec_to_input", True) and not transcoder,
+        normalize_activations=f.str("normalize_activations", "none", choices=NORMALIZATIONS),
         skip_connection=skip,
-        rescale_acts_by_decoder_norm=bool(c.get("rescale_acts_by_decoder_norm", False)),
-        dtype=str(c.get("dtype", "float32")).removeprefix("torch."),
+        rescale_acts_by_decoder_norm=f.bool("rescale_acts_by_decoder_norm", False),
+        dtype=_dtype(f),
         source_format="saelens",
-        metadata={key: meta.get(key, c.get(key)) for key in ("model_name", "context_size", "dataset_path")},
+        metadata=info,
     )
     if arch == "topk":
         tensors.pop("threshold", None)  # batchtopk's training threshold is not used by a topk SAE
@@ -210,89 +258,30 @@ def _build(cfg: SAEConfig, tensors: dict[str, torch.Tensor], where: Path) -> SAE
 
 
 WRITTEN_BY = {"written_by": "llama-scalpel"}  # safetensors metadata marking an SAE this toolkit wrote
-_OUR_FILES = {"cfg.json", SAELENS_WEIGHTS, "checkpoint.pt"}
-
-
-def replace_refusal(target: Path) -> str | None:
-    """Why ``target`` may not be replaced (``None``: it may): only an empty directory, or one holding
-    nothing but an SAE this toolkit wrote (its weights carry ``WRITTEN_BY``) and/or a training
-    checkpoint of ``train_sae``, is ever replaced."""
-    from safetensors import safe_open
-
-    if target.is_symlink() or not target.is_dir():
-        return f"{target} is not a directory llama-scalpel wrote"
-    names = {p.name for p in target.iterdir()}
-    others = sorted(names - _OUR_FILES)
-    if others:
-        return f"{target} holds files llama-scalpel did not write ({', '.join(others[:3])})"
-    if SAELENS_WEIGHTS in names:
-        try:
-            with safe_open(str(target / SAELENS_WEIGHTS), "pt") as f:
-                meta = f.metadata() or {}
-        except Exception:  # noqa: BLE001 - unreadable weights are not ours
-            meta = {}
-        if meta.get("written_by") != WRITTEN_BY["written_by"]:
-            return f"{target / SAELENS_WEIGHTS} was not written by llama-scalpel"
-    if "checkpoint.pt" in names:
-        try:
-            state = torch.load(target / "checkpoint.pt", map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001
-            state = None
-        if not (isinstance(state, dict) and {"sae", "opt", "step", "config"} <= set(state)):
-            return f"{target / 'checkpoint.pt'} is not a train_sae checkpoint"
-    return None
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move the directory ``new`` to ``target``; an existing ``target`` must pass ``replace_refusal``
-    (checked by the caller) and is moved aside first, then removed, so nothing else is ever deleted."""
-    import shutil
-    import tempfile
-
-    old = None
-    if target.exists():
-        why = replace_refusal(target)
-        if why:
-            raise InputError(f"{why}; it is not replaced: choose another path")
-        old = Path(tempfile.mkdtemp(prefix=".scalpel-old-", dir=target.parent))
-        os.rename(target, old / "old")
-    if target.exists():  # appeared while we worked: never replace it
-        raise InputError(f"{target} appeared while this was written; nothing was replaced, choose another path")
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_sae(sae: SAE, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``sae`` in the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``), atomically.
-    ``overwrite=True`` replaces only an empty directory or an SAE this toolkit wrote."""
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    target = Path(path)
-    if target.exists() and not overwrite:
-        raise InputError(f"{target} exists; pass overwrite=True or choose another path")
-    if target.exists() and (why := replace_refusal(target)):
-        raise InputError(
-            f"{why}; overwrite=True replaces only an SAE llama-scalpel wrote or an empty directory: choose another path"
-        )
+    """Write ``sae`` in the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``, with a
+    ``scalpel_manifest.json``) through the staged writer. ``overwrite=True`` replaces only an empty
+    directory or an output of llama-scalpel that is unchanged since. Non-finite weights are refused."""
+    if not isinstance(sae, SAE):
+        raise InputError(f"save_sae takes an SAE (from load_sae or train_sae), got {type(sae).__name__}", param="sae")
     if sae.input_scale is not None:
         raise InputError(
             "this SAE reads a norm output with its weight folded in at load time; it has no "
             "SAELens equivalent, save it in its own format"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".scalpel-tmp-", dir=target.parent))
-    try:
-        tensors = {n: p.detach().contiguous().cpu() for n, p in sae.named_parameters()}
-        save_file(tensors, str(tmp / SAELENS_WEIGHTS), metadata=WRITTEN_BY)
-        (tmp / "cfg.json").write_text(json.dumps(saelens_cfg(sae), indent=1))
-        replace_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    cfg = saelens_cfg(sae)
+    tensors = {n: p.detach().cpu() for n, p in sae.named_parameters()}
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise InputError(
+                f"the SAE's {name} holds NaN or inf; an SAE is saved only with finite weights", param="sae"
+            )
+    with write_dir(path, kind="sae", overwrite=overwrite, param="path") as stage:
+        stage.save_tensors(SAELENS_WEIGHTS, tensors, metadata=WRITTEN_BY)
+        stage.write_json("cfg.json", cfg)
+    return Path(path)
 
 
 def saelens_cfg(sae: SAE) -> dict:
@@ -361,38 +350,45 @@ def _module_to_hook(name: str | None, output: bool = True) -> str | None:
     return mapped or name
 
 
-def _load_sparsify(root: Path, model) -> SAE:
-    c = _read_json(root / "cfg.json")
-    t = _read_safetensors(root / "sae.safetensors")
-    for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
-        if key not in t:
-            raise LoadError(f"{root / 'sae.safetensors'} has no {key!r}; it is not a sparsify SAE")
-    if c.get("activation", "topk") != "topk":
-        raise LoadError(f"{root}: sparsify activation {c.get('activation')!r} is not supported; only topk is")
-    d_sae, d_in = t["encoder.weight"].shape
-    d_out = t["W_dec"].shape[1]
-    transcode = bool(c.get("transcode", False))
+def _load_sparsify(root: Path, model: HookedLlama) -> SAE:
+    f = _config(root / "cfg.json")
+    where = root / "sae.safetensors"
+    t = _read_safetensors(where)
+    enc, enc_b = _dims(t, "encoder.weight", 2, where), _dims(t, "encoder.bias", 1, where)
+    w_dec, b_dec = _dims(t, "W_dec", 2, where), _dims(t, "b_dec", 1, where)
+    if f.str("activation", "topk") != "topk":
+        raise LoadError(f"{root}: sparsify activation {f.data.get('activation')!r} is not supported; only topk is")
+    d_sae, d_in = enc.shape
+    d_out = w_dec.shape[1]
+    k = f.int("k", minimum=1, maximum=int(d_sae))
+    transcode = f.bool("transcode", False)
+    for key, want in (("d_in", int(d_in)), ("num_latents", int(d_sae))):
+        given = f.int(key, None, minimum=0)
+        if given not in (None, 0, want):
+            raise LoadError(f"{root / 'cfg.json'}: {key} is {given} but {where.name} holds {want}; {_FIX}")
+    if f.bool("skip_connection", "W_skip" in t) != ("W_skip" in t):
+        raise LoadError(f"{root / 'cfg.json'}: skip_connection disagrees with {where.name} (W_skip); {_FIX}")
+    f.bool("multi_topk", False)
+    f.bool("normalize_decoder", True)
     read, write, reads_mlp_input = _sparsify_hooks(root.name)
     if not transcode:  # an SAE reads the module's output
         hook_name, hook_name_out = (write or read), None
     else:
         hook_name, hook_name_out = read, write
-        if write is None:
-            hook_name_out = None
     cfg = SAEConfig(
         architecture="topk",
         d_in=int(d_in),
         d_sae=int(d_sae),
         d_out=int(d_out),
-        k=int(c["k"]),
+        k=k,
         hook_name=hook_name,
         hook_name_out=hook_name_out,
         apply_b_dec_to_input=not transcode,
         skip_connection="W_skip" in t,
         source_format="sparsify",
-        dtype=str(t["encoder.weight"].dtype).removeprefix("torch."),
+        dtype=str(enc.dtype).removeprefix("torch."),
     )
-    tensors = {"W_enc": t["encoder.weight"].T, "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    tensors = {"W_enc": enc.T, "b_enc": enc_b, "W_dec": w_dec, "b_dec": b_dec}
     if "W_skip" in t:
         tensors["W_skip"] = t["W_skip"]
     sae = _build(cfg, tensors, root / "sae.safetensors")
@@ -406,23 +402,119 @@ def _load_sparsify(root: Path, model) -> SAE:
     return sae
 
 
+def save_sparsify(sae: SAE, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a TopK MLP transcoder (reading ``blocks.{i}.ln2.hook_normalized`` times the norm weight, as
+    ``load_sae`` gives sparsify's ``layers.{i}.mlp``) in sparsify's layout: ``path/layers.{i}.mlp/`` with
+    ``cfg.json`` + ``sae.safetensors``, through the staged writer. Returns the hook point's directory,
+    which ``load_sae(dir, model)`` reads back bit-identically. SAELens has no TopK transcoder."""
+    c = sae.cfg
+    m = re.fullmatch(r"blocks\.(\d+)\.ln2\.hook_normalized", c.hook_name or "")
+    if (
+        c.architecture != "topk"
+        or m is None
+        or c.hook_name_out != f"blocks.{m.group(1)}.hook_mlp_out"
+        or sae.input_scale is None
+    ):
+        raise InputError(
+            "sparsify's layout holds TopK MLP transcoders reading the MLP input with its norm weight; "
+            "save this SAE with save_sae",
+            param="sae",
+        )
+    sub = f"layers.{m.group(1)}.mlp"
+    tensors = {
+        "encoder.weight": sae.W_enc.detach().T,
+        "encoder.bias": sae.b_enc.detach(),
+        "W_dec": sae.W_dec.detach(),
+        "b_dec": sae.b_dec.detach(),
+    }
+    if c.skip_connection:
+        tensors["W_skip"] = sae.W_skip.detach()
+    tensors = {n: t.cpu().contiguous() for n, t in tensors.items()}
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise InputError(
+                f"the SAE's {name} holds NaN or inf; an SAE is saved only with finite weights", param="sae"
+            )
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, c.d_sae // c.d_in),
+        "normalize_decoder": True,
+        "num_latents": c.d_sae,
+        "k": c.k,
+        "multi_topk": False,
+        "skip_connection": c.skip_connection,
+        "transcode": True,
+        "d_in": c.d_in,
+    }
+    with write_dir(path, kind="sae", overwrite=overwrite, param="path") as stage:
+        stage.save_tensors(f"{sub}/sae.safetensors", tensors, metadata=WRITTEN_BY)
+        stage.write_json(f"{sub}/cfg.json", cfg)
+    return Path(path) / sub
+
+
 # --------------------------------------------------------------------------- dictionary_learning
 _DL_SUBMODULE = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 
 
+# dictionary_learning class -> (our architecture, {our tensor: (its key, transposed)})
+_DL_CLASSES = {
+    "AutoEncoder": (
+        "standard",
+        {
+            "W_enc": ("encoder.weight", True),
+            "b_enc": ("encoder.bias", False),
+            "W_dec": ("decoder.weight", True),
+            "b_dec": ("bias", False),
+        },
+    ),
+    "AutoEncoderTopK": (
+        "topk",
+        {
+            "W_enc": ("encoder.weight", True),
+            "b_enc": ("encoder.bias", False),
+            "W_dec": ("decoder.weight", True),
+            "b_dec": ("b_dec", False),
+        },
+    ),
+    "JumpReluAutoEncoder": (
+        "jumprelu",
+        {
+            "W_enc": ("W_enc", False),
+            "b_enc": ("b_enc", False),
+            "W_dec": ("W_dec", False),
+            "b_dec": ("b_dec", False),
+            "threshold": ("threshold", False),
+        },
+    ),
+    "GatedAutoEncoder": (
+        "gated",
+        {
+            "W_enc": ("encoder.weight", True),
+            "b_gate": ("gate_bias", False),
+            "r_mag": ("r_mag", False),
+            "b_mag": ("mag_bias", False),
+            "W_dec": ("decoder.weight", True),
+            "b_dec": ("decoder_bias", False),
+        },
+    ),
+}
+
+
 def _load_dictionary_learning(root: Path) -> SAE:
+    where = root / "ae.pt"
     try:
-        state = torch.load(root / "ae.pt", map_location="cpu", weights_only=True)
+        state = torch.load(where, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle payloads refused by weights_only, truncated files …
         raise LoadError(
-            f"{root / 'ae.pt'} cannot be read as plain tensors ({exc.__class__.__name__}); "
+            f"{where} cannot be read as plain tensors ({exc.__class__.__name__}); "
             "it must be a state dict saved with torch.save(ae.state_dict())"
         ) from exc
-    if not isinstance(state, dict):
-        raise LoadError(f"{root / 'ae.pt'} holds no state dict; it must be saved with torch.save(ae.state_dict())")
-    conf = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
-    trainer = conf.get("trainer", conf)
-    cls = trainer.get("dict_class")
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise LoadError(f"{where} holds no state dict; it must be saved with torch.save(ae.state_dict())")
+    check_weights({k: v for k, v in state.items() if isinstance(v, torch.Tensor) and k != "k"}, str(where))
+    conf = _config(root / "config.json") if (root / "config.json").is_file() else Fields({}, str(root / "config.json"))
+    trainer = conf.mapping("trainer") if "trainer" in conf.data else conf
+    cls = trainer.str("dict_class", None)
     if cls is None:
         cls = (
             "AutoEncoderTopK"
@@ -433,58 +525,44 @@ def _load_dictionary_learning(root: Path) -> SAE:
             if "r_mag" in state
             else "AutoEncoder"
         )
-    hook_name = _dl_hook(trainer)
-    if cls == "AutoEncoder":
-        d_sae, d_in = state["encoder.weight"].shape
-        cfg = SAEConfig("standard", int(d_in), int(d_sae), hook_name, source_format="dictionary_learning")
-        tensors = {
-            "W_enc": state["encoder.weight"].T,
-            "b_enc": state["encoder.bias"],
-            "W_dec": state["decoder.weight"].T,
-            "b_dec": state["bias"],
-        }
-    elif cls == "AutoEncoderTopK":
-        d_sae, d_in = state["encoder.weight"].shape
-        k = int(state["k"]) if "k" in state else int(trainer["k"])
-        cfg = SAEConfig("topk", int(d_in), int(d_sae), hook_name, k=k, source_format="dictionary_learning")
-        tensors = {
-            "W_enc": state["encoder.weight"].T,
-            "b_enc": state["encoder.bias"],
-            "W_dec": state["decoder.weight"].T,
-            "b_dec": state["b_dec"],
-        }
-    elif cls == "JumpReluAutoEncoder":
-        d_in, d_sae = state["W_enc"].shape
-        cfg = SAEConfig(
-            "jumprelu",
-            int(d_in),
-            int(d_sae),
-            hook_name,
-            apply_b_dec_to_input=False,
-            source_format="dictionary_learning",
-        )
-        tensors = {k: state[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
-    elif cls == "GatedAutoEncoder":
-        d_sae, d_in = state["encoder.weight"].shape
-        cfg = SAEConfig("gated", int(d_in), int(d_sae), hook_name, source_format="dictionary_learning")
-        tensors = {
-            "W_enc": state["encoder.weight"].T,
-            "b_gate": state["gate_bias"],
-            "r_mag": state["r_mag"],
-            "b_mag": state["mag_bias"],
-            "W_dec": state["decoder.weight"].T,
-            "b_dec": state["decoder_bias"],
-        }
-    else:
+    if cls not in _DL_CLASSES:
         raise LoadError(
             f"{root / 'config.json'}: dictionary_learning class {cls!r} is not supported; supported: "
-            "AutoEncoder, AutoEncoderTopK, JumpReluAutoEncoder, GatedAutoEncoder"
+            f"{', '.join(_DL_CLASSES)}"
         )
-    return _build(cfg, tensors, root / "ae.pt")
+    arch, keys = _DL_CLASSES[cls]
+    tensors = {}
+    for ours, (theirs, transposed) in keys.items():
+        ndim = 2 if ours in ("W_enc", "W_dec") else 1
+        t = _dims(state, theirs, ndim, where)
+        tensors[ours] = t.T if transposed else t
+    d_in, d_sae = tensors["W_enc"].shape
+    k = None
+    if arch == "topk":
+        if "k" in state:
+            value = state["k"]
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+                value = int(value.item())
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= d_sae:
+                raise LoadError(f"{where}: k is {value!r}, not an integer in 1..{d_sae}; the file is corrupt")
+            k = value
+        else:
+            k = trainer.int("k", minimum=1, maximum=int(d_sae))
+    cfg = SAEConfig(
+        arch,
+        int(d_in),
+        int(d_sae),
+        _dl_hook(trainer),
+        k=k,
+        apply_b_dec_to_input=arch != "jumprelu",
+        source_format="dictionary_learning",
+    )
+    return _build(cfg, tensors, where)
 
 
-def _dl_hook(trainer: dict) -> str | None:
-    layer, sub = trainer.get("layer"), str(trainer.get("submodule_name") or "")
+def _dl_hook(trainer: Fields) -> str | None:
+    layer = trainer.int("layer", None, minimum=0)
+    sub = trainer.str("submodule_name", None) or ""
     m = re.match(r"(resid|mlp|attn)\w*?_?(\d+)?$", sub.replace("resid_post_layer_", "resid_"))
     if layer is None and m and m.group(2):
         layer = int(m.group(2))
@@ -492,3 +570,21 @@ def _dl_hook(trainer: dict) -> str | None:
     if layer is None or kind is None:
         return None
     return f"blocks.{int(layer)}.{_DL_SUBMODULE[kind]}"
+
+
+def _sample_sae() -> dict[str, bytes]:
+    """A valid SAELens-layout SAE (d_in 8, d_sae 16) for the loader registry's fuzz test."""
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    weights = {
+        "W_enc": torch.randn(8, 16, generator=g),
+        "W_dec": torch.randn(16, 8, generator=g),
+        "b_enc": torch.zeros(16),
+        "b_dec": torch.zeros(8),
+    }
+    cfg = b'{"architecture": "standard", "d_in": 8, "d_sae": 16, "dtype": "float32", "metadata": {"hook_name": "blocks.0.hook_resid_post"}}'
+    return {"cfg.json": cfg, SAELENS_WEIGHTS: save(weights)}
+
+
+register_loader("sae", load_sae, kind="dir", files=("cfg.json",), sample=_sample_sae)

@@ -1,32 +1,45 @@
 """Reconstruction metrics of an SAE on a model: MSE, fraction of variance explained, L0, CE-loss recovered
 and the KL of the spliced model to the clean one.
 
-Over the real tokens of ``texts`` (padding never counted):
+Every number is taken over the **measured positions**: the real (non-padding) tokens of ``texts``,
+less each text's first token with ``skip_first`` (the default, as in training: its residual is a
+massive activation an SAE is not trained on) and, with ``outlier_ratio``, less every token whose input
+norm exceeds that many times the batch's median. Only measured positions are replaced; the others keep
+their own activation.
 
-- ``mse``: mean over tokens and dimensions of ``(target - reconstruction)²``;
-- ``fve``: ``1 - Σ‖target - recon‖² / Σ‖target - mean(target)‖²``;
-- ``l0``: mean number of active features per token; ``dead``: features that never fired;
+- ``mse``: mean over measured tokens and dimensions of ``(target - reconstruction)²``;
+- ``fve``: ``1 - Σ‖target - recon‖² / Σ‖target - mean(target)‖²`` over measured tokens;
+- ``l0``: mean number of active features per measured token; ``frequency`` [d_sae]: the fraction of
+  measured tokens on which each feature fired; ``dead``: features that fired on no measured token of
+  ``texts`` (a first token or an outlier does not make a feature alive);
 - ``ce_clean`` / ``ce_spliced`` / ``ce_zero``: mean next-token loss of the clean model, of the model
-  with the reconstruction in place of the activation (no error term) and with the activation set to 0;
+  with the reconstruction in place of the activation (no error term) and with the activation set to 0,
+  over the predictions *made at* measured positions (the prediction made at a text's first token is left
+  out with ``skip_first``: nothing is replaced there, so it would only dilute the numbers);
   ``ce_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean)``;
-- ``kl``: mean over tokens of KL(clean ‖ spliced) of the next-token distributions.
+- ``kl``: mean KL(clean ‖ spliced) of the next-token distributions over the same predictions.
 
-With ``skip_first`` (the default, as in training) each text's first token keeps its own activation
-and is left out of the reconstruction numbers: its residual is an outlier an SAE is not trained on.
-``outlier_ratio`` does the same for any token with a massive activation.
+Reading a massive activation (``skip_first=False``, or a massive token elsewhere with no
+``outlier_ratio``) issues a ``MassiveActivationWarning`` naming the fix.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from hooks import InputError
 
+from ..divergence import kl_rows
+from ..massive import RATIO, warn_if_massive
 from ..neurons import _batches, load_corpus
 from ..results import AnalysisResult, jsonable
 from .sae import SAE
+
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
 
 
 @dataclass
@@ -103,7 +116,7 @@ def replace_hook(sae: SAE, keep: torch.Tensor, mode: str, inputs: dict):
 
 
 def sae_metrics(
-    model,
+    model: HookedLlama,
     sae: SAE,
     texts=None,
     *,
@@ -130,12 +143,14 @@ def sae_metrics(
     if not texts:
         raise InputError("sae_metrics needs at least one text")
     read, write = sae.hook_name, sae.hook_name_out or sae.hook_name
-    sse = sst_sum = sst_sq = 0.0
+    sse = sst_sq = 0.0
     sum_vec = None
     n = active = 0
     fired = torch.zeros(sae.d_sae, dtype=torch.float64)
     ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     kl_sum, n_pred = 0.0, 0
+    read_norms: list[torch.Tensor] = []
+    refs: list[torch.Tensor] = []
     with torch.no_grad():
         for _, tokens, mask in _batches(model, texts, batch_size, max_tokens):
             tokens, mask = tokens.to(model.device), mask.to(model.device)
@@ -148,6 +163,9 @@ def sae_metrics(
             acts = sae.encode(x)
             recon = sae.reconstruct(x).to(target.dtype)
             k = keep.to(x.device)
+            measured = x.float().norm(dim=-1)[k].cpu()
+            read_norms.append(measured)
+            refs.append(torch.full_like(measured, float(measured.median()) if measured.numel() else 1.0))
             t_keep, r_keep = target[k].double(), recon[k].double()
             sse += float((t_keep - r_keep).pow(2).sum())
             sum_vec = t_keep.sum(0) if sum_vec is None else sum_vec + t_keep.sum(0)
@@ -162,17 +180,25 @@ def sae_metrics(
                 runs[mode] = model.run_with_hooks(
                     tokens, attention_mask=mask, fwd_hooks=[(write, replace_hook(sae, k, mode, inputs))]
                 )
-            valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+            # the predictions made at measured positions (of the next real token)
+            valid = k[:, :-1].to(mask.device) & mask[:, 1:].bool()
             for mode, lg in runs.items():
                 nll = model.loss_from_logits(lg, tokens, None, per_token=True)
                 ce[mode] += float(nll[valid].double().sum())
-            lp_clean = logits[:, :-1].float().log_softmax(-1)
-            lp_sae = runs["sae"][:, :-1].float().log_softmax(-1)
-            kl = (lp_clean.exp() * (lp_clean - lp_sae)).sum(-1)
+            kl = kl_rows(logits[:, :-1], runs["sae"][:, :-1], dtype=torch.float32)  # KL(clean ‖ spliced) per token
             kl_sum += float(kl[valid].double().sum())
             n_pred += int(valid.sum())
     if n == 0 or n_pred == 0:
         raise InputError("the texts are too short: no token is left to measure; pass longer texts")
+    warn_if_massive(
+        "sae_metrics",
+        read,
+        torch.cat(read_norms),
+        torch.cat(refs),
+        "they dominate FVE and MSE; leave them out with "
+        + ("skip_first=True (first tokens) and " if not skip_first else "")
+        + f"outlier_ratio={RATIO:g}",
+    )
     sst = sst_sq - float(sum_vec.pow(2).sum()) / n
     ce = {m: v / n_pred for m, v in ce.items()}
     recovered = (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]) if ce["zero"] != ce["clean"] else float("nan")

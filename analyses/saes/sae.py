@@ -31,6 +31,7 @@ from hooks import HookPoint, InputError
 
 ARCHITECTURES = ("standard", "gated", "jumprelu", "topk")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 @dataclass
@@ -54,6 +55,18 @@ class SAEConfig:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae", "d_out"):
+            value = getattr(self, name)
+            if (value is not None or name != "d_out") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise InputError(f"SAEConfig {name} must be an integer >= 1, got {value!r}", param=name)
+        if self.dtype not in DTYPES:
+            raise InputError(f"SAEConfig dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}", param="dtype")
+        for name in ("hook_name", "hook_name_out"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"SAEConfig {name} must be a hook name (text), got {value!r}", param=name)
         if self.architecture not in ARCHITECTURES:
             raise InputError(f"unknown SAE architecture {self.architecture!r}; supported: {', '.join(ARCHITECTURES)}")
         if self.normalize_activations not in NORMALIZATIONS:

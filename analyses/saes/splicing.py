@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -20,9 +20,12 @@ from hooks import InputError
 from .formats import check_fits
 from .sae import SAE
 
+if TYPE_CHECKING:
+    from hooks.model import HookedLlama
+
 
 @contextlib.contextmanager
-def spliced(model, saes: Sequence[SAE], *, use_error_term: bool | None = None):
+def spliced(model: HookedLlama, saes: Sequence[SAE], *, use_error_term: bool | None = None):
     """Context manager: each SAE runs at its hook point (see ``hooks.splice``); ``use_error_term``
     (True/False) overrides each SAE's own setting inside the block."""
     saes = list(saes)

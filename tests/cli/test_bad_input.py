@@ -197,7 +197,7 @@ def test_an_overflowing_scale_in_a_plan_exits_2_before_writing(tiny_dir, tmp_pat
 
 
 def test_a_full_disk_while_writing_a_report_names_the_path(tiny_dir, tmp_path, monkeypatch, capsys):
-    import _cli.report as report
+    import _core.writer as writer
 
     def full(path, data):
         with open(path, "wb") as f:
@@ -205,18 +205,19 @@ def test_a_full_disk_while_writing_a_report_names_the_path(tiny_dir, tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(report, "_write_file", full)
+    monkeypatch.setattr(writer, "_stage_bytes", full)
     message = cli_error(["lens", "Hello there", "--model", str(tiny_dir), "--report", "r/lens.html"], capsys, code=1)
-    assert message.startswith("cannot write r/lens.html: no space left on the device of r (it needs about ")
-    assert message.endswith(" KB); free some space or write it to another disk; nothing was written")
-    assert list((tmp_path / "r").iterdir()) == []  # no half-written report, no temporary file
+    assert message.startswith("no space left on the device of r (the report needs about ")
+    assert message.endswith(" MB); free some space or pick a report on another disk; nothing was written")
+    assert not (tmp_path / "r").exists()  # no half-written report, no temporary file, not even the new directory
 
     def read_only(path, data):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(report, "_write_file", read_only)
+    monkeypatch.setattr(writer, "_stage_bytes", read_only)
     assert cli_error(["lens", "Hello there", "--model", str(tiny_dir), "--report", "r/lens.html"], capsys) == (
-        "cannot write r/lens.html: permission denied; pick a writable location; nothing was written"
+        "cannot write in r: permission denied (read-only directory or file system); pick a report in a writable "
+        "directory or fix its permissions; nothing was written"
     )
 
 

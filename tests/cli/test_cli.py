@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -317,6 +319,39 @@ def test_ablate_out_checkpoint_reloads_with_the_reported_logits(tiny_dir, hf, to
     assert code == 0 and "top-5 tokens match" in text
 
 
+def test_ablate_out_applies_the_plan_once_and_exports_what_it_measured(
+    tiny_dir, prompts_file, tmp_path, monkeypatch, capsys
+):
+    """Measure and export from one edited state: every edit of the plan is applied once (no separate
+    validation pass, no second application inside the export), and the export knows the base (its KL)."""
+    import surgery
+
+    applied = []
+    real = surgery.ZeroHeads.apply
+
+    def counted(self, model):
+        applied.append(self.layer)
+        return real(self, model)
+
+    monkeypatch.setattr(surgery.ZeroHeads, "apply", counted)
+    argv = [
+        "ablate",
+        "--model",
+        str(tiny_dir),
+        "--heads",
+        "0.1,2.3",
+        "--prompts",
+        str(prompts_file),
+        "--metric",
+        "prob",
+    ]
+    doc = run_json(argv + ["--out", str(tmp_path / "e")], capsys)
+    assert sorted(applied) == [0, 2]
+    assert doc["export"]["kl_to_base"] > 0 and doc["export"]["max_abs_logit_diff"] <= 1e-4
+    manifest = json.loads((tmp_path / "e" / "scalpel_manifest.json").read_text())
+    assert [e["edit"] for e in manifest["edits"]] == ["ZeroHeads", "ZeroHeads"]
+
+
 def test_sweep_heads_effects_equal_one_ablation_at_a_time(tiny_dir, hf, tok, prompts_file, tmp_path, capsys):
     table = tmp_path / "rank.csv"
     doc = run_json(
@@ -481,7 +516,7 @@ def test_run_experiment_equals_the_single_commands(tiny_dir, prompts_file, tmp_p
     path = experiment(tmp_path, tiny_dir, prompts_file)
     monkeypatch.chdir(tmp_path)
     doc = run_json(["run", path], capsys)
-    assert [s["argv"][0] for s in doc["steps"]] == ["lens", "heads", "patch", "sweep", "ablate", "ablate"]
+    assert [s["command"] for s in doc["steps"]] == ["lens", "heads", "patch", "sweep", "ablate", "ablate"]
     assert Path("exported/scalpel_manifest.json").is_file() and Path("experiment.html").is_file()
     single = run_json(
         ["ablate", "--model", tiny_dir, "--heads", "1.0,2.1", "--prompts", prompts_file, "--metric", "logit-diff"],
@@ -544,11 +579,47 @@ def test_report_is_self_contained(tiny_dir, prompts_file, tmp_path, capsys):
 def test_shipped_experiments_parse_into_commands(name, capsys):
     path = Path(__file__).resolve().parents[2] / "examples" / name
     doc = run_json(["run", path, "--dry-run"], capsys)
-    steps = [s["argv"] for s in doc["steps"]]
-    ablations = [a for a in steps if a[0] == "ablate"]
-    assert len(ablations) == 2 and sum("--out" in a for a in ablations) == 1
-    for argv in steps:
-        cli.build_parser().parse_args(argv)  # every step is a valid command line
-        if argv[0] in ("ablate", "sweep"):
-            prompts = Path(argv[argv.index("--prompts") + 1])
+    steps = doc["steps"]
+    ablations = [s["options"] for s in steps if s["command"] == "ablate"]
+    assert len(ablations) == 2 and sum("out" in a for a in ablations) == 1
+    for step in steps:
+        assert step["command"] in cli.COMMAND_HELP
+        if step["command"] in ("ablate", "sweep"):  # every path relative to the experiment file
+            prompts = Path(step["options"]["prompts"])
             assert prompts.is_file() and prompts.parent == path.parent
+    out = Path(next(a["out"] for a in ablations if "out" in a))
+    assert out.parent == path.parent
+
+
+def test_run_steps_take_yaml_values_as_their_commands_take_flags(tmp_path):
+    """A step's YAML values are typed (an int, a list, a quoted head list) and checked against its flags."""
+    from _cli.commands.run import plan_steps
+    from _cli.inputs import CLIError
+
+    exp = tmp_path / "sub" / "exp.yaml"
+    exp.parent.mkdir()
+    data = {
+        "prompts": "../prompts.txt",
+        "metric": "logit-diff",
+        "analyses": [
+            {"sweep": {"component": "heads", "layers": 1, "top": 3}},
+            {"lens": {"prompt": 2024, "layers": [0, 2], "target": " Mary", "stages": ["pre", "post"]}},
+        ],
+        "ablations": [{"heads": ["1.0", "2.1"], "batch-size": 2, "out": "edited"}],
+    }
+    sweep, lens, ablate = plan_steps(data, exp)
+    assert (sweep.args.layers, sweep.args.top, sweep.args.batch_size) == (1, 3, 64)  # the parser's defaults
+    assert sweep.args.prompts == [str(exp.parent / "../prompts.txt")]
+    assert (lens.args.prompt, lens.args.layers, lens.args.target) == ("2024", [0, 2], [" Mary"])
+    assert ablate.args.heads == ["1.0", "2.1"] and ablate.args.batch_size == 2
+    assert ablate.args.out == str(exp.parent / "edited")
+    for options, message in [
+        ({"top": 0}, "top: expected a positive integer, got '0'"),
+        ({"component": "tokens"}, "component: 'tokens' is not one of heads, neurons, layers"),
+        ({"mean": "yes"}, "mean is a switch; write true or false"),
+        ({"topp": 3}, "unknown option 'topp' (did you mean 'top'?)"),
+        ({"overwrite": True}, "'overwrite' is set for the whole experiment, not per step"),
+    ]:
+        bad = {"analyses": [{"sweep": {"component": "heads", **options}}]}
+        with pytest.raises(CLIError, match=re.escape(message)):
+            plan_steps(bad, exp)

@@ -69,7 +69,10 @@ BAD = {
     ),
     "head out of range": (ABLATE + ["--heads", "1.9"], "--heads 1.9: head 9 is out of range"),
     "bad neuron spec": (ABLATE + ["--neurons", "12"], "bad neuron spec '12'"),
-    "neuron out of range": (ABLATE + ["--neurons", "1:4051"], "neuron 4051 is out of range; the model has 96 neurons"),
+    "neuron out of range": (
+        ABLATE + ["--neurons", "1:4051"],
+        "--neurons 1:4051: neuron 4051 is out of range; the layer has 96 neurons (0..95)",
+    ),
     "nothing to ablate": (ABLATE, "ablate needs something to ablate"),
     "multi-token answer": (
         [
@@ -97,13 +100,21 @@ BAD = {
     "existing report": (ABLATE + ["--heads", "1.0", "--report", "old.html"], "--report old.html already exists"),
     "existing edit output": (["edit", "plan.yaml", "--out", "exists"], "--out exists already exists"),
     "neurons sweep without layers": (["sweep", "--component", "neurons", "--prompt", "a b c"], "needs --layers"),
+    "lens position out of range": (
+        ["lens", "When Mary", "--positions", "0,99"],
+        "position 99 is out of range; the prompt has 2 tokens (0..1, or -2..-1)",
+    ),
     "bad steer spec": (["generate", "hi", "--steer", "x:v.pt"], "bad steer spec 'x:v.pt'"),
     "missing steer vector": (["generate", "hi", "--steer", "1:v.pt:2"], "no such vector file: v.pt"),
     "verify a non-export": (["verify", "exists"], "has no scalpel_manifest.json"),
     # issue 12
     "overwrite of a directory that is not an export": (
         ABLATE + ["--heads", "1.0", "--out", ".", "--overwrite"],
-        "--out . is not an export of llama-scalpel (it holds 'bad.yaml' and no valid scalpel_manifest.json); "
+        "--out . holds the input prompts.txt; replacing it would delete that input, pick another out_dir",
+    ),
+    "overwrite of a directory of the user's files": (
+        ["ablate", "--heads", "1.0", "--prompt", "When Mary", "--out", "exists", "--overwrite"],
+        "--out exists is not an export of llama-scalpel (it holds 'keep.txt' and no valid scalpel_manifest.json); "
         "overwriting replaces only a previous export or an empty directory, pick another out_dir",
     ),
     "--csv and --report the same file": (
@@ -158,7 +169,7 @@ BAD = {
         ["generate", "hi", "--sample", "--temperature", "0"],
         "temperature must be a finite number > 0, got 0.0; leave out --sample",
     ),
-    "sampling top-p above 1": (["generate", "hi", "--sample", "--top-p", "2"], "top_p must be a number in (0, 1]"),
+    "sampling top-p above 1": (["generate", "hi", "--sample", "--top-p", "2"], "--top-p must be a number in (0, 1]"),
 }
 
 
@@ -278,7 +289,8 @@ def test_subprocess_bad_input_has_no_traceback(tiny_dir, tmp_path):
     assert proc.returncode == 2
     assert (
         proc.stdout == ""
-        and proc.stderr == "scalpel: error: bad head spec '5.x': write LAYER.HEAD, e.g. 5.3 (several: 5.3,9.1)\n"
+        and proc.stderr
+        == "scalpel: error: bad head spec '5.x': write LAYER.HEAD, e.g. 3.5 or L3H5 (several: 3.5,9.1)\n"
     )
     assert not (tmp_path / "o").exists()
 
@@ -345,12 +357,12 @@ def test_run_checks_every_step_before_the_first_writes(tiny_dir, work, capsys):
     before = snapshot(work)
     code, out, err = run(["run", "late_error.yaml"], capsys)
     assert (code, out) == (2, "") and err == (
-        "scalpel: error: late_error.yaml: step 2 (ablations: ablate): --heads 1.9: "
-        "head 9 is out of range; the model has 4 query heads per layer (0..3)\n"
+        "scalpel: error: late_error.yaml: step 2 (ablations: ablate): heads 1.9: "
+        "head 9 is out of range; the layer has 4 heads (0..3)\n"
     )
     code, out, err = run(["run", "same_out.yaml"], capsys)
     assert (code, out) == (2, "") and err == (
-        "scalpel: error: step 2 --out a and step 1 --out a name the same path; give each output its own\n"
+        "scalpel: error: step 2 out a and step 1 out a name the same path; give each output its own\n"
     )
     assert snapshot(work) == before and not (work / "a").exists()
 
@@ -379,3 +391,59 @@ def test_progress_shows_on_a_terminal_only_and_never_with_json(tiny_dir, work, m
         assert code == 0 and "loading the model" in err and "edited" in err and "ablating 1 head" in out
         code, out, err = run(argv + ["--json"], capsys)
         assert (code, err) == (0, "") and json.loads(out)["command"] == "ablate"
+
+
+# --------------------------------------------------------------------------- library words, CLI spelling
+def test_the_flag_spelling_comes_from_the_parser():
+    from _cli.parser import build_parser, flag_spelling, subparser
+    from _core.errors import MISSING
+
+    parser = build_parser()
+    generate = flag_spelling(subparser(parser, "generate"))
+    assert generate("max_new_tokens", 40) == "--max-new-tokens 40" and generate("top_p", MISSING) == "--top-p"
+    assert generate("do_sample", MISSING) == "--sample" and generate("do_sample", False) == "no --sample"
+    assert generate("overwrite", True) == "--overwrite" and generate("prompt", MISSING) == "PROMPT"
+    assert generate("no_such_parameter", 3) == "no_such_parameter=3"  # no flag: the Python spelling
+    ablate = flag_spelling(subparser(parser, "ablate"))
+    assert ablate("out_dir", "my dir") == "--out 'my dir'" and ablate("answers", [" Mary", "John"]) == (
+        "--answers ' Mary' John"
+    )
+
+
+def test_a_library_message_names_the_flag_on_the_command_line_and_the_keyword_in_python(tiny_dir, capsys):
+    """No message text is rewritten: the library spells the argument with ``arg()``, the CLI installs its
+    spelling while the command runs."""
+    from hooks import HookedLlama, InputError
+
+    model = HookedLlama.from_pretrained(str(tiny_dir))
+    with pytest.raises(InputError, match=r"plus max_new_tokens=200 needs .* lower max_new_tokens to at most") as err:
+        model.generate("When Mary", 200)
+    assert err.value.param == "max_new_tokens"
+    code, out, err_text = run(["generate", "When Mary", "--model", tiny_dir, "--max-new-tokens", "200"], capsys)
+    assert (code, out) == (2, "") and "plus --max-new-tokens 200 needs" in err_text
+    assert "lower --max-new-tokens to at most" in err_text and "max_new_tokens" not in err_text
+    import _cli.app
+
+    assert not hasattr(_cli.app, "PYTHON_TO_FLAGS")
+
+
+def test_every_parameter_a_command_line_error_names_is_a_flag_of_that_command(tiny_dir, work, monkeypatch, capsys):
+    """The ``param`` of each refusal in ``BAD`` maps to a flag (or argument) of its command, so the CLI can
+    name it: a library parameter the parser does not know would be spelled the Python way."""
+    import _cli.app
+    from _cli.parser import build_parser, command_spelling
+    from _core.errors import MISSING
+
+    seen = []
+    message = _cli.app._message
+    monkeypatch.setattr(_cli.app, "_message", lambda exc: seen.append(exc) or message(exc))
+    parser = build_parser()
+    for argv, _ in BAD.values():
+        if argv[0] in ("info", "generate", "lens", "ablate", "sweep", "edit") and "--model" not in argv:
+            argv = argv + ["--model", str(tiny_dir)]
+        seen.clear()
+        assert run(argv, capsys)[0] == 2
+        param = getattr(seen[0], "param", None)
+        if param is not None and argv[0] in cli.COMMAND_HELP:
+            spelled = command_spelling(parser, argv[0])(param, MISSING)
+            assert spelled != param or spelled.isupper(), (argv, param)  # a --flag or a POSITIONAL

@@ -122,19 +122,22 @@ def _writable_again(tmp_path):
 
 
 def disk_full_after_first_shard(monkeypatch) -> list[Path]:
-    """From the second shard on, safetensors fails as it does on a full disk (ENOSPC)."""
-    from safetensors import SafetensorError
+    """From the second shard on, the write stage fails as it does on a full disk (ENOSPC)."""
+    import errno
+
+    from surgery.export.hf import HFExport
 
     written: list[Path] = []
-    real = E._save_shard
+    real = HFExport.write_shard
 
-    def full(tensors, path):
+    def full(self, path, entries):
         if written:
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-        real(tensors, path)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        sha = real(self, path, entries)
         written.append(path)
+        return sha
 
-    monkeypatch.setattr(E, "_save_shard", full)
+    monkeypatch.setattr(HFExport, "write_shard", full)
     return written
 
 
@@ -269,13 +272,13 @@ def test_api_error(case, ctx):
 # --------------------------------------------------------------------------- export faults (Python API)
 def test_export_to_read_only_dir_writes_nothing(ctx, monkeypatch):
     read_only(ctx.work / "exports", monkeypatch)
-    with pytest.raises(S.ExportWriteError) as info:
+    with pytest.raises(S.ExportError) as info:  # refused by the writer's check of every output, before any work
         S.export(ctx.tiny, "exports/tiny", edits=[S.ZeroHeads(0, [1])])
     assert str(info.value) == (
-        "cannot write in exports: permission denied (read-only directory or file system); "
-        "pick an out_dir in a writable directory or fix its permissions; nothing was written"
+        "exports/tiny: cannot write in exports (permission denied); pick a writable location or fix the "
+        "directory's permissions"
     )
-    assert isinstance(info.value, S.ExportError) and info.value.errno == errno.EACCES
+    assert isinstance(info.value, InputError) and info.value.errno == errno.EACCES
     assert list((ctx.work / "exports").iterdir()) == []
 
 
@@ -370,7 +373,9 @@ def test_cli_error(case, ctx, monkeypatch, capsys):
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(E, "_reload_hf", interrupted)
+        from surgery.export.hf import HFExport
+
+        monkeypatch.setattr(HFExport, "compare", interrupted)
     before = sorted(str(p.relative_to(ctx.work)) for p in ctx.work.rglob("*"))
     assert run(argv, capsys) == (code, "", f"scalpel: error: {message}\n")
     assert sorted(str(p.relative_to(ctx.work)) for p in ctx.work.rglob("*")) == before  # nothing written

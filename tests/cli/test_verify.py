@@ -6,18 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 import surgery as S
+from _core import writer as W
 from hooks import HookedLlama
 from surgery import _manifest as M
 from tests.helpers import run, tiny_hf
-
-E = sys.modules["surgery.export"]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +154,7 @@ def test_changed_weights_with_every_hash_redone_fail_reload_parity(out):
     tensors[name] = tensors[name] + 0.5
     save_file(tensors, str(shard), metadata={"format": "pt"})
     manifest = manifest_of(out)
-    manifest["files"][shard.name] = E.sha256_file(shard)
+    manifest["files"][shard.name] = W.sha256_file(shard)
     write_manifest(out, manifest, reseal=True)
     assert "reloaded logits differ from those recorded at export by" in one_line_error(out, S.ParityError)
 
@@ -168,7 +166,7 @@ def test_changed_probe_values_with_every_hash_redone_fail_reload_parity(out):
     stored["probe_2"][-1, 5] += 1e-3  # one logit, by ten times the fp32 tolerance
     save_file(stored, str(path), metadata={"format": "pt"})
     manifest = manifest_of(out)
-    manifest["files"][M.PROBE_LOGITS] = E.sha256_file(path)
+    manifest["files"][M.PROBE_LOGITS] = W.sha256_file(path)
     write_manifest(out, manifest, reseal=True)
     message = one_line_error(out, S.ParityError)
     diff = float(message.split(" by ")[1].split(" ")[0])
@@ -244,7 +242,7 @@ def test_probe_logits_that_do_not_match_the_probes_are_named(out):
     del stored["probe_1"]
     save_file(stored, str(path), metadata={"format": "pt"})
     manifest = manifest_of(out)
-    manifest["files"][M.PROBE_LOGITS] = E.sha256_file(path)
+    manifest["files"][M.PROBE_LOGITS] = W.sha256_file(path)
     write_manifest(out, manifest, reseal=True)
     assert one_line_error(out).startswith(
         "scalpel_probe_logits.safetensors: probe_1 is None, but the manifest's probe 1 has"
@@ -257,7 +255,7 @@ def test_a_reload_failure_is_one_line(out):
     config["num_attention_heads"] = 5  # 64 is not divisible by 5
     (out / "config.json").write_text(json.dumps(config))
     manifest = as_version_1(manifest_of(out))
-    manifest["files"]["config.json"] = E.sha256_file(out / "config.json")
+    manifest["files"]["config.json"] = W.sha256_file(out / "config.json")
     write_manifest(out, manifest)
     message = one_line_error(out, S.ParityError)
     assert message.startswith(f"{out}: transformers could not reload and run it (")

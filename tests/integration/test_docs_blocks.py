@@ -98,7 +98,7 @@ def test_readme_blocks_run(smol, in_tmp, monkeypatch):
 def test_saes_doc_blocks_run(smol, in_tmp, monkeypatch):
     default_is(monkeypatch, smol)
     sae_on_disk(smol)
-    ns = run_blocks("docs/saes.md", {}, 1)
+    ns = run_blocks("docs/saes.md", {}, 3)
     acts = ns["cache"]["blocks.6.hook_resid_post.hook_sae_acts_post"]
     assert acts.shape[-1] == ns["sae"].cfg.d_sae and (acts >= 0).all()
     assert not any(p.fwd_hooks for p in smol.hook_dict.values())
@@ -113,7 +113,7 @@ def test_analyses_doc_blocks_run(smol, in_tmp, monkeypatch):
     edit = surgery.ZeroHeads(5, [0, 4])
     other = own_copy(smol)
     surgery.apply_plan(other, surgery.EditPlan([edit]))
-    ns = run_blocks("docs/analyses.md", {"tokens": smol.to_tokens(IOI), "edit": edit, "other_model": other}, 4)
+    ns = run_blocks("docs/analyses.md", {"tokens": smol.to_tokens(IOI), "edit": edit, "other_model": other}, 6)
     res = ns["res"]
     assert res.effects.shape[1] == 1 and ns["dirs"].directions.shape == (smol.n_layers, smol.cfg.d_model)
     assert ns["r"].n == 8 and 0 <= ns["r"].rate <= 1
@@ -126,7 +126,7 @@ def test_surgery_doc_blocks_run(smol, in_tmp, monkeypatch):
     default_is(monkeypatch, model)
     g = torch.Generator().manual_seed(0)
     direction = torch.randn(smol.cfg.d_model, generator=g)
-    ns = run_blocks("docs/surgery.md", {"refusal_direction": direction / direction.norm()}, 3)
+    ns = run_blocks("docs/surgery.md", {"refusal_direction": direction / direction.norm()}, 4)
     assert ns["result"].max_abs_logit_diff < 1e-4 and ns["result"].kl_to_base > 0
     assert (in_tmp / "out/smol-edited.gguf").is_file() and (in_tmp / "out/smol-abliterated").is_dir()
     assert ns["res"].before.n == 8 and len(ns["plan"].edits) == 4

@@ -57,7 +57,7 @@ def test_cache_equals_transformer_lens(smol, tl_bridge):
             name = short if short == "hook_embed" else f"blocks.{i}.{short}"
             ours, theirs = cache[name], tl_cache[name]
             assert ours.shape == theirs.shape, name
-            if short == "attn.hook_attn_scores":  # both mask with finfo.min; compare the allowed entries
+            if short == "attn.hook_attn_scores":  # masked: -inf here, finfo.min there; compare the allowed entries
                 keep = torch.ones(ours.shape[-2:], dtype=torch.bool).tril()
                 ours, theirs = ours[..., keep], theirs[..., keep]
             assert _close(ours, theirs), name

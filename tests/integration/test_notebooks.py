@@ -29,6 +29,7 @@ NOTEBOOKS = [
     "03_steer_and_ship.ipynb",
     "04_sae_features.ipynb",
     "05_abliterate.ipynb",
+    "06_circuits.ipynb",
 ]
 TIMEOUT = 300  # seconds per cell
 EXPORT_SUFFIXES = (".safetensors", ".gguf")

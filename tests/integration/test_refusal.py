@@ -64,10 +64,10 @@ def test_peaked_weights_profile():
 
 
 def test_pareto_front():
-    from surgery.refusal_search import _pareto
+    from surgery.abliteration.space import pareto_front
 
     pts = [(1.0, 0.5), (0.5, 1.0), (0.7, 0.7), (0.8, 0.9), (0.5, 1.2)]
-    assert _pareto(pts) == [0, 2, 1]
+    assert pareto_front(pts) == [0, 2, 1]
 
 
 def test_search_space_is_herectics_box():
@@ -228,7 +228,7 @@ def test_cli_abliterate_exports_and_scalpel_edit_replays_bit_exactly(tmp_path, c
     assert data["export"]["max_abs_logit_diff"] <= 1e-4 and data["front"] and data["chosen_trial"] in data["front"]
     manifest = json.loads((out / "scalpel_manifest.json").read_text())
     prov = manifest["provenance"]
-    assert prov["seed"] == 0 and prov["prompts_sha256"]["eval_harmful"] == R.prompts_sha256(
+    assert prov["config"]["seed"] == 0 and prov["prompts_sha256"]["eval_harmful"] == R.prompts_sha256(
         R.load_prompts(files["ehf"])
     )
     assert prov["params"] == data["params"]
@@ -256,9 +256,9 @@ def test_confirmation_bisects_the_front(counts, target, budget, want, most):
         seen.append(k)
         return counts[k]
 
-    from surgery.refusal_search import _bisect_front
+    from surgery.abliteration.space import bisect_front
 
-    assert _bisect_front(len(counts), count, target, budget) == want
+    assert bisect_front(len(counts), count, target, budget) == want
     assert len(seen) == len(set(seen)) and len(seen) <= most
 
 
@@ -322,21 +322,66 @@ def test_whiten_and_refine_are_checked_before_any_work(call, message):
 
 
 @pytest.mark.parametrize(
-    "flag, value, message",
+    "flags, message",
     [
-        ("--whiten", "-1", "argument --whiten: expected a positive number or 'off', got '-1'"),
-        ("--refine", "-3", "argument --refine: expected a number of steps >= 0 or 'off', got '-3'"),
+        (["--whiten", "-1"], "--whiten must be a positive shrinkage (e.g. 30) or None, got -1.0"),
+        (["--refine", "-3"], "--refine must be a number of steps >= 0 (0: off), got -3"),
+        (["--trials", "0"], "--trials must be a positive integer, got 0"),
+        (["--threads", "0"], "--threads must be a positive integer, got 0"),
+        (["--sampler", "tpe"], "argument --sampler: invalid choice: 'tpe'"),
     ],
 )
-def test_cli_abliterate_bad_option_exits_2(flag, value, message, capsys):
+def test_cli_abliterate_bad_setting_exits_2_before_loading(flags, message, capsys, monkeypatch):
+    """The flags are the config's settings: a bad value is the library's one-line check, spelled as a flag."""
     from _cli.app import main
-    from _cli.commands.abliterate import refine_steps, shrinkage
+    from _cli.context import Context
 
-    code = main(["abliterate", "--harmful", "harmful:train", "--harmless", "harmless:train", flag, value])
+    monkeypatch.setattr(Context, "model", lambda self: pytest.fail("the model was loaded before the check"))
+    code = main(["abliterate", "--harmful", "harmful:train", "--harmless", "harmless:train", *flags])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and message in err[0]
-    assert shrinkage("off") is None and shrinkage("30") == 30.0
-    assert refine_steps("off") == 0 and refine_steps("12") == 12
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_cli_abliterate_flags_are_generated_from_the_config():
+    """One flag per command-line setting, with the setting's help and default; off / none read as None / 0."""
+    import argparse
+
+    from _cli.commands import abliterate as cmd
+    from surgery.abliteration import AbliterationConfig, settings
+
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    flags = {a.dest: a for a in p._actions}
+    for f in settings():
+        assert (f.name in flags) == f.metadata["cli"], f.name
+        if f.metadata["cli"]:
+            assert (
+                f.metadata["help"] in flags[f.name].help
+                and "--" + f.name.replace("_", "-") in flags[f.name].option_strings
+            )
+    args = p.parse_args(
+        ["--harmful", "h", "--harmless", "g", "--whiten", "off", "--refine", "off", "--system-prompt", "none"]
+    )
+    assert cmd.config(args) == AbliterationConfig(whiten=None, refine=0, system_prompt=None)
+    assert cmd.config(p.parse_args(["--harmful", "h", "--harmless", "g"])) == AbliterationConfig()
+    args = p.parse_args(
+        ["--harmful", "h", "--harmless", "g", "--trials", "7", "--threads", "1", "--max-new-tokens", "9"]
+    )
+    assert cmd.config(args) == AbliterationConfig(trials=7, threads=1, max_new_tokens=9)
+
+
+def test_config_checks_every_setting_and_names_the_closest():
+    from surgery.abliteration import AbliterationConfig
+
+    with pytest.raises(InputError, match=r"^abliterate has no setting 'trails'; did you mean 'trials'") as err:
+        AbliterationConfig.build(trails=3)
+    assert err.value.param == "trails"
+    with pytest.raises(InputError, match=r"^max_confirm must be a positive integer, got 0$") as err:
+        S.abliterate(object(), ["a", "b"], ["c", "d"], max_confirm=0)
+    assert err.value.param == "max_confirm"
+    cfg = AbliterationConfig(trials=3).replace(seed=2)
+    assert (cfg.trials, cfg.seed) == (3, 2) and cfg.to_dict()["positions"] == [-1]
+    assert AbliterationConfig.build({"trials": 5}, seed=1) == AbliterationConfig(trials=5, seed=1)
 
 
 @pytest.mark.slow
@@ -397,9 +442,9 @@ def test_behaviour_contrast_splits_by_what_the_model_refuses(smol):
     }
     assert res.provenance["contrast"] == "behaviour" and res.provenance["contrasts"] == ["behaviour"]
     # whitened (the default) against every answered or harmless training prompt
-    from surgery.refusal_search import WHITEN
+    from surgery.abliteration import WHITEN
 
-    assert res.provenance["whiten"] == WHITEN
+    assert res.provenance["config"]["whiten"] == WHITEN
     want = R.refusal_directions(smol, refused, answered, whiten=WHITEN, keep=list(dict.fromkeys(answered + hl)))
     torch.testing.assert_close(res.directions.directions, want.directions, rtol=0, atol=1e-6)
     assert torch.equal(res.edit.direction, want.direction(res.trials[res.chosen]["params"]["direction_index"]))
@@ -430,7 +475,7 @@ def test_behaviour_contrast_without_refusals_is_one_line(smol):
 
 
 def test_anchors_are_a_broad_and_an_attention_led_edit_per_contrast():
-    from surgery.refusal_search import anchors
+    from surgery.abliteration.space import anchors
 
     space = S.search_space(30)
     got = anchors(space, 30, ["sets", "behaviour"])
@@ -463,10 +508,10 @@ def test_anchors_are_a_broad_and_an_attention_led_edit_per_contrast():
 
 @pytest.mark.parametrize("target, start_count, factor", [(0, 5, 1.25), (6, 5, 1 / 1.25)])
 def test_search_ends_with_a_strength_line_search(target, start_count, factor):
-    from surgery.refusal_search import LINE_STEPS, _propose
+    from surgery.abliteration.space import LINE_STEPS, propose
 
     space = S.search_space(30)
-    gen = _propose(24, space, 3, "sobol", ["sets"], 30, target)
+    gen = propose(24, space, 3, "sobol", ["sets"], 30, target)
     sent, params = [], next(gen)
     for i in range(24):
         sent.append(params)
@@ -515,7 +560,7 @@ def test_bench_matched_compares_each_side_at_the_others_fewest_refusals():
 
 # --------------------------------------------------------------------------- refine_direction
 def test_project_rows_gradient_matches_finite_differences():
-    from surgery.abliteration import project_rows
+    from surgery.edits.abliteration import project_rows
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, generator=g, dtype=torch.float64)
@@ -560,6 +605,12 @@ def test_refine_direction_starts_at_the_edit_and_lowers_the_harmless_kl(smol):
 @pytest.mark.slow
 def test_search_scores_the_refined_direction_and_replays_it(smol, tmp_path):
     harmful, harmless = R.load_prompts("harmful:train")[:4], R.load_prompts("harmless:train")[:4]
+    stages, updates, threads = [], [], torch.get_num_threads()
+
+    def record(stage, total):
+        stages.append((stage, total))
+        return lambda advance=1, status=None: updates.append((stage, advance, status))
+
     eval_harmless = R.load_prompts("harmless:eval")[:3]
     res = S.abliterate(
         smol,
@@ -572,15 +623,29 @@ def test_search_scores_the_refined_direction_and_replays_it(smol, tmp_path):
         sampler="sobol",
         refine=2,
         contrast="sets",
+        threads=1,
+        progress=record,
     )
-    from surgery.refusal_search import refine_trials
+    # one progress line per stage, in order; the trials' line counts trials and shows the best so far;
+    # every line also moves while the model runs (ticks between the counted steps)
+    assert [stage for stage, _ in stages] == ["setup", "trials", "refinement", "confirmation"]
+    assert dict(stages)["trials"] == 3 and dict(stages)["refinement"] == 2 + 1
+    counted = [(st, n, status) for st, n, status in updates if n]
+    assert (
+        sum(n for st, n, _ in counted if st == "trials") == 3
+        and sum(n for st, n, _ in counted if st == "refinement") == 3
+    )
+    assert any(status and status.startswith("best ") for st, _, status in counted if st == "trials")
+    assert any(n == 0 for st, n, _ in updates if st == "trials") and torch.get_num_threads() == threads
+    assert res.provenance["config"]["threads"] == 1 and res.provenance["sampler"] == "sobol"
+    from surgery.abliteration.space import refine_trials
 
     assert refine_trials(4) == 1 and [bool(t["params"].get("refined")) for t in res.trials] == [False] * 3 + [True]
     info = res.provenance["refine"]
     assert info["steps"] == 2 and info["trials"] == 1 and info["teacher_trial"] in range(3)
     # the refined trial is the teacher's profile with the direction refine_direction gives on its own
     teacher = res.trials[info["teacher_trial"]]["params"]
-    from surgery.refusal_search import edit_for
+    from surgery.abliteration.space import edit_for
 
     want = S.refine_direction(smol, edit_for(res.directions, teacher, smol.n_layers), harmful, harmless, steps=2)
     refined_edit = edit_for(res.directions, res.trials[3]["params"], smol.n_layers, refined=want.direction)
@@ -612,3 +677,30 @@ def test_refine_direction_carries_the_edits_biases(smol):
     assert ref.history[0]["keep_kl"] == pytest.approx(
         R.prompt_kl(model, keep, fwd_hooks=edit.as_hooks(model)).mean, rel=1e-4
     )
+
+
+def test_without_optuna_the_search_says_what_it_uses_instead(monkeypatch):
+    """One line, at the start of the search: the sampler it falls back to and how to get TPE."""
+    import sys
+
+    from surgery.abliteration import SearchNotice
+    from surgery.abliteration.search import resolve_sampler
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
+    with pytest.warns(SearchNotice) as caught:
+        assert resolve_sampler("auto") == "sobol"
+    (notice,) = caught
+    text = str(notice.message)
+    assert "\n" not in text and "optuna is not installed" in text and "Sobol" in text and "[abliterate]" in text
+    assert resolve_sampler("sobol") == "sobol"
+    with pytest.raises(InputError, match=r"sampler='optuna' needs Optuna") as err:
+        resolve_sampler("optuna")
+    assert err.value.param == "sampler"
+
+
+def test_cli_prints_the_notice_on_one_line(capsys):
+    from _cli.commands.abliterate import _one_line
+    from surgery.abliteration import SearchNotice
+
+    _one_line(SearchNotice("optuna is not installed: …"), SearchNotice, "f.py", 1)
+    assert capsys.readouterr().err == "note: optuna is not installed: …\n"

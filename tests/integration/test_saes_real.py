@@ -33,7 +33,7 @@ def trained(smol, tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("sae")
     texts = load_corpus()
-    res = train_sae(smol, HOOK, texts[:80], root / "sae", acts_dir=root / "acts", **TRAIN)
+    res = train_sae(smol, HOOK, texts[:80], root / "sae", **TRAIN)
     return res, root, texts[80:]
 
 
@@ -50,7 +50,7 @@ def test_trained_sae_reconstructs_and_recovers_loss(smol, trained):
     assert m.ce_clean < m.ce_spliced < m.ce_zero
     assert 0 < m.kl < 2.0
     assert m.figure().data
-    # by hand, one unpadded text at a time: FVE, MSE and L0 over tokens 1.., CE with the reconstruction
+    # by hand, one unpadded text at a time: FVE, MSE and L0 over tokens 1.., CE over the predictions made there
     xs, nll_clean, nll_sae = [], [], []
     with torch.no_grad():
         for text in held_out:
@@ -63,8 +63,9 @@ def test_trained_sae_reconstructs_and_recovers_loss(smol, trained):
                 return torch.cat([t[:, :1], sae.reconstruct(t[:, 1:])], dim=1)
 
             spliced_logits = smol.run_with_hooks(ids, fwd_hooks=[(HOOK, recon_after_first)])
-            nll_clean.append(smol.loss_from_logits(logits, ids, None, per_token=True)[0])
-            nll_sae.append(smol.loss_from_logits(spliced_logits, ids, None, per_token=True)[0])
+            # the predictions made at measured positions: the first token's is left out (skip_first)
+            nll_clean.append(smol.loss_from_logits(logits, ids, None, per_token=True)[0, 1:])
+            nll_sae.append(smol.loss_from_logits(spliced_logits, ids, None, per_token=True)[0, 1:])
         x = torch.cat(xs)
         r = sae.reconstruct(x)
     assert m.n_tokens == x.shape[0]
@@ -76,13 +77,12 @@ def test_trained_sae_reconstructs_and_recovers_loss(smol, trained):
 
 
 @pytest.mark.slow
-def test_training_resumes_bit_identically(smol, trained, tmp_path):
-    _, root, _ = trained
+def test_training_resumes_bit_identically(smol, tmp_path):
     small = dict(TRAIN, steps=12, checkpoint_every=4)
-    whole = train_sae(smol, HOOK, load_corpus()[:80], tmp_path / "whole", acts_dir=root / "acts", **small)
-    part = train_sae(smol, HOOK, load_corpus()[:80], tmp_path / "part", acts_dir=root / "acts", stop_after=7, **small)
+    whole = train_sae(smol, HOOK, load_corpus()[:80], tmp_path / "whole", **small)
+    part = train_sae(smol, HOOK, load_corpus()[:80], tmp_path / "part", stop_after=7, **small)
     assert part.steps == 7 and (tmp_path / "part" / "checkpoint.pt").exists()
-    rest = train_sae(smol, HOOK, load_corpus()[:80], tmp_path / "part", acts_dir=root / "acts", **small)
+    rest = train_sae(smol, HOOK, load_corpus()[:80], tmp_path / "part", **small)
     assert rest.resumed_from == 7
     for name, p in whole.sae.named_parameters():
         assert torch.equal(p, dict(rest.sae.named_parameters())[name]), name

@@ -137,3 +137,23 @@ def test_real_model_induction_heads_matter_more_than_random_heads(smol):
         random_sets.append(_second_half_loss(smol, tokens, [(int(i) // 9, int(i) % 9) for i in idx], 20) - base)
     assert induction >= 3.0
     assert induction - max(random_sets) >= 3.0, (induction, random_sets)
+
+
+def test_scores_average_the_stated_query_positions_without_a_bos():
+    """Without a BOS (offset 0) the previous-token score averages queries 1 … P−1 and the duplicate and
+    induction scores the second copy's queries seq_len … P−1, equally weighted over sequences."""
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    n = 5
+    res = detect_heads(model, seq_len=n, n_seqs=3, seed=1, prepend_bos=False)
+    tokens = repeated_random_tokens(model, seq_len=n, n_seqs=3, seed=1, prepend_bos=False)
+    assert tokens.shape == (3, 2 * n)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    P = 2 * n
+    for layer in range(model.n_layers):
+        pat = cache["pattern", layer]
+        for h in range(model.n_heads):
+            prev = torch.stack([pat[:, h, q, q - 1] for q in range(1, P)]).mean()
+            ind = torch.stack([pat[:, h, q, q - n + 1] for q in range(n, P)]).mean()
+            assert res.previous_token[layer, h] == pytest.approx(float(prev), abs=1e-6)
+            assert res.induction[layer, h] == pytest.approx(float(ind), abs=1e-6)

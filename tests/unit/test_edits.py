@@ -145,7 +145,7 @@ def test_plan_file_relative_adapter_path(tmp_path):
     (tmp_path / "plans" / "p.yaml").write_text("edits:\n  - edit: merge_lora\n    adapter_dir: my_adapter\n")
     plan = S.load_plan(tmp_path / "plans" / "p.yaml")
     plan.apply(model)
-    assert model.scalpel_history[0]["adapter_sha256"]
+    assert model.edit_history[0]["adapter_sha256"]
 
 
 def test_plan_is_all_or_nothing():
@@ -199,7 +199,7 @@ def test_apply_records_history_and_sets_config_flags():
             assert getattr(layer.self_attn, m).bias is not None
         for m in ("gate_proj", "up_proj", "down_proj"):
             assert getattr(layer.mlp, m).bias is not None
-    assert [h["edit"] for h in model.scalpel_history] == ["MeanAblateHeads", "AddSteering", "RemoveLayers"]
+    assert [h["edit"] for h in model.edit_history] == ["MeanAblateHeads", "AddSteering", "RemoveLayers"]
     assert model.hook_names()[-3].startswith("ln_final") and "blocks.1.hook_resid_post" in model.hook_names()
 
 
@@ -479,3 +479,64 @@ def test_layer_removal_keeps_the_model_in_eval_mode(tiny):
     with S.RemoveLayers([1]).applied(tiny):
         assert not any(m.training for m in tiny.modules())
     assert not any(m.training for m in tiny.modules()) and tiny.n_layers == 3
+
+
+# --------------------------------------------------------------------------- finite in, finite out
+OVERFLOWS = {  # parameters whose weight form is not finite in float32; neither edit checks these itself
+    "RankOneEdit": (
+        lambda m: S.RankOneEdit(1, torch.full((96,), 1e-3), torch.full((64,), 3e38)),
+        "value / key / c_inv_key",
+    ),
+    "Abliterate": (
+        lambda m: S.Abliterate(torch.ones(64), attn_weights={0: 1e4}, strength=1e38),
+        "strength / attn_weights / mlp_weights",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(OVERFLOWS))
+def test_an_edit_that_would_write_inf_is_refused_and_changes_nothing(name, tmp_path):
+    """The base class checks every tensor an edit wrote (apply, applied and as_hooks alike): a NaN or inf
+    where the weights were finite restores the model bit-exactly and is one EditError naming the tensor."""
+    model = model_for("mha")
+    snap = snapshot(model)
+    make, fields = OVERFLOWS[name]
+    edit = make(model)
+    for use in (edit.apply, edit.as_hooks, lambda m: edit.applied(m).__enter__()):
+        with pytest.raises(
+            S.EditError, match=rf"^{name}: the edit would write a non-finite value \((-?inf|nan)\) into "
+        ) as info:
+            use(model)
+        assert f"use smaller {fields}; nothing was changed" in str(info.value) and "\n" not in str(info.value)
+        assert info.value.param == edit.magnitudes[0]
+        assert_same(model, snap)
+    assert model.edit_journals == []
+
+
+def test_the_finiteness_check_is_the_base_class_s():
+    """An edit kind written without any check of its own gets the guarantee too (it is Edit.apply's)."""
+    from dataclasses import dataclass
+
+    from surgery import _state
+
+    @dataclass(eq=False, repr=False)
+    class _Blowup(S.Edit):
+        layer: int = 0
+
+        def _apply(self, model) -> None:
+            _state.writable(model, model.model.layers[0].mlp.up_proj.weight)[0, 0] = 1.0  # finite
+            _state.writable(model, model.model.layers[self.layer].mlp.down_proj.weight)[3, 2] = math.inf
+
+        def _hooks(self, model):
+            return []
+
+    model = model_for("gqa")
+    snap = snapshot(model)
+    message = r"^_Blowup: the edit would write a non-finite value \(inf\) into model\.layers\.1\.mlp\.down_proj\.weight \(float32\); use smaller values"
+    with pytest.raises(S.EditError, match=message):
+        _Blowup(1).apply(model)
+    assert_same(model, snap)
+    with pytest.raises(S.EditError, match="^edit #2: " + message[1:]):
+        S.EditPlan([S.ZeroHeads(0, [1]), _Blowup(1)]).apply(model)
+    assert_same(model, snap)
+    del S.edits.EDIT_KINDS["_Blowup"], S.edits.EDIT_KINDS["__blowup"]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import surgery as S
+from _core import writer as W
 from hooks import HookedLlama
 from hooks import config as hooks_config
 from tests.helpers import (
@@ -31,7 +32,7 @@ from tests.helpers import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-E = sys.modules["surgery.export"]  # the module (``surgery.export`` is the function)
+E = sys.modules["surgery.export"]  # the package (``surgery.export`` is the function)
 
 
 def litter(parent: Path) -> list[str]:
@@ -135,12 +136,12 @@ def test_plan_export_sharded_with_manifest(tmp_path):
     assert len(m["probes"]) == 3 and all(len(p["top5"]) == 5 for p in m["probes"])
     assert m["kl_to_base"] > 0 and all(p["kl_to_base"] is not None for p in m["probes"])
     assert m["verification"]["max_abs_logit_diff"] <= 1e-4
-    assert all(oct(p.stat().st_mode & 0o777) == oct(E._new_file_mode()) for p in out.iterdir())
+    assert all(oct(p.stat().st_mode & 0o777) == oct(W.new_file_mode()) for p in out.iterdir())
 
 
 def test_export_records_edits_applied_by_the_caller(tmp_path):
     model = HookedLlama.from_hf(tiny_hf("gqa"))
-    base = E._logits(model, E.probe_inputs(model))
+    base = E.probe_logits(model, E.probe_inputs(model))
     S.apply_plan(model, [S.ZeroHeads(0, [1])])
     result = S.export(model, tmp_path / "a", edits=[S.ZeroNeurons(1, [2])])
     assert [e["edit"] for e in result.manifest["edits"]] == ["ZeroHeads", "ZeroNeurons"]
@@ -213,21 +214,24 @@ def test_overwrite_never_replaces_what_is_not_an_export_of_ours(tmp_path, monkey
 def test_a_concurrent_export_to_the_same_out_is_never_replaced(tmp_path, monkeypatch, how):
     """Issue 12 (2): two exports to one ``out``: the one that finishes second fails and leaves nothing
     (deterministic: the other export runs to completion inside the first one's reload)."""
-    A = sys.modules["surgery._atomic"]
+    A = W  # the writer: exclusive moves
     if how == "fallback":
         monkeypatch.setattr(A, "_renameat2", lambda: None)
     model = HookedLlama.from_hf(tiny_hf("gqa"))
     out = tmp_path / "out"
-    real = E._reload_hf
+    from surgery.export import hf as H
+
+    real = H.reload_logits
     calls = []
 
-    def racing(tmp, dtype):
+    def racing(tmp, dtype, probes):
         calls.append(tmp)
         if len(calls) == 1:
             S.export(HookedLlama.from_hf(tiny_hf("gqa", seed=1)), out)  # the other export wins the race
-        return real(tmp, dtype)
+        return real(tmp, dtype, probes)
 
-    monkeypatch.setattr(E, "_reload_hf", racing)
+    monkeypatch.setattr(H, "reload_logits", racing)
+    monkeypatch.setattr(sys.modules["surgery.export.verify"], "reload_logits", racing)
     with pytest.raises(S.ExportError) as info:
         S.export(model, out, edits=[S.ZeroHeads(0, [1])])
     assert str(info.value) == (
@@ -240,7 +244,7 @@ def test_a_concurrent_export_to_the_same_out_is_never_replaced(tmp_path, monkeyp
 
 
 def test_move_exclusive_never_replaces_files_or_directories(tmp_path, monkeypatch):
-    A = sys.modules["surgery._atomic"]
+    A = W  # the writer: exclusive moves
     for fallback in (False, True):
         if fallback:
             monkeypatch.setattr(A, "_renameat2", lambda: None)
@@ -304,16 +308,18 @@ def test_bad_shard_size_is_refused(tmp_path):
 # --------------------------------------------------------------------------- faults
 def test_exception_after_first_shard_leaves_nothing(tmp_path, monkeypatch):
     model = HookedLlama.from_hf(tiny_hf("gqa"))
-    written = []
-    real = E._save_shard
+    from surgery.export.hf import HFExport
 
-    def failing(tensors, path):
+    written = []
+    real = HFExport.write_shard
+
+    def failing(self, path, entries):  # the write stage fails after its first shard
         if written:
             raise OSError("disk full (injected)")
-        real(tensors, path)
         written.append(path)
+        return real(self, path, entries)
 
-    monkeypatch.setattr(E, "_save_shard", failing)
+    monkeypatch.setattr(HFExport, "write_shard", failing)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="injected"):
         S.export(model, out, edits=[S.ZeroHeads(0, [1])], max_shard_size="40KB")
@@ -325,15 +331,19 @@ def test_keyboard_interrupt_during_reload_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(E, "_reload_hf", interrupted)
+    from surgery.export.hf import HFExport
+
+    monkeypatch.setattr(HFExport, "compare", interrupted)  # Ctrl-C in the compare stage
     with pytest.raises(KeyboardInterrupt):
         S.export(HookedLlama.from_hf(tiny_hf("gqa")), tmp_path / "out")
     assert not (tmp_path / "out").exists() and litter(tmp_path) == []
 
 
 def test_parity_failure_removes_the_output_and_says_why(tmp_path, monkeypatch):
-    real = E._hf_logits
-    monkeypatch.setattr(E, "_hf_logits", lambda hf, probes: [t + 1e-3 for t in real(hf, probes)])
+    from surgery.export import hf as H
+
+    real = H.hf_logits
+    monkeypatch.setattr(H, "hf_logits", lambda hf, probes: [t + 1e-3 for t in real(hf, probes)])
     with pytest.raises(S.ParityError, match=r"differ from the in-memory model by 0\.001 \(tolerance 0\.0001\)"):
         S.export(HookedLlama.from_hf(tiny_hf("gqa")), tmp_path / "out", edits=[S.ZeroHeads(0, [1])])
     assert not (tmp_path / "out").exists() and litter(tmp_path) == []
@@ -344,8 +354,10 @@ def test_failure_when_overwriting_keeps_the_old_output(tmp_path, monkeypatch):
     out = tmp_path / "out"
     S.export(model, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real = E._hf_logits
-    monkeypatch.setattr(E, "_hf_logits", lambda hf, probes: [t + 1.0 for t in real(hf, probes)])
+    from surgery.export import hf as H
+
+    real = H.hf_logits
+    monkeypatch.setattr(H, "hf_logits", lambda hf, probes: [t + 1.0 for t in real(hf, probes)])
     with pytest.raises(S.ExportError):
         S.export(model, out, edits=[S.ZeroHeads(0, [1])], overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and litter(tmp_path) == []
@@ -412,8 +424,8 @@ def test_consistent_tampering_is_caught_by_reload_parity(exported, tmp_path):
     tensors[name] = tensors[name] + 0.5
     save_file(tensors, str(shard), metadata={"format": "pt"})
     manifest = json.loads((out / E.MANIFEST).read_text())
-    manifest["files"][shard.name] = E.sha256_file(shard)
-    (out / E.MANIFEST).write_text(json.dumps(E.seal(manifest)))  # the manifest's own hash redone too
+    manifest["files"][shard.name] = W.sha256_file(shard)
+    (out / E.MANIFEST).write_text(json.dumps(W.seal(manifest)))  # the manifest's own hash redone too
     with pytest.raises(S.ParityError, match="reloaded logits differ"):
         S.verify(out)
 
@@ -542,6 +554,108 @@ def test_stale_temp_files_of_dead_processes_are_cleaned(tmp_path):
     (tmp_path / f".{E.TMP_PREFIX}m.gguf-{pid}-1234.gguf.k2j3.tmp").write_bytes(b"x")  # write_gguf's own
     (tmp_path / f"{E.TMP_PREFIX}out-{alive}-0abe").mkdir()  # a live export: left alone
     (tmp_path / f"{E.TMP_PREFIX}other-{pid}-0abf").mkdir()  # another target: left alone
-    assert sorted(E._clean_stale(tmp_path, "out")) == [f"{E.OLD_PREFIX}out-{pid}-0abd", f"{E.TMP_PREFIX}out-{pid}-0abc"]
-    assert len(E._clean_stale(tmp_path, "m.gguf")) == 2
+    assert sorted(W.clean_stale(tmp_path, "out")) == [f"{E.OLD_PREFIX}out-{pid}-0abd", f"{E.TMP_PREFIX}out-{pid}-0abc"]
+    assert len(W.clean_stale(tmp_path, "m.gguf")) == 2
     assert litter(tmp_path) == [f"{E.TMP_PREFIX}other-{pid}-0abf", f"{E.TMP_PREFIX}out-{alive}-0abe"]
+
+
+# --------------------------------------------------------------------------- streaming, state on the model
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_tensors_are_read_from_accelerate_offload(offload, tmp_path):
+    """The tensor source reads a parameter accelerate keeps off its module (meta device, the values in the
+    offload hook's weights_map) as it reads one in memory: the same bytes, and the same state hash."""
+    from accelerate import cpu_offload, disk_offload
+
+    from surgery.export.tensors import export_config, export_entries, read_tensor, state_sha256
+
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    sha = state_sha256(model)
+    entries = export_entries(model, export_config(model))
+    if offload == "cpu":
+        cpu_offload(model, execution_device="cpu")
+    else:
+        disk_offload(model, str(tmp_path / "offload"), execution_device="cpu")
+    assert model.model.layers[1].mlp.down_proj.weight.is_meta  # the weights really left the modules
+    for name, t in want.items():
+        got = read_tensor(model, name)
+        assert got.device.type == "cpu" and torch.equal(got, t), name
+    assert state_sha256(model) == sha
+    assert all(torch.equal(e.read(model), want[e.name]) for e in entries)
+    with pytest.raises(S.EditError, match="offloaded .* an edit needs them in memory"):
+        S.ZeroHeads(0, [1]).apply(model)
+
+
+def test_a_shard_is_streamed_and_checked_against_the_live_bytes(tmp_path, monkeypatch):
+    """Shards are written tensor by tensor from the model (never a state-dict copy), and a shard whose bytes
+    on disk differ from the live tensors' is caught before the move (the compare stage's hash check)."""
+    from safetensors import safe_open
+
+    from surgery.export.hf import HFExport
+
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    out = tmp_path / "out"
+    res = S.export(model, out, max_shard_size="40KB")
+    for name in (n for n in res.files if n.endswith(".safetensors") and n.startswith("model")):
+        with safe_open(str(out / name), "pt") as f:
+            for key in f.keys():
+                assert torch.equal(f.get_tensor(key), model.state_dict()[key]), key
+    real = HFExport.write_shard
+
+    def corrupting(self, path, entries):  # the bytes on disk are not the ones hashed
+        sha = real(self, path, entries)
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 1]))
+        return sha
+
+    monkeypatch.setattr(HFExport, "write_shard", corrupting)
+    monkeypatch.setattr(HFExport, "compare", lambda self, d: setattr(self, "diff", 0.0) or setattr(self, "tol", 1e-4))
+    with pytest.raises(S.ParityError, match=r"as read back from disk differs from the model's tensors written into it"):
+        S.export(model, tmp_path / "bad", max_shard_size="40KB")
+    assert not (tmp_path / "bad").exists() and litter(tmp_path) == []
+
+
+def test_a_model_carrying_applied_edits_exports_as_it_is(tmp_path):
+    """``with plan.applied(model): export(model, out)`` writes what ``export(model, out, edits=plan)`` writes:
+    the same weights, the same edit records, the same base hash and KL (taken from the state the context
+    restores), so a plan applied once serves a measurement and the export."""
+    model = HookedLlama.from_hf(tiny_hf("gqa"))
+    snap = snapshot(model)
+    plan = S.EditPlan([S.ZeroHeads(0, [1]), S.AddSteering(1, torch.ones(64)), S.RemoveLayers([2])])
+    want = S.export(model, tmp_path / "given", edits=plan)
+    with plan.applied(model):
+        got = S.export(model, tmp_path / "applied")
+        assert [h["edit"] for h in model.edit_history] == ["ZeroHeads", "AddSteering", "RemoveLayers"]
+    assert_same(model, snap)
+    w, g = want.manifest, got.manifest
+    assert g["edits"] == w["edits"] and g["edits_applied_before_export"] == 3
+    assert g["base"] == w["base"] and g["kl_to_base"] == w["kl_to_base"] and g["kl_to_base"] > 0
+    assert g["layer_map"] == w["layer_map"] == [0, 1]
+    shards = [n for n in w["files"] if n.endswith(".safetensors")]
+    assert all(g["files"][n] == w["files"][n] for n in shards)
+    # applied outside any journal, the base is unknown: no KL (as documented), the same weights
+    edited = HookedLlama.from_hf(tiny_hf("gqa"))
+    plan.apply(edited)
+    bare = S.export(edited, tmp_path / "bare")
+    assert bare.kl_to_base is None and bare.manifest["base"]["sha256"] is None
+    assert all(bare.files[n] == w["files"][n] for n in shards)
+
+
+def test_a_model_offloaded_to_disk_exports_the_same_checkpoint(tmp_path):
+    """A model loaded with every layer on disk (accelerate's offload: its parameters on the meta device)
+    exports tensor by tensor from the offload, to the same bytes as the model in memory, and passes the
+    same checks (hashes, reloaded logits, base hash)."""
+    tiny_hf("gqa").save_pretrained(tmp_path / "ckpt")
+    full = HookedLlama.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float32)
+    off = HookedLlama.from_pretrained(
+        str(tmp_path / "ckpt"), dtype=torch.float32, device_map="auto", max_memory={"cpu": 60_000}
+    )
+    assert off.model.layers[1].mlp.down_proj.weight.is_meta  # really offloaded
+    a, b = S.export(full, tmp_path / "a"), S.export(off, tmp_path / "b")
+    assert b.max_abs_logit_diff <= 1e-6 and b.manifest["base"] == a.manifest["base"]
+    assert {k: v for k, v in b.files.items() if k.endswith(".safetensors")} == {
+        k: v for k, v in a.files.items() if k.endswith(".safetensors")
+    }

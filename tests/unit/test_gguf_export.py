@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-from surgery.gguf_export import _permute_rotary, write_gguf
+from surgery.export.gguf_format import _permute_rotary, write_gguf, write_gguf_file
 from tests.helpers import small_sentencepiece_tokenizer
 
 PROMPTS = [
@@ -220,6 +220,40 @@ def test_family_round_trip_and_hooked_load(tmp_path, sp_tokenizer, variant):
         assert (hooked(x) - model(x).logits).abs().max() <= F32_TOLERANCE
 
 
+@pytest.mark.parametrize("variant", list(FAMILY_GGUF))
+def test_the_export_check_reads_the_file_module_by_module_as_transformers_loads_it(tmp_path, sp_tokenizer, variant):
+    """``GGUFWeights`` (read on lookup) holds exactly the tensors transformers' GGUF loader builds, and
+    ``gguf_logits`` (one module's weights in memory at a time) gives that loader's logits."""
+    import hashlib
+
+    from _core.writer import sha256_file
+    from surgery.export.gguf import GGUFWeights, gguf_logits, hash_pass
+    from surgery.export.probes import Probe
+    from tests.helpers import tiny_hf
+
+    overrides, _ = FAMILY_GGUF[variant]
+    model = tiny_hf(variant, vocab_size=len(sp_tokenizer), **overrides)
+    path = tmp_path / "m.gguf"
+    digests: dict[str, str] = {}
+    write_gguf_file(model.state_dict(), model.config, sp_tokenizer, path, digests=digests)
+    loaded = reload(tmp_path, "m.gguf")
+    weights = GGUFWeights(path, loaded)
+    state = loaded.state_dict()
+    assert set(weights) == set(state)
+    for name, t in state.items():
+        assert torch.equal(weights[name], t), name
+    ids = [torch.tensor([sp_tokenizer(text).input_ids]) for text in SAMPLE_TEXTS[:2]]
+    got = gguf_logits(path, [Probe(None, x) for x in ids])
+    with torch.no_grad():
+        want = [loaded(x).logits[0] for x in ids]
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) <= F32_TOLERANCE
+    file_sha, per = hash_pass(path, chunk=1000)  # chunks smaller than a tensor, spans cross them
+    assert file_sha == sha256_file(path) and per == digests
+    from gguf import GGUFReader
+
+    assert per == {t.name: hashlib.sha256(t.data.tobytes()).hexdigest() for t in GGUFReader(str(path)).tensors}
+
+
 @pytest.mark.parametrize(
     "variant, overrides, what",
     [
@@ -299,6 +333,6 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, sp_to
     state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"].clone()
     state["model.layers.1.mlp.down_proj.weight"][0, 0] = 1e6
     with pytest.raises(ValueError, match="float16 range"):
-        write_gguf(state, model.config, sp_tokenizer, target, dtype="f16")
+        write_gguf(state, model.config, sp_tokenizer, target, dtype="f16", overwrite=True)
     assert os.listdir(tmp_path) == ["model.gguf"]
     assert target.read_bytes() == before

@@ -205,3 +205,22 @@ def test_tied_config_with_a_distinct_lm_head_loads_as_transformers_does(tmp_path
     with torch.no_grad():
         back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
         assert (back(ids).logits - want).abs().max() <= 1e-5
+
+
+def test_checkpoint_is_checked_from_its_headers_before_a_weight_is_read(hf_dir, monkeypatch):
+    from hooks import checkpoint
+
+    _, path = hf_dir
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 80  # the file's MLP weights are 96 wide
+    (path / "config.json").write_text(json.dumps(config))
+    reads = []
+    real_read = checkpoint.Checkpoint.read
+    monkeypatch.setattr(checkpoint.Checkpoint, "read", lambda self, name: reads.append(name) or real_read(self, name))
+    with pytest.raises(LoadError, match=r"mlp.down_proj.weight has shape \(64, 96\), the config implies \(64, 80\)"):
+        HookedLlama.from_pretrained(str(path))
+    assert reads == []
+    # the headers alone: names, dtypes, shapes and byte ranges, without reading the data
+    entries = checkpoint.read_header(path / "model.safetensors")
+    assert entries["model.layers.0.mlp.up_proj.weight"].shape == (96, 64)
+    assert entries["model.layers.0.mlp.up_proj.weight"].nbytes == 96 * 64 * 4

@@ -10,7 +10,7 @@ import torch
 from analyses import activation_patching
 from analyses.metrics import LastPositionCallable, resolve_metric
 from hooks import HookedLlama, InputError, act_name
-from tests.helpers import tiny_hf
+from tests.helpers import build_tiny, tiny_hf
 
 N = 3  # layers of the tiny model
 
@@ -53,10 +53,11 @@ def test_cache_helpers_every_layer(run, layer):
     naive = [cache["resid_pre", i] for i in range(min(b + 1, N))] + ([cache["resid_post", N - 1]] if b == N else [])
     assert labels == [f"{i}_pre" for i in range(min(b + 1, N))] + (["final_post"] if b == N else [])
     assert torch.equal(acc, torch.stack(naive))
-    # stack_head_results with remainder sums to the same stream; heads equal z @ W_O per head
+    # stack_head_results with remainder sums to the same stream (at layer 0, TransformerLens's whole-model case:
+    # the last block's resid_post); heads equal z @ W_O per head
     heads, labels = cache.stack_head_results(layer, return_labels=True, incl_remainder=True)
     assert len(labels) == b * model.n_heads + 1 and labels[-1] == "remainder"
-    assert (heads.sum(0) - target).abs().max() <= 1e-5
+    assert (heads.sum(0) - (target if b else cache["resid_post", N - 1])).abs().max() <= 1e-5
     for i in range(b):
         z = cache["z", i]
         w = model.model.layers[i].self_attn.o_proj.weight
@@ -222,8 +223,8 @@ def test_cfg_reads_the_real_config():
             "mlp_input=True needs a layer below n_layers (the unembed has no MLP)",
         ),
         (
-            lambda m, c: m(torch.tensor([[5, 6]]), padding_side="right"),
-            "padding_side='right': batches are always left-padded here; pass 'left' or None",
+            lambda m, c: m(torch.tensor([[5, 6]]), padding_side="middle"),
+            "padding_side must be 'left' or 'right', got 'middle'",
         ),
         (lambda m, c: m(), "no input: pass token ids, text or chat messages"),
         (lambda m, c: m.reset_hooks(direction="up"), "direction must be 'fwd', 'bwd' or 'both', got 'up'"),
@@ -253,3 +254,227 @@ def test_analyses_take_negative_layers_and_refuse_out_of_range(run):
         detect_heads(model, layers=[5], seq_len=4, n_seqs=2)
     with pytest.raises(InputError, match=r"^layer -4 is out of range"):
         logit_lens(model, ids[:1], layers=[-4])
+
+
+# --------------------------------------------------------------------------- what TransformerLens code does to a model
+@pytest.fixture(scope="module")
+def tok_model(tmp_path_factory):
+    """A tiny GQA Llama with a byte-level BPE tokenizer (" Mary", " John" are single tokens)."""
+    return HookedLlama.from_pretrained(str(build_tiny(tmp_path_factory.mktemp("tl") / "tiny")))
+
+
+def test_remove_batch_dim_is_in_place(run):
+    model, ids, logits, cache = run
+    with torch.no_grad():
+        _, one = model.run_with_cache(ids[:1])
+    full = dict(one.store)
+    assert one.remove_batch_dim() is one and not one.has_batch_dim  # in place, as TransformerLens
+    assert all(torch.equal(one.store[k], v[0]) for k, v in full.items())
+    with pytest.warns(UserWarning, match="no batch dimension any more"):
+        assert one.remove_batch_dim() is one
+    with pytest.raises(AssertionError) as err:  # TransformerLens's class too
+        cache.remove_batch_dim()
+    assert str(err.value) == (
+        "remove_batch_dim needs batch size 1, hook_embed has 2; run one prompt, or pick one with "
+        "apply_slice_to_batch_dim(i)"
+    )
+    assert cache.has_batch_dim
+    picked = cache.apply_slice_to_batch_dim(1)
+    assert not picked.has_batch_dim and torch.equal(picked["resid_post", 1], cache["resid_post", 1][1])
+
+
+def test_weight_edits_write_through_to_the_model():
+    """In-place edits of TransformerLens's weight views (per block, stacked, assigned) change the model
+    exactly as the same edit of the transformers weights changes transformers' logits."""
+    hf = tiny_hf("bias")
+    ref = tiny_hf("bias")  # the same seed: the same weights, edited by hand below
+    model = HookedLlama.from_hf(hf)
+    H, D, M = model.n_heads, model.d_head, model.d_model
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    new_o = torch.randn(H, D, M, generator=torch.Generator().manual_seed(2)) * 0.1
+    with torch.no_grad():
+        model.blocks[1].attn.W_O[2] = 0
+        model.W_Q.mul_(2)
+        model.blocks[0].mlp.W_out[:, 5] = 0
+        model.W_in[1, 3, 7] += 1.0
+        model.blocks[2].attn.W_O = new_o
+        model.blocks[0].attn.b_Q[1] += 0.5
+        r = ref.model.layers
+        r[1].self_attn.o_proj.weight[:, 2 * D : 3 * D] = 0
+        for layer in r:
+            layer.self_attn.q_proj.weight.mul_(2)
+        r[0].mlp.down_proj.weight[5, :] = 0  # W_out is [d_mlp, d_model]: [:, 5] is residual direction 5
+        r[1].mlp.up_proj.weight[7, 3] += 1.0
+        r[2].self_attn.o_proj.weight.copy_(new_o.permute(2, 0, 1).reshape(M, H * D))
+        r[0].self_attn.q_proj.bias[D : 2 * D] += 0.5
+        assert (model(ids) - ref(ids).logits).abs().max() <= 1e-5
+        assert torch.equal(model.W_O[2], new_o)
+
+
+def test_edits_the_model_cannot_hold_are_refused():
+    model = HookedLlama.from_hf(tiny_hf("gqa"))  # no biases
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.blocks[0].attn.b_O[:] = 0  # zeros are what it holds: fine
+        with pytest.raises(InputError, match=r"^blocks\[1\] has no self_attn.o_proj bias, so b_O is always zero"):
+            model.b_O[1] += 1.0
+        with pytest.raises(InputError, match="^lm_head has no bias, so b_U is always zero"):
+            model.b_U += 1.0
+        with pytest.raises(InputError, match=r"^W_O has shape \[4, 16, 64\]; got a value of shape \[3\]"):
+            model.blocks[0].attn.W_O = torch.zeros(3)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_right_padding_when_asked(tok_model):
+    model = tok_model
+    prompts = ["When Mary", "When Mary and John went to the store"]
+    with torch.no_grad():
+        alone = [model(p)[0] for p in prompts]
+        tokens = model.to_tokens(prompts, padding_side="right")
+        mask = model.tokenize(prompts, padding_side="right")[1]
+        assert bool(mask[0, 0]) and not bool(mask[0, -1])  # real tokens first
+        right = model(prompts, padding_side="right")
+        for i, a in enumerate(alone):
+            assert (right[i, : a.shape[0]] - a).abs().max() <= 1e-5
+        assert torch.equal(model.to_tokens(prompts)[0, -alone[0].shape[0] :], tokens[0, : alone[0].shape[0]])
+        side = model.tokenizer.padding_side
+        assert side == "left"  # the model set the tokenizer it took to its default
+        try:  # TransformerLens code sets the tokenizer's side after loading: it gets what it asked for
+            model.tokenizer.padding_side = "left" if side == "right" else "right"
+            assert model.cfg.default_padding_side == model.tokenizer.padding_side
+            assert torch.equal(
+                model.to_tokens(prompts), model.to_tokens(prompts, padding_side=model.tokenizer.padding_side)
+            )
+            greedy = model.generate(prompts, max_new_tokens=3)  # generate pads on the left whatever the setting
+        finally:
+            model.tokenizer.padding_side = side
+        assert greedy == [model.generate(p, max_new_tokens=3) for p in prompts]
+
+
+def test_logit_attrs_takes_per_prompt_answers_and_refuses_a_normalised_stack(tok_model):
+    model = tok_model
+    prompts = ["When Mary and John went to the store, John gave a drink to"] * 2
+    good, bad = [" Mary", " John"], [" John", " Mary"]
+    ids_good = torch.tensor([model.to_single_token(t) for t in good])
+    ids_bad = torch.tensor([model.to_single_token(t) for t in bad])
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(prompts)
+    stack = cache.decompose_resid(pos_slice=-1)  # [C, B, M]
+    by_text = cache.logit_attrs(stack, tokens=good, incorrect_tokens=bad, pos_slice=-1)
+    by_ids = cache.logit_attrs(stack, tokens=ids_good, incorrect_tokens=ids_bad, pos_slice=-1)
+    assert torch.equal(by_text, by_ids)
+    # independently: the components through the final norm (cached scale, weight) onto W_U rows sum to the logit diff
+    W_U, w = model.lm_head.weight, model.model.norm.weight
+    manual = (stack / cache["ln_final.hook_scale"][:, -1] * w * (W_U[ids_good] - W_U[ids_bad])).sum(-1)
+    assert (by_text - manual).abs().max() <= 1e-5
+    want = logits[torch.arange(2), -1, ids_good] - logits[torch.arange(2), -1, ids_bad]
+    assert (by_text.sum(0) - want).abs().max() <= 1e-4
+    # the double-normalisation trap: a normalised stack (or a view of one) is refused, has_ln=True reads it
+    normed = cache.accumulated_resid(pos_slice=-1, apply_ln=True, recompute_ln=False)
+    for wrong in (normed, normed[-1:]):
+        with pytest.raises(InputError, match="^residual_stack is normalised already"):
+            cache.logit_attrs(wrong, tokens=good, incorrect_tokens=bad, pos_slice=-1)
+    raw = cache.accumulated_resid(pos_slice=-1)
+    assert torch.allclose(
+        cache.logit_attrs(normed, tokens=good, incorrect_tokens=bad, has_ln=True),
+        cache.logit_attrs(raw, tokens=good, incorrect_tokens=bad, pos_slice=-1),
+        atol=1e-5,
+    )
+    with pytest.raises(InputError) as err:
+        cache.logit_attrs(stack, tokens=good * 2, pos_slice=-1)
+    assert str(err.value) == "one answer per prompt needs 2 answers for this stack [7, 2, 64]; got answers of shape [4]"
+
+
+def test_run_with_cache_pos_slice_and_incl_bwd(run):
+    model, ids, logits, cache = run
+    with torch.no_grad():
+        _, last = model.run_with_cache(ids, pos_slice=-1)
+    assert torch.equal(last["resid_post", 1], cache["resid_post", 1][:, -1:])  # an int keeps the dim
+    assert torch.equal(last["pattern", 0], cache["pattern", 0][:, :, -1:])  # the query positions
+    seen = {}
+    loss = model.run_with_hooks(
+        ids, return_type="loss", fwd_hooks=[("blocks.1.hook_resid_post", lambda t, hook: seen.update(t=t))]
+    )
+    want = torch.autograd.grad(loss, seen["t"])[0]
+    loss2, grads = model.run_with_cache(ids, return_type="loss", incl_bwd=True, names_filter=lambda n: "resid" in n)
+    assert torch.equal(loss2, loss.detach()) or (loss2 - loss).abs() <= 1e-6
+    assert (grads["blocks.1.hook_resid_post_grad"] - want).abs().max() <= 1e-6
+    assert (grads["blocks.1.hook_out_grad"] - want).abs().max() <= 1e-6  # TransformerLens's alias spelling
+    assert all(not p.has_hooks() for p in model.hook_points())
+    with pytest.raises(InputError, match="^incl_bwd=True calls backward"):
+        model.run_with_cache(ids, incl_bwd=True)
+
+
+def test_caching_hooks_and_hook_point_api(run):
+    model, ids, logits, cache = run
+    store, fwd, bwd = model.get_caching_hooks(lambda n: n.endswith("hook_out"))
+    assert bwd == []
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd):
+        model(ids)
+    # keyed by the spelling asked for (SDPA here, eager attention in the cached run: equal within rounding)
+    assert (store["blocks.1.hook_out"] - cache["resid_post", 1]).abs().max() <= 1e-5
+    order = []
+    point = model.hook_dict["blocks.0.hook_resid_pre"]
+    point.add_hook(lambda t, hook: order.append("a"), dir="fwd")
+    point.add_hook(lambda t, hook: order.append("b"), dir="fwd", prepend=True)
+    model.add_perma_hook("blocks.0.hook_resid_pre", lambda t, hook: order.append("p"))
+    assert point.has_hooks(dir="fwd") and not point.has_hooks(dir="bwd")
+    with torch.no_grad():
+        model(ids)
+    assert order == ["b", "a", "p"]
+    model.remove_all_hook_fns()
+    assert point.has_hooks() and not point.has_hooks(including_permanent=False)
+    model.reset_hooks(including_permanent=True)
+    assert not point.has_hooks()
+    # a backward hook returning (grad,) as TransformerLens's do
+    x = model.hook_embed
+    with model.hooks(bwd_hooks=[("hook_embed", lambda g, hook: (g * 0,))]):
+        emb = {}
+        out = model.run_with_hooks(ids, fwd_hooks=[("hook_embed", lambda t, hook: emb.update(t=t))])
+        assert torch.equal(torch.autograd.grad(out.sum(), emb["t"])[0], torch.zeros_like(emb["t"]))
+    assert not x.has_hooks()
+
+
+def test_model_level_helpers(tok_model):
+    model = HookedLlama.from_hf(tiny_hf("bias"))
+    layers = model.model.layers
+    want = layers[0].self_attn.o_proj.bias + layers[0].mlp.down_proj.bias + layers[1].self_attn.o_proj.bias
+    assert (model.accumulated_bias(1, mlp_input=True) - want).abs().max() <= 1e-6
+    assert torch.equal(model.accumulated_bias(0), torch.zeros(model.d_model))
+    scores = model.all_composition_scores("Q")
+    assert scores.shape == (N, model.n_heads, N, model.n_heads)
+    assert torch.equal(scores[1, :, 0], torch.zeros_like(scores[1, :, 0]))  # only earlier -> later layers
+    G = model.n_heads // model.n_kv_heads
+    for l1, h1, l2, h2 in ((0, 1, 2, 3), (1, 0, 2, 2)):  # brute force: ||L R|| / (||L|| ||R||)
+        left = model.W_V[l1, h1 // G] @ model.W_O[l1, h1]
+        right = model.W_Q[l2, h2] @ model.W_K[l2, h2 // G].T
+        ref = torch.linalg.norm(left @ right) / (torch.linalg.norm(left) * torch.linalg.norm(right))
+        assert abs(scores[l1, h1, l2, h2] - ref) <= 1e-4 * ref
+    assert model.all_head_labels[:2] == model.all_head_labels()[:2] == ["L0H0", "L0H1"]
+    tok = tok_model
+    resid, tokens, none, mask = tok.input_to_embed("When Mary and John")
+    assert none is None and mask is None and torch.equal(resid, tok.W_E[tokens])
+    assert torch.equal(tok(resid, start_at_layer=0), tok(tokens))
+    john = tok.to_single_token(" John")
+    text = "When Mary and John went, John gave"
+    assert tok.get_token_position(" John", text) == tok.to_str_tokens(text).index(" John")
+    assert tok.get_token_position(john, text, mode="last") == len(tok.to_str_tokens(text)) - 2
+    with pytest.raises(AssertionError) as err:  # TransformerLens's class, and its message first
+        tok.get_token_position(" John", "When Mary")
+    assert str(err.value) == "The token does not occur in the prompt (token 293; check prepend_bos)"
+    assert tok.to_str_tokens(tokens[0].numpy()) == tok.to_str_tokens(tokens)
+    long = "When Mary and John went to the store. " * 40
+    assert tok.to_tokens(long).shape[1] == tok.config.max_position_embeddings  # truncated to the context
+    assert tok.to_tokens(long, truncate=False).shape[1] > tok.config.max_position_embeddings
+    with pytest.warns(UserWarning, match="forward ignores the generation arguments max_new_tokens"):
+        assert torch.equal(tok(tokens, max_new_tokens=3), tok(tokens))
+
+
+def test_generate_takes_the_positions_the_mask_implies(tok_model):
+    model = tok_model
+    tokens, mask = model.tokenize(["When Mary", "When Mary and John went"])
+    implied = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model.generate(tokens, max_new_tokens=2, attention_mask=mask, position_ids=implied)
+    assert torch.equal(out, model.generate(tokens, max_new_tokens=2, attention_mask=mask))
+    with pytest.raises(InputError, match="^generate counts each row's positions from its first real token"):
+        model.generate(tokens, max_new_tokens=2, attention_mask=mask, position_ids=implied + 1)
