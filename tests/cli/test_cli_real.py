@@ -5,9 +5,7 @@ reports rendered by headless Chromium without JavaScript errors."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,22 +13,17 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import CLEAN, CORRUPT, build_tiny, run
+from tests.helpers import CLEAN, CORRUPT, build_tiny, chromium, run
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ROOT / "examples" / "prompts_ioi.txt"
 README_HEADS = "19.2,20.0,22.5,23.3"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def render(page: Path, tmp_path: Path) -> tuple[int, list[str]]:
     """(plotly figures drawn, JavaScript errors) of ``page`` in headless Chromium."""
-    if CHROMIUM is None:
-        if os.environ.get("CI"):  # CI installs it (.ci/run): its absence there is a failure
-            pytest.fail("chromium is not installed; .ci/run installs it with apt-get install -y chromium")
-        pytest.skip("chromium is not installed; install it with: apt-get install -y chromium")
     cmd = [
-        CHROMIUM,
+        chromium(),
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
