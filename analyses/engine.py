@@ -34,6 +34,7 @@ import torch
 from _core import distributed as dist
 from hooks import InputError, KVCache
 from hooks.hook_points import act_name
+from hooks.tokens import token_labels
 
 from .components import Component
 from .metrics import Metric
@@ -90,7 +91,7 @@ def prepare_pair(model: HookedLlama, clean, corrupted, attention_mask=None) -> P
         mask = None if bool(cm.bool().all()) else cm.long()
     str_tokens = None
     if model.tokenizer is not None:
-        str_tokens = [model.tokenizer.decode([i]) for i in c[0].tolist()]
+        str_tokens = token_labels(model.tokenizer, c[0].tolist())
     return PairInputs(c, k, mask, str_tokens)
 
 

@@ -21,7 +21,7 @@ import torch
 from hooks import InputError, act_name
 from hooks.indices import check_positions
 from hooks.model import takes_model
-from hooks.tokens import is_messages
+from hooks.tokens import is_messages, token_labels
 
 from .metrics import token_ids
 from .patching import _check_indices
@@ -204,7 +204,7 @@ def logit_lens(
                 t_ranks.append((logits[:, None, :] > tl[:, :, None]).sum(-1))
     top_ids_t = torch.stack(top_ids).cpu()
     tok = model.tokenizer
-    decode = (lambda i: tok.decode([i])) if tok is not None else str
+    decode = (lambda i: token_labels(tok, [i])[0]) if tok is not None else str
     top_tokens = [[[decode(int(i)) for i in cell] for cell in stage] for stage in top_ids_t]
     str_tokens = [decode(int(i)) for i in tokens[0].tolist()] if tok is not None else None
     return LogitLensResult(

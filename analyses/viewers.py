@@ -31,6 +31,7 @@ import torch
 
 from hooks import InputError, act_name
 from hooks.indices import check_index
+from hooks.tokens import token_labels
 
 from .heads import HeadRef, head_ref, parse_heads
 from .results import AnalysisResult, jsonable
@@ -55,7 +56,7 @@ def _one_prompt(model: HookedLlama, prompt) -> tuple[torch.Tensor, list[str]]:
         raise InputError(f"prompt must be a string, chat messages or token ids, got {type(prompt).__name__}")
     ids = tokens[0].tolist()
     if model.tokenizer is not None:
-        strs = [model.tokenizer.decode([i]) for i in ids]
+        strs = token_labels(model.tokenizer, ids)
     else:
         strs = [str(i) for i in ids]
     return tokens.to(model.device), strs

@@ -2,9 +2,12 @@
 
 ``Checkpoint.open(directory)`` reads only the safetensors headers (names, dtypes, shapes and byte
 ranges, each checked against the file's size), so everything about a checkpoint is known and checked
-before a weight is read. ``read(name)`` then reads one tensor with positioned reads straight into its
-own memory: the file's pages stay in the operating system's page cache and never count twice in the
-process (a whole-file memory map would hold every page read so far until it is closed). Pickle
+before a weight is read. ``read(name)`` then maps that one tensor's bytes copy-on-write (as safetensors
+and transformers do): no copy is made, the pages are the operating system's page cache until someone
+writes to the tensor, and the map goes when the tensor does (one map per tensor, so a tensor cast or moved
+to a GPU frees its pages at once; a whole-file map would hold every page read so far until it is closed).
+As with any memory-mapped checkpoint, a file changed in place while a model uses it changes (or, truncated,
+faults) the tensors it holds; the library's own writer never writes in place. Pickle
 checkpoints (``pytorch_model*.bin``, only with ``allow_pickle=True``) are memory-mapped by
 ``torch.load(mmap=True, weights_only=True)``.
 
@@ -18,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -145,33 +149,67 @@ class Checkpoint:
         return cls(Path(), entries, pickled=dict(state))
 
     # ----------------------------------------------------------------- reading
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` on the CPU, in the file's dtype (its own memory, read once)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor ``name`` on the CPU, in the file's dtype: a copy-on-write map of its bytes (writable;
+        writes stay in the process), or its own memory where the bytes cannot be mapped in place.
+        ``rows=(a, b)``: only rows ``a:b`` of its first dimension (a map of those bytes alone, so a large
+        matrix can be used slice by slice without ever being resident whole)."""
         if self._pickled is not None:
-            return self._pickled[name]
+            t = self._pickled[name]
+            return t if rows is None else t[rows[0] : rows[1]]
         entry = self.entries[name]
-        out = torch.empty(entry.shape, dtype=entry.dtype)
-        if entry.nbytes:
+        if entry.dtype is None:
+            raise LoadError(
+                f"{entry.file}: {name} is {entry.dtype_name}, which torch cannot hold; re-export it as bf16/f16/f32"
+            )
+        shape, start, end = entry.shape, entry.start, entry.end
+        if rows is not None:
+            a, b = rows
+            if not (shape and 0 <= a <= b <= shape[0]):
+                raise ValueError(f"rows {rows} out of range for {name} of shape {shape}")
+            row_bytes = (entry.nbytes // shape[0]) if shape[0] else 0
+            shape, start, end = (b - a, *shape[1:]), entry.start + a * row_bytes, entry.start + b * row_bytes
+        if end > start and start % entry.dtype.itemsize == 0:
+            first = start - start % mmap.ALLOCATIONGRANULARITY
+            try:
+                with open(entry.file, "rb") as f:
+                    view = mmap.mmap(f.fileno(), end - first, access=mmap.ACCESS_COPY, offset=first)
+            except (OSError, ValueError) as exc:
+                raise _unreadable(entry.file, exc) from exc
+            flat = torch.frombuffer(
+                view, dtype=entry.dtype, count=(end - start) // entry.dtype.itemsize, offset=start - first
+            )
+            return flat.view(shape)
+        return self._pread(entry.file, shape, entry.dtype, start, end)
+
+    @staticmethod
+    def _pread(file: Path, shape: tuple[int, ...], dtype: torch.dtype, start: int, end: int) -> torch.Tensor:
+        """Bytes ``start:end`` of ``file`` into a tensor of its own (offsets a map cannot take)."""
+        out = torch.empty(shape, dtype=dtype)
+        if end > start:
             buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
             try:
-                with open(entry.file, "rb", buffering=0) as f:
+                with open(file, "rb", buffering=0) as f:
                     done = 0
-                    while done < entry.nbytes:
-                        n = os.preadv(f.fileno(), [buffer[done:]], entry.start + done)
+                    while done < end - start:
+                        n = os.preadv(f.fileno(), [buffer[done:]], start + done)
                         if n <= 0:
-                            raise LoadError(f"cannot read {entry.file}: {CORRUPT}")
+                            raise LoadError(f"cannot read {file}: {CORRUPT}")
                         done += n
+            except LoadError:
+                raise
             except OSError as exc:
-                if isinstance(exc, LoadError):
-                    raise
-                raise LoadError(
-                    f"cannot read {entry.file}: {exc.strerror or exc}; check the file and its permissions"
-                ) from exc
+                raise _unreadable(file, exc) from exc
         return out
 
     def read_all(self) -> dict[str, torch.Tensor]:
         """Every tensor (a whole state dict in memory: for small checkpoints)."""
         return {name: self.read(name) for name in self.entries}
+
+
+def _unreadable(file: Path, exc: Exception) -> LoadError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return LoadError(f"cannot read {file}: {reason}; check the file and its permissions")
 
 
 def read_header(file: Path) -> dict[str, Entry]:

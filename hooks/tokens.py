@@ -29,6 +29,41 @@ class Prepared:
     resid: torch.Tensor | None = None  # [B, P, M] when starting mid-model
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: printable Latin-1 bytes stand for themselves, the
+    rest for 256 + n in order (how byte-level tokenizers spell the pieces of a multi-byte character)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_labels(tokenizer, ids: Sequence[int]) -> list[str]:
+    """One display label per token id: its text (``decode([id])``), or, for a token that is only part of a
+    multi-byte character (which decodes to "\ufffd"), its bytes as escapes (``"\\xe6\\x97"``; a
+    SentencePiece byte token as its own name, ``"<0xE6>"``). For tables and plots; ``to_str_tokens`` keeps
+    TransformerLens's plain ``decode``."""
+    out = []
+    for i in ids:
+        text = tokenizer.decode([int(i)])
+        if "\ufffd" in text:
+            raw = tokenizer.convert_ids_to_tokens(int(i))
+            if isinstance(raw, str) and raw and all(c in _BYTE_LEVEL for c in raw):
+                text = bytes(_BYTE_LEVEL[c] for c in raw).decode("utf-8", errors="backslashreplace")
+            elif isinstance(raw, str) and raw:
+                text = raw
+        out.append(text)
+    return out
+
+
 def is_messages(obj: Any) -> bool:
     return isinstance(obj, (list, tuple)) and len(obj) > 0 and all(isinstance(m, dict) for m in obj)
 

@@ -6,8 +6,8 @@
 - **compare**: every shard's sha256 as read back from disk (the writer's one hash pass, when it seals)
   equals the sha256 of the live bytes written; the directory reloaded by plain transformers with every
   module offloaded to disk (accelerate's device map ``{"": "disk"}``: the weights are read from the
-  written shards one module at a time as the probes run), its logits on every probe position within the
-  tolerance of the in-memory edited model's.
+  written shards one module at a time as the probes run; the embedding and output matrices a slice of rows
+  at a time), its logits on every probe position within the tolerance of the in-memory edited model's.
 - **seal**: the manifest (``ExportManifest``) given to the writer, which adds the files' hashes and its own.
 - **commit**: the writer moves the directory into place exclusively.
 """
@@ -21,7 +21,7 @@ import logging
 import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ from .._atomic import _quiet_transformers
 from .._manifest import PROBE_LOGITS
 from ..errors import ExportError, ParityError
 from .manifest import ExportManifest, library_versions, probe_records
-from .probes import hf_logits, kl_last, max_diff, tolerance
+from .probes import _batch, hf_logits, kl_last, max_diff, tolerance
 from .stages import Export, ExportResult, parse_size, source_dir
 
 if TYPE_CHECKING:
@@ -272,7 +272,8 @@ def reload_hf(directory: Path, dtype: torch.dtype, **kwargs):
 def reload_logits(directory: Path, dtype: torch.dtype, probes: Sequence) -> list[torch.Tensor]:
     """The probes' logits of ``directory`` reloaded by plain transformers with every module offloaded to disk:
     accelerate reads each module's weights from the checkpoint's own shards when the module runs (nothing is
-    copied into the offload folder), so host memory holds one module at a time."""
+    copied into the offload folder), so host memory holds one module at a time — and the two largest, the
+    embeddings and the output matrix, not even that (``streamed_logits``)."""
     quiet = logging.getLogger("accelerate.big_modeling")  # "some parameters are on the meta device": meant so
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -280,8 +281,54 @@ def reload_logits(directory: Path, dtype: torch.dtype, probes: Sequence) -> list
         with tempfile.TemporaryDirectory(prefix="scalpel-offload-") as offload:
             hf = reload_hf(directory, dtype, device_map={"": "disk"}, offload_folder=offload)
             try:
-                return hf_logits(hf, probes)
+                return streamed_logits(hf, directory, probes)
             finally:
                 del hf
     finally:
         quiet.setLevel(level)
+
+
+ROWS_PER_SLICE = 8192
+
+
+@torch.no_grad()
+def streamed_logits(hf: Any, directory: Path, probes: Sequence) -> list[torch.Tensor]:
+    """``hf_logits`` of a disk-offloaded transformers model, with its embedding and output matrices read
+    ``ROWS_PER_SLICE`` rows at a time from the very file and tensor accelerate's offload index names for
+    them (so a tied output matrix is the embeddings, as transformers tied it): the probes' embedding rows are
+    gathered slice by slice, the body runs as transformers' own base model on those embeddings, and the
+    logits are its final hidden states times each slice of the output matrix. Host memory beyond the live
+    model is one decoder layer plus one slice, where reading the two matrices whole would add up to 21 % of
+    a 1B model's weights. Falls back to ``hf_logits`` when a matrix is not in the checkpoint's shards as is."""
+    from hooks.checkpoint import Checkpoint, read_header
+
+    def where(module):
+        hook = getattr(module, "_hf_hook", None)
+        loader = getattr(getattr(hook, "weights_map", None), "dataset", None)
+        info = getattr(loader, "index", {}).get(f"{getattr(hook.weights_map, 'prefix', '')}weight") if loader else None
+        if not info or "safetensors_file" not in info:
+            return None
+        file = Path(info["safetensors_file"])
+        return Checkpoint(directory, read_header(file)), info["weight_name"], getattr(torch, info["dtype"])
+
+    embed, head = where(hf.get_input_embeddings()), where(hf.get_output_embeddings())
+    if embed is None or head is None:
+        return hf_logits(hf, probes)
+    ids, mask = _batch(list(probes), torch.device("cpu"))
+    ckpt, name, dtype = embed
+    vocab, width = ckpt.entries[name].shape
+    x = torch.zeros(*ids.shape, width, dtype=dtype)
+    for a in range(0, vocab, ROWS_PER_SLICE):
+        b = min(a + ROWS_PER_SLICE, vocab)
+        here = (ids >= a) & (ids < b)
+        if here.any():
+            x[here] = ckpt.read(name, rows=(a, b)).to(dtype)[ids[here] - a]
+    body = getattr(hf, hf.base_model_prefix)
+    hidden = body(inputs_embeds=x, attention_mask=mask).last_hidden_state
+    ckpt, name, dtype = head
+    vocab = ckpt.entries[name].shape[0]
+    logits = torch.empty(*ids.shape, vocab, dtype=torch.float32)
+    for a in range(0, vocab, ROWS_PER_SLICE):
+        b = min(a + ROWS_PER_SLICE, vocab)
+        logits[..., a:b] = torch.nn.functional.linear(hidden, ckpt.read(name, rows=(a, b)).to(dtype)).float()
+    return [logits[i, : p.ids.shape[1]] for i, p in enumerate(probes)]

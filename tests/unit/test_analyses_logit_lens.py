@@ -69,3 +69,22 @@ def test_real_model_last_layer_equals_next_token_prediction(smol):
     assert lens.top_tokens[-1][-1][0] == " Paris"
     assert lens.target_ranks[-1, -1, 0] == 0 and lens.target_probs[-1, -1, 0] > 0.5
     assert lens.str_tokens[-1] == " of"
+
+
+def test_tokens_that_are_part_of_a_character_are_shown_as_their_bytes(smol):
+    """A byte-level token holding part of a multi-byte character decodes to U+FFFD; tables show its bytes,
+    whose concatenation with the other labels is the text's UTF-8."""
+    from hooks.tokens import token_labels
+
+    text = " 日本 🙂"
+    ids = smol.tokenizer.encode(text, add_special_tokens=False)
+    labels = token_labels(smol.tokenizer, ids)
+    assert not any("\ufffd" in s for s in labels)
+    assert any(s.startswith(" \\x") for s in labels)  # the leading space stays text
+    raw = b"".join(
+        s.encode("latin-1", "backslashreplace").decode("unicode_escape").encode("latin-1") if "\\x" in s else s.encode()
+        for s in labels
+    )
+    assert raw == text.encode()
+    result = logit_lens(smol, text, k=1)
+    assert result.str_tokens == labels

@@ -342,8 +342,8 @@ def test_keyboard_interrupt_during_reload_leaves_nothing(tmp_path, monkeypatch):
 def test_parity_failure_removes_the_output_and_says_why(tmp_path, monkeypatch):
     from surgery.export import hf as H
 
-    real = H.hf_logits
-    monkeypatch.setattr(H, "hf_logits", lambda hf, probes: [t + 1e-3 for t in real(hf, probes)])
+    real = H.streamed_logits
+    monkeypatch.setattr(H, "streamed_logits", lambda hf, d, probes: [t + 1e-3 for t in real(hf, d, probes)])
     with pytest.raises(S.ParityError, match=r"differ from the in-memory model by 0\.001 \(tolerance 0\.0001\)"):
         S.export(HookedLlama.from_hf(tiny_hf("gqa")), tmp_path / "out", edits=[S.ZeroHeads(0, [1])])
     assert not (tmp_path / "out").exists() and litter(tmp_path) == []
@@ -356,8 +356,8 @@ def test_failure_when_overwriting_keeps_the_old_output(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     from surgery.export import hf as H
 
-    real = H.hf_logits
-    monkeypatch.setattr(H, "hf_logits", lambda hf, probes: [t + 1.0 for t in real(hf, probes)])
+    real = H.streamed_logits
+    monkeypatch.setattr(H, "streamed_logits", lambda hf, d, probes: [t + 1.0 for t in real(hf, d, probes)])
     with pytest.raises(S.ExportError):
         S.export(model, out, edits=[S.ZeroHeads(0, [1])], overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and litter(tmp_path) == []
@@ -659,3 +659,37 @@ def test_a_model_offloaded_to_disk_exports_the_same_checkpoint(tmp_path):
     assert {k: v for k, v in b.files.items() if k.endswith(".safetensors")} == {
         k: v for k, v in a.files.items() if k.endswith(".safetensors")
     }
+
+
+@pytest.mark.parametrize("kind", ["tied", "bias"])
+def test_the_reload_check_reads_embeddings_and_output_matrix_in_slices_and_equals_transformers(
+    tmp_path, monkeypatch, kind
+):
+    """The export's reload check never holds the embedding or output matrix whole: it reads them a few rows
+    at a time from the tensor accelerate's offload index names (the embeddings when transformers ties them),
+    and its logits equal transformers' own disk-offloaded forward."""
+    import tempfile
+
+    from hooks import checkpoint
+    from surgery.export import hf as H
+    from surgery.export.probes import Probe, hf_logits
+
+    hf = tiny_hf(kind)
+    hf.save_pretrained(tmp_path / "ckpt")
+    back = H.reload_hf(tmp_path / "ckpt", torch.float32, device_map={"": "disk"}, offload_folder=tempfile.mkdtemp())
+    g = torch.Generator().manual_seed(0)
+    probes = [Probe(None, torch.randint(0, hf.config.vocab_size, (1, n), generator=g)) for n in (5, 9, 3)]
+    reads = []
+    real = checkpoint.Checkpoint.read
+    monkeypatch.setattr(
+        checkpoint.Checkpoint,
+        "read",
+        lambda self, name, rows=None: reads.append((name, rows)) or real(self, name, rows),
+    )
+    monkeypatch.setattr(H, "ROWS_PER_SLICE", 48)
+    got = H.streamed_logits(back, tmp_path / "ckpt", probes)
+    want = hf_logits(back, probes)
+    assert max(float((a - b).abs().max()) for a, b in zip(got, want)) <= 1e-5
+    head = "model.embed_tokens.weight" if kind == "tied" else "lm_head.weight"
+    assert [r for n, r in reads if n == head][-3:] == [(0, 48), (48, 96), (96, 128)]
+    assert all(r is not None and r[1] - r[0] <= 48 for _, r in reads)

@@ -224,3 +224,28 @@ def test_checkpoint_is_checked_from_its_headers_before_a_weight_is_read(hf_dir, 
     entries = checkpoint.read_header(path / "model.safetensors")
     assert entries["model.layers.0.mlp.up_proj.weight"].shape == (96, 64)
     assert entries["model.layers.0.mlp.up_proj.weight"].nbytes == 96 * 64 * 4
+
+
+def test_weights_are_mapped_copy_on_write_and_edits_never_reach_the_file(hf_dir):
+    """A loaded float32 CPU model's weights are the checkpoint's bytes mapped copy-on-write (no copy at
+    load, as transformers); writing to them changes the model, never the file."""
+    import hashlib
+
+    from hooks.checkpoint import Checkpoint
+
+    hf, path = hf_dir
+    before = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    model = HookedLlama.from_pretrained(str(path), dtype=torch.float32)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    want = hf.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(weight, want)
+    with torch.no_grad():
+        weight.mul_(2)  # an in-place edit: the process's own copy of those pages
+    assert torch.equal(weight, 2 * want)
+    assert hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() == before
+    again = Checkpoint.open(path).read("model.layers.0.mlp.up_proj.weight")
+    assert torch.equal(again, want)
+    # a second model from the same file does not see the first one's edit
+    assert torch.equal(
+        HookedLlama.from_pretrained(str(path), dtype=torch.float32).model.layers[0].mlp.up_proj.weight, want
+    )
