@@ -15,11 +15,13 @@ on a shared machine the CPU-time ratio is the steadier one).
 
 Attribution graph of one prompt against circuit-tracer 0.5 (same environment): per-layer JumpReLU skip
 transcoders trained once on the default model (``train_saes``, cached under ``$SCALPEL_CACHE/bench-circuits``),
-both sides with every active feature attributed, ``batch_size`` targets per backward pass, the first position
-zeroed as circuit-tracer does; equal results = the adjacency matrices compared entry by entry.
+both sides with every active feature attributed, ``batch_size`` targets per pass (circuit-tracer: an autograd
+backward; ours: a reverse pass in plain products), the first position zeroed as circuit-tracer does; equal
+results = the adjacency matrices compared entry by entry.
 
     python benchmarks/bench_circuits.py --threads 2 --samples 5      # prints a JSON document
     python benchmarks/bench_circuits.py --only graph                   # the attribution graph only
+    python benchmarks/bench_circuits.py --only long --long 1024 --threads 1   # memory for one long prompt only
 """
 
 from __future__ import annotations
@@ -66,15 +68,27 @@ def compare(ours, theirs: dict, rep: int, factor: float) -> dict:
 
 
 LONG = """
-import resource, sys, torch
+import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
+torch.set_num_threads({threads})
+
+def mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
 from hooks import HookedLlama
 from analyses.circuits import circuit_setup, run_masks
 from analyses.circuits.scores import eap_ig_scores, eap_scores
 model = HookedLlama.default()
 ids = torch.randint(100, 20000, (1, {n}), generator=torch.Generator().manual_seed(0))
 bad = ids.clone(); bad[0, 1] = 7
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:  # the peak from here on (not the load's): reset the kernel's high-water mark
+    open("/proc/self/clear_refs", "w").write("5")
+    base, peak = mb("VmRSS"), lambda: mb("VmHWM")
+except OSError:
+    base, peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, lambda: (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+c0 = time.process_time()
 if {what!r} == "forward_backward":
     for p in model.parameters():
         p.requires_grad_(False)
@@ -90,18 +104,24 @@ else:
         eap_ig_scores(model, setup, steps=3, path="edges")
     else:
         run_masks(model, setup, torch.ones(2, setup.graph.n_edges), memory_budget_mb=512)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+print(json.dumps(dict(mb=peak() - base, cpu_s=time.process_time() - c0)))
 """
 
+LONG_WORK = ("forward_backward", "eap", "eap_ig_inputs", "eap_ig_edges", "masks")
 
-def peak_rss(what: str, n: int) -> float:
-    """MB of peak resident memory beyond the loaded model for one ``n``-token prompt, in a fresh process."""
+
+def peak_rss(what: str, n: int, threads: int = 1) -> dict:
+    """For one ``n``-token prompt, in a fresh process: ``mb``, the peak resident memory beyond the loaded
+    model (MB: the peak from after the load, minus the resident memory then; Linux resets the peak through
+    ``/proc/self/clear_refs``, elsewhere the load's own peak hides what lies below it), and ``cpu_s``, the
+    CPU seconds of the work (the setup's two forwards included)."""
     import subprocess
 
-    done = subprocess.run(
-        [sys.executable, "-c", LONG.format(root=str(ROOT), n=n, what=what)], capture_output=True, text=True, check=True
-    )
-    return float(done.stdout.strip().splitlines()[-1])
+    script = LONG.format(root=str(ROOT), n=n, what=what, threads=threads)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"long prompt, {what}: {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def graph_bench(model, work: Path, prompt: str, batch: int, threads: int, n_tokens: int = 0) -> dict:
@@ -171,11 +191,16 @@ torch.set_num_threads({threads})
 model = HookedLlama.default()
 tcs = [load_sae({tdir!r} + "/" + read, model) for read, _ in transcoder_hooks(model)]
 tokens = torch.load({work!r} + "/prompt.pt")
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+open("/proc/self/clear_refs", "w").write("5")  # the peak from here on, not the load's (Linux)
+base = mb("VmRSS")
 t0, c0 = time.perf_counter(), time.process_time()
 g = attribution_graph(model, tokens, tcs, batch_size={batch})
 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+peak = mb("VmHWM") - base
 torch.save(g.adjacency, {work!r} + "/ours_graph.pt")
 print(json.dumps(dict(seconds=seconds, cpu_seconds=cpu, peak_rss_mb=peak, n_active=g.n_active, n_nodes=g.n_nodes,
                       logit_tokens=[int(t) for t in g.logit_tokens])))
@@ -240,12 +265,17 @@ def table(out: dict) -> str:
     if "long_prompt" in out:
         m = out["long_prompt"]
         lines += [
-            f"peak resident memory beyond the loaded model, one {m['positions']}-token prompt (MB)",
+            f"one {m['positions']}-token prompt, {out['threads']} thread(s): peak resident memory beyond the loaded "
+            "model (MB, × the plain forward + backward) / CPU s, each in a fresh process",
             "",
             "| plain forward + backward | EAP | EAP-IG inputs, 5 steps | EAP-IG edges, 3 steps | 2 edge masks |",
             "|---|---|---|---|---|",
-            f"| {m['forward_backward']:.0f} | {m['eap']:.0f} | {m['eap_ig_inputs']:.0f} | {m['eap_ig_edges']:.0f} "
-            f"| {m['masks']:.0f} |",
+            "| "
+            + " | ".join(
+                f"{m[w]['mb']:,.0f} MB ({m[w]['mb'] / m['forward_backward']['mb']:.1f}×) / {m[w]['cpu_s']:.1f} s"
+                for w in LONG_WORK
+            )
+            + " |",
         ]
     return "\n".join(lines)
 
@@ -255,7 +285,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=5, help="auto-circuit's integrated_grad_samples")
     ap.add_argument("--prompts", default=str(ROOT / "examples" / "prompts_ioi.txt"))
-    ap.add_argument("--only", choices=["edges", "graph"], help="run one part (default both)")
+    ap.add_argument(
+        "--only", choices=["edges", "graph", "long"], help="run one part (default both; long: only the --long table)"
+    )
     ap.add_argument("--n-prompts", type=int, default=0, help="the first N prompts of the set (default all)")
     ap.add_argument("--graph-batch", type=int, default=64, help="attribution targets per backward pass")
     ap.add_argument(
@@ -276,15 +308,15 @@ def main() -> None:
         n = args.n_prompts
         clean, corrupted, answers = clean[:n], corrupted[:n], (answers[0][:n], answers[1][:n])
     out: dict = {"threads": args.threads}
-    if args.only != "edges":
+    if args.only not in ("edges", "long"):
         out["attribution_graph"] = graph_bench(model, work, clean[0], args.graph_batch, args.threads, args.graph_tokens)
         print(json.dumps(out["attribution_graph"]), file=sys.stderr, flush=True)
-    if args.long:
-        out["long_prompt"] = {"positions": args.long}
-        for what in ("forward_backward", "eap", "eap_ig_inputs", "eap_ig_edges", "masks"):
-            out["long_prompt"][what] = peak_rss(what, args.long)
-            print(f"long prompt, {what}: {out['long_prompt'][what]:.0f} MB", file=sys.stderr, flush=True)
-    if args.only == "graph":
+    if args.long or args.only == "long":
+        out["long_prompt"] = {"positions": args.long or 1024}
+        for what in LONG_WORK:
+            out["long_prompt"][what] = peak_rss(what, out["long_prompt"]["positions"], args.threads)
+            print(f"long prompt, {what}: {out['long_prompt'][what]}", file=sys.stderr, flush=True)
+    if args.only in ("graph", "long"):
         print(json.dumps(out, indent=1))
         print(table(out))
         return

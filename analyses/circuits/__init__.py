@@ -4,7 +4,7 @@
   group's k and v inputs, each MLP's input, the logits) joined through the residual stream.
 - ``edge_attribution(model, clean, corrupted, …, method="eap" | "eap-ig" | "exact")`` → ``EdgeScores``;
   ``acdc(…, threshold=)`` → ``Circuit``.
-- ``EdgeScores.circuit(top_n= | threshold= | greedy=)`` → ``Circuit``: a table, a plotly graph, JSON,
+- ``EdgeScores.circuit(top_n= | threshold= | greedy=, prune=)`` → ``Circuit``: a table, a plotly graph, JSON,
   ``evaluate(model)``, and ``applied(model)``, a context manager that runs the model as the circuit.
 - ``faithfulness_curve`` → ``FaithfulnessCurve`` (MIB's circuit sizes, CPR and CMD).
 - ``attribution_graph(model, prompt, transcoders)`` → ``AttributionGraph``: direct effects between
@@ -20,9 +20,9 @@
 from .attribution_graph import AttributionGraph, attribution_graph
 from .discovery import acdc, edge_attribution
 from .graph import EdgeGraph, Receiver, Source
-from .patching import ABLATIONS, CircuitSetup, EdgeHooks, circuit_setup, run_masks
+from .patching import ABLATIONS, CircuitSetup, EdgeHooks, SourceValues, circuit_setup, run_masks
 from .results import Circuit, EdgeScores, FaithfulnessCurve, faithfulness_curve
-from .selection import MIB_FRACTIONS, greedy, top_n
+from .selection import MIB_FRACTIONS, greedy, prune_dangling, top_n
 
 __all__ = [
     "EdgeGraph",
@@ -38,10 +38,12 @@ __all__ = [
     "CircuitSetup",
     "run_masks",
     "EdgeHooks",
+    "SourceValues",
     "ABLATIONS",
     "MIB_FRACTIONS",
     "top_n",
     "greedy",
+    "prune_dangling",
     "attribution_graph",
     "AttributionGraph",
 ]

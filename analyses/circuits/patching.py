@@ -57,6 +57,91 @@ def head_results(model: HookedLlama, layer: int, z: torch.Tensor) -> torch.Tenso
     return torch.einsum("...hd,mhd->...hm", z.to(w.dtype), w)
 
 
+class SourceValues:
+    """Every source's output as the model computed it, kept compact: the embeddings [B, P, M], each layer's
+    ``hook_z`` [B, P, H, D] and ``hook_mlp_out`` [B, P, M] (per layer 2 rows of d_model where the dense
+    [S, B, P, M] has H + 1: a fifth on SmolLM2); the heads' shares of ``o_proj`` are formed when read (and
+    kept while the dense tensor would take at most ``keep_mb``).
+
+    Reads like the dense tensor: ``values[i]`` [B, P, M], ``values[a:b]`` [n, B, P, M], ``values.shape``;
+    ``values.positions(p0, p1)`` the same sources over positions ``p0:p1``.
+    """
+
+    def __init__(self, model: HookedLlama, embed: torch.Tensor, z: list, mlp: list, keep_mb: float = 256.0) -> None:
+        self.model, self.embed, self.z, self.mlp = model, embed, list(z), list(mlp)
+        self.n_heads = model.n_heads
+        B, P, M = embed.shape
+        self.shape = torch.Size((1 + (self.n_heads + 1) * len(self.z), B, P, M))
+        self._keep = self.shape.numel() * embed.element_size() <= keep_mb * 2**20
+        self._heads: dict[int, torch.Tensor] = {}
+        self._parent: tuple[SourceValues, slice] | None = None
+
+    @classmethod
+    def from_cache(cls, model: HookedLlama, cache) -> "SourceValues":
+        """From a cache holding hook_embed, hook_z and hook_mlp_out."""
+        n = model.n_layers
+        return cls(
+            model,
+            cache["hook_embed"],
+            [cache[act_name("z", layer)] for layer in range(n)],
+            [cache[act_name("mlp_out", layer)] for layer in range(n)],
+        )
+
+    def positions(self, p0: int, p1: int | None = None) -> "SourceValues":
+        """The same sources over positions ``p0:p1``."""
+        cut = slice(p0, p1)
+        out = SourceValues(self.model, self.embed[:, cut], [z[:, cut] for z in self.z], [m[:, cut] for m in self.mlp])
+        out._keep, out._parent = False, (self, cut) if self._keep else None
+        return out
+
+    def layer_heads(self, layer: int) -> torch.Tensor:
+        """The heads of ``layer``: [H, B, P, M]."""
+        if self._parent is not None:  # a window on values that keep their heads
+            parent, cut = self._parent
+            return parent.layer_heads(layer)[:, :, cut]
+        heads = self._heads.get(layer)
+        if heads is None:
+            heads = head_results(self.model, layer, self.z[layer]).permute(2, 0, 1, 3)
+            if self._keep:
+                self._heads[layer] = heads
+        return heads
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, int):
+            return self[key : key + 1][0]
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("SourceValues takes a source index or a slice of sources")
+        start, stop, _ = key.indices(self.shape[0])
+        per = self.n_heads + 1
+        parts = []
+        if start == 0 and stop > 0:
+            parts.append(self.embed[None])
+        for layer in range(max(0, (start - 1) // per), len(self.z)):
+            base = 1 + per * layer
+            if base >= stop:
+                break
+            lo, hi = max(start, base) - base, min(stop, base + per) - base  # within the layer: heads 0..H-1, MLP H
+            if lo < min(hi, self.n_heads):
+                parts.append(self.layer_heads(layer)[lo : min(hi, self.n_heads)])
+            if hi > self.n_heads:
+                parts.append(self.mlp[layer][None])
+        if not parts:
+            return self.embed.new_zeros((0, *self.shape[1:]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def dense(self) -> torch.Tensor:
+        """Every source at once: [S, B, P, M] (the memory the compact form saves)."""
+        return self[:]
+
+
+def source_positions(values, p0: int, p1: int | None = None):
+    """``values`` (``SourceValues`` or a dense [S, B or 1, P or 1, M] tensor) over positions ``p0:p1``
+    (a tensor with one position, a mean or zero ablation, is the same everywhere)."""
+    if isinstance(values, SourceValues):
+        return values.positions(p0, p1)
+    return values[:, :, p0:p1] if values.shape[2] > 1 else values
+
+
 # --------------------------------------------------------------------------- the hooks
 class EdgeHooks:
     """Forward hooks that run ``A`` edge masks at once (see the module docstring).
@@ -64,7 +149,8 @@ class EdgeHooks:
     Args:
         model, graph: the model and its ``EdgeGraph``.
         mask: [A, S, R] in the model's dtype, 1 where the edge is patched (values in between interpolate).
-        patch: the patch value of every source, [S, B or 1, P or 1, M] (P: the positions this run computes).
+        patch: the patch value of every source, [S, B or 1, P or 1, M] (P: the positions this run computes),
+            a tensor or ``SourceValues`` (read one layer's sources at a time).
         base: differences of the sources before ``start_layer`` (they wrote their clean values, so
             ``patch − clean``), [A or 1, n, B, P, M], when the run reads the residual stream entering
             ``start_layer``; None when every forward starts from the tokens (the embeddings' difference
@@ -224,16 +310,17 @@ class EdgeHooks:
 class CircuitSetup:
     """The clean prompts, the value every source is patched to, and what runs starting late need.
 
-    ``clean_src`` / ``patch_src``: [S, B, P, M] source outputs of the clean run and their patch values
-    (``patch_src`` may be [S, 1, 1, M] for a mean or zero ablation). ``start``: the first position where
-    some source's clean and patch values differ (earlier positions are the same in every patched run).
+    ``clean_src`` / ``patch_src``: the source outputs of the clean run and their patch values, read as
+    [S, B, P, M] (``SourceValues``, kept compact: per layer ``hook_z`` and ``hook_mlp_out``); ``patch_src``
+    is a dense [S, 1, 1, M] tensor for a mean or zero ablation. ``start``: the first position where some
+    source's clean and patch values differ (earlier positions are the same in every patched run).
     """
 
     graph: EdgeGraph
     inputs: PairInputs
     ablation: str
-    clean_src: torch.Tensor
-    patch_src: torch.Tensor
+    clean_src: SourceValues
+    patch_src: SourceValues | torch.Tensor
     resid_pre: dict[int, torch.Tensor]
     prefix_k: dict[int, torch.Tensor]
     prefix_v: dict[int, torch.Tensor]
@@ -244,14 +331,22 @@ class CircuitSetup:
     ablated_value: float = float("nan")  # every edge patched
     stats: dict = field(default_factory=lambda: {"forward_calls": 0, "masks": 0, "seconds": 0.0})
 
+    def differences(self, sources: slice, p0: int = 0, p1: int | None = None) -> torch.Tensor:
+        """``patch − clean`` of the ``sources`` over positions ``p0:p1``: [n, B, p, M] in the model's dtype."""
+        clean = self.clean_src if (p0, p1) == (0, None) else self.clean_src.positions(p0, p1)
+        return source_positions(self.patch_src, p0, p1)[sources] - clean[sources]
+
+    def source_blocks(self) -> list[slice]:
+        """The sources in forward order, one slice per layer (the embeddings first)."""
+        g = self.graph
+        return [slice(0, 1)] + [
+            slice(g.head_sources(layer).start, g.source_index("mlp", layer) + 1) for layer in range(g.n_layers)
+        ]
+
 
 def source_outputs(model: HookedLlama, cache) -> torch.Tensor:
     """Every source's output [S, B, P, M] from a cache holding hook_embed, hook_z and hook_mlp_out."""
-    parts = [cache["hook_embed"][None]]
-    for layer in range(model.n_layers):
-        parts.append(head_results(model, layer, cache[act_name("z", layer)]).permute(2, 0, 1, 3))
-        parts.append(cache[act_name("mlp_out", layer)][None])
-    return torch.cat(parts)
+    return SourceValues.from_cache(model, cache).dense()
 
 
 def source_names(model: HookedLlama) -> list[str]:
@@ -322,12 +417,13 @@ def circuit_setup(
     names = source_names(model) + [act_name(k, layer) for layer in range(n) for k in ("resid_pre", "rot_k", "v")]
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(inputs.clean, attention_mask=inputs.mask, names_filter=names)
-        clean_src = source_outputs(model, cache)
+        clean_src = SourceValues.from_cache(model, cache)
+        patch_src: SourceValues | torch.Tensor
         if ablation == "patching":
             corr_logits, corr = model.run_with_cache(
                 inputs.corrupted, attention_mask=inputs.mask, names_filter=source_names(model)
             )
-            patch_src = source_outputs(model, corr)
+            patch_src = SourceValues.from_cache(model, corr)
         elif ablation == "mean":
             patch_src = (
                 mean_source_outputs(model, reference)
@@ -335,10 +431,7 @@ def circuit_setup(
                 else mean_source_outputs(model, inputs.clean, inputs.mask)
             )
         else:
-            patch_src = torch.zeros(graph.n_sources, 1, 1, model.d_model, dtype=clean_src.dtype)
-    differs = (patch_src.expand_as(clean_src) != clean_src).any(-1).any(0).any(0)  # [P]
-    first = torch.nonzero(differs)
-    start = int(first[0]) if first.numel() else inputs.n_pos - 1
+            patch_src = torch.zeros(graph.n_sources, 1, 1, model.d_model, dtype=clean_src.embed.dtype)
     setup = CircuitSetup(
         graph=graph,
         inputs=inputs,
@@ -349,8 +442,15 @@ def circuit_setup(
         prefix_k={layer: cache["rot_k", layer].transpose(1, 2) for layer in range(n)},
         prefix_v={layer: cache["v", layer].transpose(1, 2) for layer in range(n)},
         clean_logits=clean_logits,
-        start=start,
+        start=inputs.n_pos - 1,
     )
+    differs = torch.zeros(inputs.n_pos, dtype=torch.bool)  # [P]: some source's clean and patch values differ
+    with torch.no_grad():
+        for block in setup.source_blocks():
+            differs |= (patch_src[block] != clean_src[block]).any(-1).any(0).any(0).cpu()
+    first = torch.nonzero(differs)
+    if first.numel():
+        setup.start = int(first[0])
     setup.metric = resolve_metric(model, metric, answers, clean_logits)
     if not isinstance(setup.metric, Metric):
         setup.start = 0  # a callable reads every position's logits
@@ -435,9 +535,9 @@ def _run_chunk(model: HookedLlama, setup: CircuitSetup, masks: torch.Tensor, per
     A, B, start = masks.shape[0], inputs.batch, setup.start
     layer0 = min(min(_first_layer(graph, m) for m in masks), graph.n_layers - 1)
     matrix = graph.mask_matrix(masks.to(model.dtype)).to(model.device)  # [A, S, R]
-    patch = setup.patch_src[:, :, start:] if setup.patch_src.shape[2] > 1 else setup.patch_src
+    patch = source_positions(setup.patch_src, start)
     n_pre = graph.source_index("head", layer0, 0)  # sources before the first computed layer wrote clean values
-    base = (patch[:n_pre] - setup.clean_src[:n_pre, :, start:])[None]
+    base = setup.differences(slice(0, n_pre), start)[None]
     capture = None if not isinstance(setup.metric, Metric) else (setup.metric.pos % inputs.n_pos) - start
     eh = EdgeHooks(model, graph, matrix, patch, base=base, start_layer=layer0, capture_pos=capture)
     am = inputs.mask.repeat(A, 1) if inputs.mask is not None else None

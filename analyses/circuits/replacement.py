@@ -8,11 +8,14 @@ attention patterns (``attn.hook_pattern``) and RMSNorm scales (``ln1`` / ``ln2``
 the features' activations are nodes, not functions), every remaining path between two nodes is linear.
 A transcoder's skip connection (``W_skip``) stays a linear path from its input to its output.
 
-``ReplacementModel(model, transcoders).forward(tokens, copies)`` runs that linearised forward with
-``copies`` identical rows (one per attribution target of a batch) and keeps what attribution needs:
-the embeddings and each layer's MLP output as leaves (gradients there are the direct effects on a
-source's output), each transcoder's input (where a feature's encoder reads), and the last position's
-logits.
+``ReplacementModel(model, transcoders).linear(prompt_state)`` gives those linear maps on the prompt
+(``LinearReplacement``) as plain matrix products, for vector–Jacobian products without autograd: a
+gradient with respect to the residual stream after a layer is carried back through its skip connection
+(``skip_back``), to before it through the attention's value and output matrices with the frozen pattern
+(``attn_back``), and read off where sources write (MLP outputs, embeddings). Only the positions up to the
+last one a gradient touches are carried (attention is causal), so a row of a target at position ``q``
+costs ``q + 1`` positions per layer. The same maps forwards (``values``, ``attn_forward``, ``skip_forward``)
+carry a source's output up the first positions, which attend only among themselves.
 
 Transcoders: ``analyses.saes.SAE`` objects with ``hook_name`` ``blocks.{L}.ln2.hook_normalized`` (what
 ``train_sae`` trains per-layer transcoders on) or ``blocks.{L}.hook_resid_mid``, ``hook_name_out``
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -118,7 +121,8 @@ def skip_output(t, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PromptState:
-    """What the clean forward on the prompt gives: logits, transcoder inputs, MLP outputs, activations."""
+    """What the clean forward on the prompt gives: logits, transcoder inputs, MLP outputs, activations, and
+    the values the replacement model freezes (attention patterns, RMSNorm divisors)."""
 
     tokens: torch.Tensor  # [P]
     logits: torch.Tensor  # [P, V]
@@ -127,6 +131,10 @@ class PromptState:
     tc_in: dict[int, torch.Tensor]  # layer -> [P, d_in] transcoder input
     acts: dict[int, torch.Tensor]  # layer -> [P, d_sae] feature activations
     errors: torch.Tensor  # [L, P, M]
+    patterns: torch.Tensor  # [L, H, P, P] attention patterns
+    scale1: torch.Tensor  # [L, P] ln1's divisor
+    scale2: torch.Tensor  # [L, P] ln2's divisor
+    scale_final: torch.Tensor  # [P] the final norm's divisor
 
 
 class ReplacementModel:
@@ -144,8 +152,13 @@ class ReplacementModel:
     def prompt_state(self, tokens: torch.Tensor) -> PromptState:
         """The model's forward on the prompt, with the transcoders' activations and error nodes."""
         model, L = self.model, self.n_layers
+        frozen = [act_name("pattern", i) for i in range(L)]
+        frozen += [f"blocks.{i}.{ln}.hook_scale" for i in range(L) for ln in ("ln1", "ln2")] + ["ln_final.hook_scale"]
         names = (
-            ["hook_embed"] + [act_name("mlp_out", i) for i in range(L)] + [self.input_hook(i) for i in self.transcoders]
+            ["hook_embed"]
+            + [act_name("mlp_out", i) for i in range(L)]
+            + [self.input_hook(i) for i in self.transcoders]
+            + frozen
         )
         logits, cache = model.run_with_cache(tokens[None], names_filter=sorted(set(names)))
         mlp_out = torch.stack([cache[act_name("mlp_out", i)][0] for i in range(L)])
@@ -159,50 +172,133 @@ class ReplacementModel:
                 recon = recon + skip_output(t, x)
             tc_in[layer], acts[layer] = x, a
             errors[layer] = mlp_out[layer] - recon.to(mlp_out.dtype)
-        return PromptState(tokens, logits[0], cache["hook_embed"][0], mlp_out, tc_in, acts, errors)
 
-    def forward(self, state: PromptState, copies: int):
-        """The linearised forward with ``copies`` rows: (embed leaf, {layer: MLP-output leaf},
-        {layer: transcoder input}, last-position logits [copies, V])."""
-        model = self.model
-        tokens = state.tokens[None].repeat(copies, 1)
-        leaves: dict[int, torch.Tensor] = {}
-        inputs: dict[int, torch.Tensor] = {}
-        embed: list[torch.Tensor] = []
+        def scales(ln: str) -> torch.Tensor:
+            return torch.stack([cache[f"blocks.{i}.{ln}.hook_scale"][0, :, 0] for i in range(L)])
 
-        def freeze(t, hook):
-            return t.detach()
+        return PromptState(
+            tokens,
+            logits[0],
+            cache["hook_embed"][0],
+            mlp_out,
+            tc_in,
+            acts,
+            errors,
+            torch.stack([cache[act_name("pattern", i)][0] for i in range(L)]),
+            scales("ln1"),
+            scales("ln2"),
+            cache["ln_final.hook_scale"][0, :, 0],
+        )
 
-        def leaf_embed(t, hook):
-            e = t.detach().requires_grad_(True)
-            embed.append(e)
-            return e
+    def linear(self, state: PromptState, dtype: torch.dtype | None = None) -> LinearReplacement:
+        """The replacement model's linear maps on the prompt of ``state`` (computed in ``dtype``: by default
+        fp32, or fp64 for a float64 model)."""
+        return LinearReplacement(self, state, dtype or torch.promote_types(self.model.dtype, torch.float32))
 
-        def keep_input(t, hook):
-            inputs[hook.layer] = t
-            return t
 
-        def cut_mlp(t, hook):
-            layer = hook.layer
-            leaf = state.mlp_out[layer].to(t.dtype).expand_as(t).clone().requires_grad_(True)
-            leaves[layer] = leaf
-            tr = self.transcoders.get(layer)
-            if tr is not None and tr.cfg.skip_connection:
-                skip = skip_output(tr, inputs[layer]).to(t.dtype)
-                return leaf + (skip - skip.detach())
-            return leaf
+class LinearReplacement:
+    """Vector–Jacobian products of the replacement model on one prompt, as plain matrix products.
 
-        n = model.n_layers
-        fwd = [("hook_embed", leaf_embed)]
-        for i in range(n):
-            fwd += [
-                (f"blocks.{i}.ln1.hook_scale", freeze),
-                (f"blocks.{i}.ln2.hook_scale", freeze),
-                (act_name("pattern", i), freeze),
-                (act_name("mlp_out", i), cut_mlp),
-            ]
-        fwd += [(self.input_hook(i), keep_input) for i in self.transcoders]
-        fwd += [("ln_final.hook_scale", freeze)]
-        with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
-            logits = model(tokens)[:, -1]
-        return embed[0], leaves, inputs, logits
+    Gradients are ``[n, k, M]``: ``n`` rows over the first ``k`` positions of the residual stream. Weights
+    are read from the model (cast to ``dtype`` a layer at a time, so a model in fp32 is never copied)."""
+
+    def __init__(self, rm: ReplacementModel, state: PromptState, dtype: torch.dtype) -> None:
+        model = rm.model
+        self.rm, self.state, self.dtype = rm, state, dtype
+        self.layers: Any = model.model.layers  # the decoder layers (their weights are read, never copied)
+        self.n_heads, self.n_kv_heads, self.d_head = model.n_heads, model.n_kv_heads, model.d_head
+        self.patterns = state.patterns.to(dtype)
+        self.scale1 = state.scale1.to(dtype)
+        # d(transcoder input)/d(resid_mid) per position: 1/ln2 divisor for ln2.hook_normalized, 1 for hook_resid_mid
+        self.read_scale = {
+            layer: (1 / state.scale2[layer].to(dtype)) if rm.input_hook(layer).endswith("hook_normalized") else None
+            for layer in rm.transcoders
+        }
+        w_final = model.model.norm.weight.to(dtype)
+        self.final_scale = w_final / state.scale_final[-1].to(dtype)
+
+    def _w(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(self.dtype)
+
+    def input_vectors(self, layer: int, pos: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Gradients [n, M] at ``hook_resid_mid`` of ``layer`` (positions ``pos``) of the transcoder-input
+        directions ``vectors`` [n, d_in] (encoder columns: ``input_scale`` applied here)."""
+        t = self.rm.transcoders[layer]
+        v = vectors.to(self.dtype)
+        if t.input_scale is not None:
+            v = v * t.input_scale.to(self.dtype)
+        r = self.read_scale[layer]
+        return v if r is None else v * r[pos, None]
+
+    def logit_vectors(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Gradients [n, M] at the last position of the final residual stream of ``logit − mean logit``."""
+        W = self.rm.model.lm_head.weight
+        rows = self._w(W[token_ids]) - W.detach().to(self.dtype).mean(0)
+        return rows * self.final_scale
+
+    def skip_back(self, layer: int, grad: torch.Tensor, first: int = 0) -> None:
+        """``grad`` (after ``layer``, positions ``first …``) becomes the gradient before its MLP (at
+        ``hook_resid_mid``), in place: the skip connection is the only path through a cut MLP."""
+        t = self.rm.transcoders.get(layer)
+        if t is None or not t.cfg.skip_connection:
+            return
+        n, k, M = grad.shape
+        g = (grad.reshape(n * k, M) @ self._w(t.W_skip)).view(n, k, -1)
+        r = self.read_scale[layer]
+        scale = torch.ones(k, 1, dtype=self.dtype, device=grad.device) if r is None else r[first : first + k, None]
+        if t.input_scale is not None:
+            scale = scale * t.input_scale.to(self.dtype)
+        grad.addcmul_(g, scale)
+
+    def attn_back(self, layer: int, grad: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """``grad`` (at ``hook_resid_mid`` of ``layer``, positions ``first …``) becomes the gradient at its
+        ``hook_resid_pre``, in place: the residual path plus the value path of attention with the frozen
+        pattern and ln1 divisor. Returns the gradients [n, first, n_kv_heads × d_head] of the values at the
+        positions before ``first``: with ``values`` of a source there, ``dv · values`` is its direct effect."""
+        n, k, M = grad.shape
+        H, G, D = self.n_heads, self.n_kv_heads, self.d_head
+        keys = first + k
+        attn = self.layers[layer].self_attn
+        dz = grad.reshape(n * k, M) @ self._w(attn.o_proj.weight)  # [n k, H D]
+        pattern = self.patterns[layer, :, first:keys, :keys]  # [H, query i, key j]
+        # dv[key j, value head g] = Σ_query i Σ_(h in g) pattern[h, i, j] dz[i, h]; query head h reads g = h // (H / G)
+        if keys * G <= M // 4:  # short prompts: one product with [(j, g), (i, h)] (mixing and group sum)
+            group = torch.arange(H, device=grad.device) // (H // G) == torch.arange(G, device=grad.device)[:, None]
+            mix = (pattern.permute(2, 1, 0)[:, None] * group[None, :, None].to(self.dtype)).reshape(keys * G, k * H)
+            dv = torch.matmul(mix, dz.view(n, k * H, D)).view(n, keys, G * D)
+        else:  # long prompts: one product per head over the positions
+            dv = torch.einsum("nihd,hij->njhd", dz.view(n, k, H, D), pattern)
+            dv = (dv.reshape(n, keys, G, H // G, D).sum(3) if G != H else dv).reshape(n, keys, G * D)
+        dx = (dv[:, first:].reshape(n * k, G * D) @ self._w(attn.v_proj.weight)).view(n, k, M)
+        grad.addcmul_(dx, self._w(self.layers[layer].input_layernorm.weight) / self.scale1[layer, first:keys, None])
+        return dv[:, :first]
+
+    # forward maps, for the sources of the first positions (``start`` = the first position ``u`` [n, k, M] holds)
+    def values(self, layer: int, u: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The values [n, k, n_kv_heads × d_head] that residual-stream vectors ``u`` make at ``layer``."""
+        n, k, M = u.shape
+        x = u * (self._w(self.layers[layer].input_layernorm.weight) / self.scale1[layer, start : start + k, None])
+        return (x.reshape(n * k, M) @ self._w(self.layers[layer].self_attn.v_proj.weight).T).view(n, k, -1)
+
+    def attn_forward(self, layer: int, u: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
+        """``u`` (at ``hook_resid_pre``) becomes the stream at ``hook_resid_mid``, in place, from its ``values``:
+        the positions ``start …`` attend among themselves with the frozen pattern (what they read before
+        ``start`` does not change with ``u``)."""
+        n, k, M = u.shape
+        H, G, D = self.n_heads, self.n_kv_heads, self.d_head
+        pattern = self.patterns[layer, :, start : start + k, start : start + k]  # [H, query i, key j]
+        v = values.view(n, k, G, D).repeat_interleave(H // G, dim=2)  # query head h reads value head h // (H / G)
+        z = torch.einsum("hij,njhd->nihd", pattern, v)
+        u += (z.reshape(n * k, H * D) @ self._w(self.layers[layer].self_attn.o_proj.weight).T).view(n, k, M)
+
+    def skip_forward(self, layer: int, u: torch.Tensor, start: int = 0) -> None:
+        """``u`` (at ``hook_resid_mid``) becomes the stream after ``layer``, in place: the skip connection."""
+        t = self.rm.transcoders.get(layer)
+        if t is None or not t.cfg.skip_connection:
+            return
+        n, k, M = u.shape
+        r = self.read_scale[layer]
+        x = u if r is None else u * r[start : start + k, None]
+        if t.input_scale is not None:
+            x = x * t.input_scale.to(self.dtype)
+        u += (x.reshape(n * k, -1) @ self._w(t.W_skip).T).view(n, k, M)

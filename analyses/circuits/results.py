@@ -33,7 +33,7 @@ from .patching import (
     source_names,
     source_outputs,
 )
-from .selection import MIB_FRACTIONS, above, areas, circuit_sizes, greedy, top_n
+from .selection import MIB_FRACTIONS, above, areas, circuit_sizes, greedy, prune_dangling, top_n
 
 if TYPE_CHECKING:
     from hooks.model import HookedLlama
@@ -131,9 +131,11 @@ class EdgeScores(AnalysisResult):
         threshold: float | None = None,
         greedy: int | None = None,
         absolute: bool = True,
+        prune: bool = False,
     ) -> "Circuit":
         """The circuit of the ``top_n`` edges, the edges scoring at least ``threshold``, or ``greedy`` edges
-        grown from the logits (exactly one of them); by |score| unless ``absolute=False``."""
+        grown from the logits (exactly one of them); by |score| unless ``absolute=False``. ``prune=True``:
+        then without its dangling edges (``selection.prune_dangling``, as MIB counts a circuit's edges)."""
         given = [k for k, v in (("top_n", top_n), ("threshold", threshold), ("greedy", greedy)) if v is not None]
         if len(given) != 1:
             raise InputError("pass exactly one of top_n=, threshold= or greedy= to select a circuit", param="top_n")
@@ -143,6 +145,8 @@ class EdgeScores(AnalysisResult):
             keep = above(self.scores, threshold, absolute)
         else:
             keep = greedy_fn(self.graph, self.scores, greedy, absolute)
+        if prune:
+            keep = prune_dangling(self.graph, keep)
         return Circuit(
             self.graph,
             keep,
@@ -151,6 +155,7 @@ class EdgeScores(AnalysisResult):
                 "by": given[0],
                 "value": top_n if top_n is not None else threshold if threshold is not None else greedy,
                 "absolute": absolute,
+                "pruned": bool(prune),
                 "method": self.method,
                 "metric": self.metric_name,
             },

@@ -40,7 +40,7 @@ from hooks import InputError, act_name
 from ..engine import _Captured, unembed_normalized
 from ..metrics import Metric
 from .graph import EdgeGraph
-from .patching import CircuitSetup, ablated_value, head_results, rms_normalized, run_masks
+from .patching import CircuitSetup, ablated_value, head_results, rms_normalized, run_masks, source_positions
 
 if TYPE_CHECKING:
     from hooks.model import HookedLlama
@@ -73,38 +73,45 @@ def _patch_sums(model: HookedLlama, setup: CircuitSetup) -> tuple[list[torch.Ten
     """What each receiver reads with every edge patched, fp32: Σ of the patch values of the sources before
     it plus the o_proj biases in between (the residual stream they would have written): per layer before
     the attention, before the MLP, and at the end ([B or 1, P or 1, M] each)."""
-    graph, patch = setup.graph, setup.patch_src.float()
-    run = patch[0].clone()
+    graph, patch = setup.graph, setup.patch_src
+    run = patch[0].float().clone()
     before_attn, before_mlp = [], []
     for layer in range(model.n_layers):
         before_attn.append(run.clone())
-        run = run + patch[graph.head_sources(layer)].sum(0)
+        run = run + patch[graph.head_sources(layer)].float().sum(0)
         bias = model.model.layers[layer].self_attn.o_proj.bias
         if bias is not None:
             run = run + bias.float()
         before_mlp.append(run.clone())
-        run = run + patch[graph.source_index("mlp", layer)]
+        run = run + patch[graph.source_index("mlp", layer)].float()
     return before_attn, before_mlp, run
+
+
+PRODUCT_CHUNK_MB = 256.0  # the differences held at once while the products are formed (long prompts: by positions)
 
 
 def gradient_products(
     model: HookedLlama,
     setup: CircuitSetup,
-    diff: torch.Tensor | None = None,
     embed: torch.Tensor | None = None,
     alphas: list[float] | None = None,
+    chunk_positions: int | None = None,
 ) -> torch.Tensor:
-    """Σ over prompts and positions of ``diff[s] · ∂metric/∂x_r`` for every (source, receiver): [S, R] (fp64).
+    """Σ over prompts and positions of ``d_s · ∂metric/∂x_r`` for every (source, receiver): [S, R] (fp64).
 
-    ``diff`` [S, B, P, M] (or broadcastable); ``embed`` [k·B, P, M] replaces the token embeddings (k
+    ``d_s`` is the setup's ``patch − clean``; ``embed`` [k·B, P, M] replaces the token embeddings (k
     interpolation points; the metric is the mean over each block of B prompts and the products are summed
-    over the blocks); default: the clean run. ``alphas`` (k values, instead of ``diff`` and ``embed``): the
-    clean prompts with every edge's mask at ``alphas[j]`` in block j, each receiver reading
+    over the blocks); default: the clean run. ``alphas`` (k values, instead of ``embed``): the clean
+    prompts with every edge's mask at ``alphas[j]`` in block j, each receiver reading
     ``x_r = x + α Σ_s (patch_s − out_s)`` = ``(1 − α) x + α`` (the patch values' sum), and the products
     taken with that block's own differences ``patch_s − out_s(α)`` (EAP-IG along the edges).
-    The receivers' gradients are formed one layer at a time (the q/k/v projections and norms carried back
-    by hand, ``rms_backward``) and multiplied at once, so memory holds the differences and one layer's
-    gradients.
+
+    Memory: the forward keeps the residual stream entering each layer's attention and MLP and the backward
+    the gradients at the q/k/v projections and norms (per layer [rows, P, M]-sized). The receivers' input
+    gradients are then formed one layer at a time (the q/k/v projections and norms carried back by hand,
+    ``rms_backward``) and multiplied with the differences, which are built from the compact source values
+    one block of ``chunk_positions`` positions at a time (default: as many as ``PRODUCT_CHUNK_MB`` holds;
+    a short prompt is one block), so no [S, rows, P, M] tensor of the whole prompt is ever held.
     """
     graph, inputs = setup.graph, setup.inputs
     B, n, eps = inputs.batch, model.n_layers, model.config.rms_norm_eps
@@ -118,7 +125,8 @@ def gradient_products(
 
     def leaf(t, hook):
         src = t if embed is None else embed.to(t.device, t.dtype)
-        values["embed"] = src.detach()
+        if mixing:
+            values["embed"] = src.detach()
         return src.detach().requires_grad_(True)
 
     def keep(t, hook):
@@ -142,15 +150,15 @@ def gradient_products(
 
         def read_attn(t, hook):
             layer = hook.layer
-            return mixed(values[act_name("resid_pre", layer)], before_attn[layer], f"x_attn{layer}", t.dtype)
+            return mixed(values.pop(act_name("resid_pre", layer)), before_attn[layer], f"x_attn{layer}", t.dtype)
 
         def read_mlp(t, hook):
             layer = hook.layer
-            return mixed(values[act_name("resid_mid", layer)], before_mlp[layer], f"x_mlp{layer}", t.dtype)
+            return mixed(values.pop(act_name("resid_mid", layer)), before_mlp[layer], f"x_mlp{layer}", t.dtype)
 
     def capture(t, hook):
         if mixing:
-            t = mixed(values[act_name("resid_post", n - 1)], at_end, "x_final", t.dtype)
+            t = mixed(values.pop(act_name("resid_post", n - 1)), at_end, "x_final", t.dtype)
         t.retain_grad()
         values["final"] = t
         raise _Captured(t)
@@ -179,77 +187,101 @@ def gradient_products(
         final = values.pop("final")
         read = final if full else final[:, [setup.metric.pos % inputs.n_pos]]
         _metric_value(setup, model, read if not full else unembed_normalized(model, final), full, B).backward()
-        g_final = final.grad
+        g_final = final.grad if final.grad is not None else torch.zeros_like(final)
+        del final, read
     with torch.no_grad():  # the products: no graph
         values = {name: v.detach() for name, v in values.items()}
-        rows_, P, M = final.shape
+        rows_, P, M = g_final.shape
         S = graph.n_sources
-        if mixing:  # each block's own differences patch_s − out_s(α), filled in source order as the layers need them
-            d = torch.empty(S, k * B * P * M)
-            patch = setup.patch_src
-
-            def put(sl: slice, out: torch.Tensor) -> None:  # out [k·B, P, n, M]
-                p = patch[sl].expand(-1, B, P, M).repeat(1, k, 1, 1).float()  # [n, k·B, P, M]
-                d[sl] = (p - out.permute(2, 0, 1, 3).float()).reshape(-1, k * B * P * M)
-
-            put(slice(0, 1), values.pop("embed")[:, :, None])
-        else:
-            d = diff.expand(S, B, P, M).reshape(S, B * P * M).float()
+        per_position = S * (rows_ if mixing else B) * M * 4
+        chunk = chunk_positions or max(1, int(PRODUCT_CHUNK_MB * 2**20 // per_position))
         total = torch.zeros(S, graph.n_receivers, dtype=torch.float64)
-
-        def add(sl: slice, g_x: torch.Tensor) -> None:  # g_x [rows, P, r, M]
-            if mixing:  # products per block
-                g_sum = g_x.permute(2, 0, 1, 3).reshape(-1, k * B * P * M)
-            else:  # the same differences in every block: sum the gradients first
-                g_sum = g_x.reshape(k, B, P, -1, M).sum(0).permute(2, 0, 1, 3).reshape(-1, B * P * M)  # [r, BPM]
-            n_src = int(graph.n_src_before[sl.start])
-            total[:n_src, sl] += (d[:n_src] @ g_sum.T).double().cpu()
-
-        for layer in range(n):
-            layer_mod = model.model.layers[layer]
-            x = values.pop(f"x_attn{layer}" if mixing else act_name("resid_pre", layer))
-            w_ln = layer_mod.input_layernorm.weight.float()
-            attn = layer_mod.self_attn
-            for kind, proj in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj)):
-                g = grads.pop(act_name(kind, layer), None)
-                if g is None:
-                    continue
-                units = g.shape[2]
-                w = proj.weight.float().view(units, -1, M)  # [r, D, M]
-                g_y = torch.einsum("bprd,rdm->bprm", g.float(), w) * w_ln
-                add(graph.receiver_slice(layer, kind), rms_backward(x[:, :, None], g_y, eps))
-            if mixing:
-                put(graph.head_sources(layer), head_results(model, layer, values.pop(act_name("z", layer))))
-            g_mlp = grads.pop(f"blocks.{layer}.ln2.hook_normalized", None)
-            if g_mlp is not None:
-                x_mid = values.pop(f"x_mlp{layer}" if mixing else act_name("resid_mid", layer))
-                g_x = rms_backward(x_mid, g_mlp.float(), eps)
-                add(graph.receiver_slice(layer, "mlp"), g_x[:, :, None])
-            if mixing:
-                i = graph.source_index("mlp", layer)
-                put(slice(i, i + 1), values.pop(act_name("mlp_out", layer))[:, :, None])
-        x_end = values["x_final"] if mixing else values[act_name("resid_post", n - 1)]
-        g_x = rms_backward(x_end, g_final.float(), eps)
-        add(graph.receiver_slice(n, "logits"), g_x[:, :, None])
+        for p0 in range(0, P, chunk):
+            _products(model, setup, values, grads, g_final, total, p0, min(P, p0 + chunk), k, mixing)
     return total
 
 
-def _clean_diff(setup: CircuitSetup) -> torch.Tensor:
-    return setup.patch_src.expand_as(setup.clean_src) - setup.clean_src
+def _products(
+    model: HookedLlama,
+    setup: CircuitSetup,
+    values: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    g_final: torch.Tensor,
+    total: torch.Tensor,
+    p0: int,
+    p1: int,
+    k: int,
+    mixing: bool,
+) -> None:
+    """``total += d · g`` over positions ``p0:p1`` (see ``gradient_products``)."""
+    graph, B, n, eps = setup.graph, setup.inputs.batch, model.n_layers, model.config.rms_norm_eps
+    cut = slice(p0, p1)
+    P, M, S = p1 - p0, g_final.shape[-1], graph.n_sources
+    if mixing:  # each block's own differences patch_s − out_s(α), filled in source order as the layers need them
+        d = torch.empty(S, k * B * P * M)
+        patch = source_positions(setup.patch_src, p0, p1)
+
+        def put(sl: slice, out: torch.Tensor) -> None:  # out [k·B, P, n, M]
+            p = patch[sl].expand(-1, B, P, M).repeat(1, k, 1, 1).float()  # [n, k·B, P, M]
+            d[sl] = (p - out.permute(2, 0, 1, 3).float()).reshape(-1, k * B * P * M)
+
+        put(slice(0, 1), values["embed"][:, cut, None])
+    else:  # patch − clean, one layer's sources at a time
+        d = torch.empty(S, B * P * M)
+        for block in setup.source_blocks():
+            diff = setup.differences(block, p0, p1)
+            d[block] = diff.expand(block.stop - block.start, B, P, M).reshape(-1, B * P * M).float()
+
+    def add(sl: slice, g_x: torch.Tensor) -> None:  # g_x [rows, P, r, M]
+        if mixing:  # products per block
+            g_sum = g_x.permute(2, 0, 1, 3).reshape(-1, k * B * P * M)
+        else:  # the same differences in every block: sum the gradients first
+            g_sum = g_x.reshape(k, B, P, -1, M).sum(0).permute(2, 0, 1, 3).reshape(-1, B * P * M)  # [r, BPM]
+        n_src = int(graph.n_src_before[sl.start])
+        total[:n_src, sl] += (d[:n_src] @ g_sum.T).double().cpu()
+
+    for layer in range(n):
+        layer_mod = model.model.layers[layer]
+        x = values[f"x_attn{layer}" if mixing else act_name("resid_pre", layer)][:, cut]
+        w_ln = layer_mod.input_layernorm.weight.float()
+        attn = layer_mod.self_attn
+        for kind, proj in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj)):
+            g = grads.get(act_name(kind, layer))
+            if g is None:
+                continue
+            units = g.shape[2]
+            w = proj.weight.float().view(units, -1, M)  # [r, D, M]
+            g_y = torch.einsum("bprd,rdm->bprm", g[:, cut].float(), w) * w_ln
+            add(graph.receiver_slice(layer, kind), rms_backward(x[:, :, None], g_y, eps))
+        if mixing:
+            put(graph.head_sources(layer), head_results(model, layer, values[act_name("z", layer)][:, cut]))
+        g_mlp = grads.get(f"blocks.{layer}.ln2.hook_normalized")
+        if g_mlp is not None:
+            x_mid = values[f"x_mlp{layer}" if mixing else act_name("resid_mid", layer)][:, cut]
+            g_x = rms_backward(x_mid, g_mlp[:, cut].float(), eps)
+            add(graph.receiver_slice(layer, "mlp"), g_x[:, :, None])
+        if mixing:
+            i = graph.source_index("mlp", layer)
+            put(slice(i, i + 1), values[act_name("mlp_out", layer)][:, cut, None])
+    x_end = values["x_final" if mixing else act_name("resid_post", n - 1)][:, cut]
+    g_x = rms_backward(x_end, g_final[:, cut].float(), eps)
+    add(graph.receiver_slice(n, "logits"), g_x[:, :, None])
 
 
 def eap_scores(model: HookedLlama, setup: CircuitSetup) -> torch.Tensor:
     """EAP: [E] first-order estimates of the metric's change when each edge alone is patched."""
-    return setup.graph.edge_vector(gradient_products(model, setup, _clean_diff(setup))).float()
+    return setup.graph.edge_vector(gradient_products(model, setup)).float()
 
 
 TOKENS_PER_PASS = 2048  # EAP-IG's interpolation points per forward: rows × positions, at most (and 32 rows)
+# along the edges each point multiplies its own differences, so batching points saves no products: smaller passes
+EDGE_PATH_TOKENS_PER_PASS = 1024
 
 
-def _points_per_pass(setup: CircuitSetup, max_rows: int | None) -> int:
+def _points_per_pass(setup: CircuitSetup, max_rows: int | None, tokens: int = TOKENS_PER_PASS) -> int:
     """How many interpolation points (blocks of B prompts) one forward and backward takes: ``max_rows`` rows,
-    by default 32 rows and at most ``TOKENS_PER_PASS`` tokens, so memory stays bounded for long prompts."""
-    rows = max_rows or min(32, max(1, TOKENS_PER_PASS // setup.inputs.n_pos))
+    by default 32 rows and at most ``tokens`` tokens, so memory stays bounded for long prompts."""
+    rows = max_rows or min(32, max(1, tokens // setup.inputs.n_pos))
     return max(1, rows // setup.inputs.batch)
 
 
@@ -280,11 +312,10 @@ def eap_ig_scores(
         e_corr = model.model.embed_tokens(inputs.corrupted)
     alphas = [k / steps for k in range(steps)]
     per = _points_per_pass(setup, max_rows)
-    diff = _clean_diff(setup)
     total = torch.zeros(setup.graph.n_sources, setup.graph.n_receivers, dtype=torch.float64)
     for c in range(0, steps, per):
         emb = torch.cat([e_corr + a * (e_clean - e_corr) for a in alphas[c : c + per]])
-        total += gradient_products(model, setup, diff, embed=emb)
+        total += gradient_products(model, setup, embed=emb)
     return setup.graph.edge_vector(total / steps).float()
 
 
@@ -292,7 +323,7 @@ def _edge_path_ig(model: HookedLlama, setup: CircuitSetup, steps: int, max_rows:
     """Integrated gradients over every edge's mask at once (auto-circuit's mask gradients, averaged): the mask
     values are batched (``_points_per_pass``), each batch one forward and one backward."""
     alphas = [0.0] if steps == 1 else [k / (steps - 1) for k in range(steps)]
-    per = _points_per_pass(setup, max_rows)
+    per = _points_per_pass(setup, max_rows, EDGE_PATH_TOKENS_PER_PASS)
     total = torch.zeros(setup.graph.n_sources, setup.graph.n_receivers, dtype=torch.float64)
     for c in range(0, len(alphas), per):
         total += gradient_products(model, setup, alphas=alphas[c : c + per])

@@ -6,6 +6,9 @@ and the faithfulness curve with the areas MIB reports.
 - ``greedy(graph, scores, n)``: start from the logits; repeatedly add the best-scoring edge whose
   receiver belongs to a node already in the circuit (the logits, or a head / MLP one of whose inputs is
   reached), so the circuit stays connected to the output (EAP-IG's ``apply_greedy``).
+- ``prune_dangling(graph, keep)``: the circuit without edges whose source is not reached from the
+  embeddings, or whose receiver's node does not reach the logits, through the circuit's own edges (MIB
+  removes them before counting edges).
 - Faithfulness of a circuit ``C`` (MIB): ``(m(C) − m(∅)) / (m(model) − m(∅))`` where ``m(∅)`` patches every
   edge. Over circuit sizes of 0.1 %, 0.2 %, 0.5 %, 1 %, 2 %, 5 %, 10 %, 20 %, 50 % and 100 % of the
   edges, the area under the curve (CPR, higher is better) and the area between the curve and 1 (CMD,
@@ -94,6 +97,41 @@ def greedy(graph: EdgeGraph, scores: torch.Tensor, n: int, absolute: bool = True
         for r in node_receivers(graph, int(graph.edges[e, 0])):
             open_receiver(r)
     return keep
+
+
+def prune_dangling(graph: EdgeGraph, keep: torch.Tensor) -> torch.Tensor:
+    """[E] bool: ``keep`` without its dangling edges, as MIB removes them before counting a circuit's edges.
+
+    An edge ``s -> r`` stays when its source is reached from the embeddings and the node ``r`` belongs to
+    (a head through its q or its group's k/v, an MLP, the logits) reaches the logits, both through edges of
+    the circuit. A dropped edge whose node does not reach the logits changes nothing; one whose source is
+    not reached carries that source's output on fully patched inputs, which under ``"patching"`` is its
+    patch value (nothing changes) and under a mean or zero ablation is close to it.
+    """
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != (graph.n_edges,):
+        raise InputError(f"pass the circuit as an [{graph.n_edges}] bool edge mask", param="keep")
+    S, R = graph.n_sources, graph.n_receivers
+    kept = graph.mask_matrix(keep)  # [S, R] bool
+    reads = [node_receivers(graph, s) for s in range(S)]  # each node's receivers
+    owners: list[list[int]] = [[] for _ in range(R)]  # each receiver's nodes (a k/v group feeds several heads)
+    for s, rs in enumerate(reads):
+        for r in rs:
+            owners[r].append(s)
+    # reached from the embeddings: sources in forward order (every edge goes from an earlier source)
+    reached = torch.zeros(S, dtype=torch.bool)
+    reached[0] = True
+    for s in range(1, S):
+        reached[s] = bool(kept[:, reads[s]][reached].any())
+    # reaching the logits: receivers from the last back (a node's edges lead to later receivers only)
+    feeds = torch.zeros(R, dtype=torch.bool)
+    feeds[R - 1] = True
+    alive = torch.zeros(S, dtype=torch.bool)
+    for s in range(S - 1, -1, -1):
+        alive[s] = bool((kept[s] & feeds).any())
+        for r in reads[s]:
+            if alive[s]:
+                feeds[r] = True
+    return keep & graph.edge_vector((reached[:, None] & feeds[None, :]))
 
 
 def circuit_sizes(n_edges: int, fractions=MIB_FRACTIONS) -> list[int]:

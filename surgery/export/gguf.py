@@ -32,7 +32,8 @@ from hooks.model import check_model
 
 from .._atomic import _quiet_transformers
 from ..errors import ExportError, ParityError
-from .probes import FP32_TOLERANCE, hf_logits, max_diff, probe_logits, top5
+from .hf import Matrix, sliced_logits
+from .probes import FP32_TOLERANCE, max_diff, probe_logits, top5
 from .stages import Export, GGUFResult
 from .tensors import LazyState
 
@@ -271,6 +272,19 @@ class GGUFWeights(Mapping):
         ).weights
         return torch.from_numpy(np.array(weights, dtype=np.float32, copy=True))
 
+    def rows(self, name: str, a: int, b: int) -> torch.Tensor:
+        """Rows ``a:b`` of the 2-D tensor ``name`` (an embedding or output matrix, which transformers' GGUF
+        processing leaves as they are), de-quantised; only those rows are read."""
+        from gguf import dequantize
+
+        t = self.tensors[self.aliases.get(name, name)]
+        return torch.from_numpy(np.array(dequantize(t.data[a:b], t.tensor_type), dtype=np.float32, copy=True))
+
+    def matrix(self, name: str) -> Matrix:
+        t = self.tensors[self.aliases.get(name, name)]
+        rows, cols = int(t.shape[-1]), int(t.shape[0])  # GGUF lists dimensions innermost first
+        return Matrix(rows, cols, torch.float32, lambda a, b: self.rows(name, a, b))
+
     def __iter__(self) -> Iterator[str]:
         return iter([*self.tensors, *self.aliases])
 
@@ -280,8 +294,9 @@ class GGUFWeights(Mapping):
 
 def gguf_logits(path: Path, probes) -> list[torch.Tensor]:
     """The probes' logits of the GGUF file ``path`` run by transformers' model class (float32), each module's
-    weights read from the file when the module runs (``GGUFWeights`` through accelerate's ``cpu_offload``):
-    host memory holds one module's weights, not a second copy of the model."""
+    weights read from the file when the module runs (``GGUFWeights`` through accelerate's ``cpu_offload``),
+    the embedding and output matrices a slice of rows at a time (``sliced_logits``): host memory holds one
+    decoder layer's weights, not a second copy of the model nor a whole float32 embedding."""
     from accelerate import cpu_offload, init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -300,6 +315,7 @@ def gguf_logits(path: Path, probes) -> list[torch.Tensor]:
         )
     cpu_offload(hf.eval(), execution_device=torch.device("cpu"), state_dict=weights)
     try:
-        return hf_logits(hf, probes)
+        embed, head = weights.matrix("model.embed_tokens.weight"), weights.matrix("lm_head.weight")
+        return sliced_logits(getattr(hf, hf.base_model_prefix), probes, embed, head)
     finally:
         del hf, weights

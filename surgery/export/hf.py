@@ -21,7 +21,7 @@ import logging
 import struct
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -291,44 +291,60 @@ def reload_logits(directory: Path, dtype: torch.dtype, probes: Sequence) -> list
 ROWS_PER_SLICE = 8192
 
 
+class Matrix(NamedTuple):
+    """A [rows, cols] matrix read ``ROWS_PER_SLICE`` rows at a time: ``read(a, b)`` gives rows ``a:b`` in
+    ``dtype`` (the embedding or output matrix of a checkpoint being verified)."""
+
+    rows: int
+    cols: int
+    dtype: torch.dtype
+    read: Callable[[int, int], torch.Tensor]
+
+
 @torch.no_grad()
-def streamed_logits(hf: Any, directory: Path, probes: Sequence) -> list[torch.Tensor]:
-    """``hf_logits`` of a disk-offloaded transformers model, with its embedding and output matrices read
-    ``ROWS_PER_SLICE`` rows at a time from the very file and tensor accelerate's offload index names for
-    them (so a tied output matrix is the embeddings, as transformers tied it): the probes' embedding rows are
-    gathered slice by slice, the body runs as transformers' own base model on those embeddings, and the
-    logits are its final hidden states times each slice of the output matrix. Host memory beyond the live
-    model is one decoder layer plus one slice, where reading the two matrices whole would add up to 21 % of
-    a 1B model's weights. Falls back to ``hf_logits`` when a matrix is not in the checkpoint's shards as is."""
-    from hooks.checkpoint import Checkpoint, read_header
-
-    def where(module):
-        hook = getattr(module, "_hf_hook", None)
-        loader = getattr(getattr(hook, "weights_map", None), "dataset", None)
-        info = getattr(loader, "index", {}).get(f"{getattr(hook.weights_map, 'prefix', '')}weight") if loader else None
-        if not info or "safetensors_file" not in info:
-            return None
-        file = Path(info["safetensors_file"])
-        return Checkpoint(directory, read_header(file)), info["weight_name"], getattr(torch, info["dtype"])
-
-    embed, head = where(hf.get_input_embeddings()), where(hf.get_output_embeddings())
-    if embed is None or head is None:
-        return hf_logits(hf, probes)
+def sliced_logits(body: Any, probes: Sequence, embed: Matrix, head: Matrix) -> list[torch.Tensor]:
+    """``hf_logits`` of a transformers model whose base model is ``body``, with its embedding and output
+    matrices read a slice of rows at a time: the probes' embedding rows are gathered slice by slice, the body
+    runs on those embeddings (``inputs_embeds``), and the logits are its final hidden states times each slice
+    of the output matrix. Host memory holds one slice of either, never the matrix."""
     ids, mask = _batch(list(probes), torch.device("cpu"))
-    ckpt, name, dtype = embed
-    vocab, width = ckpt.entries[name].shape
-    x = torch.zeros(*ids.shape, width, dtype=dtype)
-    for a in range(0, vocab, ROWS_PER_SLICE):
-        b = min(a + ROWS_PER_SLICE, vocab)
+    x = torch.zeros(*ids.shape, embed.cols, dtype=embed.dtype)
+    for a in range(0, embed.rows, ROWS_PER_SLICE):
+        b = min(a + ROWS_PER_SLICE, embed.rows)
         here = (ids >= a) & (ids < b)
         if here.any():
-            x[here] = ckpt.read(name, rows=(a, b)).to(dtype)[ids[here] - a]
-    body = getattr(hf, hf.base_model_prefix)
+            x[here] = embed.read(a, b)[ids[here] - a]
     hidden = body(inputs_embeds=x, attention_mask=mask).last_hidden_state
-    ckpt, name, dtype = head
-    vocab = ckpt.entries[name].shape[0]
-    logits = torch.empty(*ids.shape, vocab, dtype=torch.float32)
-    for a in range(0, vocab, ROWS_PER_SLICE):
-        b = min(a + ROWS_PER_SLICE, vocab)
-        logits[..., a:b] = torch.nn.functional.linear(hidden, ckpt.read(name, rows=(a, b)).to(dtype)).float()
+    logits = torch.empty(*ids.shape, head.rows, dtype=torch.float32)
+    for a in range(0, head.rows, ROWS_PER_SLICE):
+        b = min(a + ROWS_PER_SLICE, head.rows)
+        logits[..., a:b] = torch.nn.functional.linear(hidden, head.read(a, b)).float()
     return [logits[i, : p.ids.shape[1]] for i, p in enumerate(probes)]
+
+
+def streamed_logits(hf: Any, directory: Path, probes: Sequence) -> list[torch.Tensor]:
+    """``hf_logits`` of a disk-offloaded transformers model (``sliced_logits``), its embedding and output
+    matrices read from the very file and tensor accelerate's offload index names for them (so a tied output
+    matrix is the embeddings, as transformers tied it). Host memory beyond the live model is one decoder
+    layer plus one slice, where reading the two matrices whole would add up to 21 % of a 1B model's weights.
+    Falls back to ``hf_logits`` when a matrix is not in the checkpoint's shards as is."""
+    from hooks.checkpoint import Checkpoint, read_header
+
+    def matrix(module) -> Matrix | None:
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)  # accelerate's
+        index = getattr(getattr(weights_map, "dataset", None), "index", None) or {}
+        info = index.get(f"{getattr(weights_map, 'prefix', '')}weight")
+        if not info or "safetensors_file" not in info:
+            return None
+        ckpt, name, dtype = (
+            Checkpoint(directory, read_header(Path(info["safetensors_file"]))),
+            info["weight_name"],
+            getattr(torch, info["dtype"]),
+        )
+        rows, cols = ckpt.entries[name].shape
+        return Matrix(rows, cols, dtype, lambda a, b: ckpt.read(name, rows=(a, b)).to(dtype))
+
+    embed, head = matrix(hf.get_input_embeddings()), matrix(hf.get_output_embeddings())
+    if embed is None or head is None:
+        return hf_logits(hf, probes)
+    return sliced_logits(getattr(hf, hf.base_model_prefix), probes, embed, head)

@@ -3,6 +3,7 @@ that substitute cached values (no autograd), and against the maths of completene
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -99,14 +100,13 @@ def built(request):
     return model, tcs, tokens, graph
 
 
-def test_replacement_model_gives_the_logits(built):
+def test_replacement_model_reconstructs_the_mlps(built):
     model, tcs, tokens, _ = built
     rm = ReplacementModel(model, tcs)
     state = rm.prompt_state(tokens)
     with torch.no_grad():
-        ref = model(tokens[None])[0, -1]
-    _, _, _, logits = rm.forward(state, 2)
-    assert torch.allclose(logits.detach(), ref.expand_as(logits), atol=1e-5)
+        ref = model(tokens[None])[0]
+    assert torch.allclose(state.logits, ref, atol=1e-5)  # the eager attention that hooks the patterns
     # features + skip + b_dec + error add up to each MLP's output
     for layer, t in rm.transcoders.items():
         x = state.tc_in[layer]
@@ -114,14 +114,62 @@ def test_replacement_model_gives_the_logits(built):
         assert torch.allclose(recon + state.errors[layer], state.mlp_out[layer], atol=1e-6)
 
 
-def test_edges_equal_finite_differences(built):
-    model, tcs, tokens, graph = built
+def test_reverse_maps_equal_autograd(built):
+    """Each layer's reverse maps (skip connection, then attention with the frozen pattern and norm divisors)
+    equal autograd through the model's own layer with those values substituted by hooks, over every
+    position and over the positions after the first."""
+    model, tcs, tokens, _ = built
+    rm = ReplacementModel(model, tcs)
+    lin = rm.linear(rm.prompt_state(tokens))
+    L, P, M = model.n_layers, len(tokens), model.d_model
+    names = [
+        n for n in model.hook_names() if n.endswith(("hook_pattern", "hook_scale", "hook_mlp_out")) and "_ln." not in n
+    ]
+    names += [rm.input_hook(i) for i in rm.transcoders] + [f"blocks.{i}.hook_resid_pre" for i in range(L)]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[None], names_filter=sorted(set(names)))
+    gen = torch.Generator().manual_seed(2)
+    seen: dict[int, torch.Tensor] = {}
+
+    def put(t, hook):
+        return cache[hook.name]
+
+    def read_in(t, hook):
+        seen[hook.layer] = t
+
+    def mlp(t, hook):
+        tr = rm.transcoders[hook.layer]
+        out = cache[hook.name]
+        if tr.cfg.skip_connection:
+            out = out + skip_output(tr, seen[hook.layer]) - skip_output(tr, cache[rm.input_hook(hook.layer)])
+        return out
+
+    for layer in range(L):
+        fwd = [(n, put) for n in names if n.endswith(("hook_pattern", "hook_scale"))]
+        fwd += [(f"blocks.{layer}.hook_mlp_out", mlp), (rm.input_hook(layer), read_in)]
+        x = cache[f"blocks.{layer}.hook_resid_pre"].clone().requires_grad_(True)
+        with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
+            y = model(x, start_at_layer=layer, stop_at_layer=layer + 1)
+            G = torch.randn(3, P, M, generator=gen)
+            want = torch.cat([torch.autograd.grad(y, x, G[i : i + 1], retain_graph=True)[0] for i in range(3)])
+        got = G.clone()
+        lin.skip_back(layer, got)
+        lin.attn_back(layer, got)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())
+        later = G[:, 1:].clone()  # a gradient at a later position never reaches an earlier one but through values
+        lin.skip_back(layer, later, 1)
+        dv = lin.attn_back(layer, later, 1)
+        assert dv.shape == (3, 1, model.n_kv_heads * model.d_head)
+        assert torch.allclose(later, want[:, 1:], atol=1e-5, rtol=1e-4)
+
+
+def check_finite_differences(model, tcs, tokens, graph, n_features: int = 3) -> int:
     rm = ReplacementModel(model, tcs)
     A, F, P, L = graph.adjacency, graph.n_features, graph.n_pos, graph.n_layers
     state = rm.prompt_state(tokens)
     gen = torch.Generator().manual_seed(1)
     targets = [("logit", graph.logit_tokens[0], F + L * P + P)]
-    for i in torch.randperm(F, generator=gen)[:3].tolist():
+    for i in torch.randperm(F, generator=gen)[:n_features].tolist():
         layer, pos, feat = graph.features[i].tolist()
         targets.append(("feature", layer, pos, feat, i))
     checked = 0
@@ -130,7 +178,8 @@ def test_edges_equal_finite_differences(built):
         tgt = target[:-1] if target[0] == "feature" else target[:2]
         base = frozen_value(model, rm, tokens, tgt)
         strongest = torch.argsort(A[row].abs(), descending=True)[:4].tolist()
-        for col in strongest + [F + 2 * P + 1, F + L * P + 2]:  # strongest, an error node, a token
+        # strongest, an error node, the first token and another
+        for col in strongest + [F + 2 * P + 1, F + L * P, F + L * P + 2]:
             kind = graph.node_kind(col)
             if kind == "feature":
                 layer, pos, feat = graph.features[col].tolist()
@@ -146,7 +195,55 @@ def test_edges_equal_finite_differences(built):
             fd = frozen_value(model, rm, tokens, tgt, src) - base
             assert abs(fd - float(A[row, col])) <= 1e-4 * (1 + abs(fd)), (target, col, fd, float(A[row, col]))
             checked += 1
-    assert checked == len(targets) * 6
+    return checked
+
+
+def test_edges_equal_finite_differences(built):
+    model, tcs, tokens, graph = built
+    assert check_finite_differences(model, tcs, tokens, graph) == 4 * 7
+
+
+@pytest.mark.parametrize("n_tokens", [7, 12])
+def test_edges_equal_finite_differences_with_the_first_position_zeroed(built, n_tokens):
+    """circuit-tracer's default (no sources at the first position but its token): the first position's
+    gradient is not carried, its token's effect read off through the values; 12 positions take the
+    per-head position mixing of long prompts."""
+    model, tcs, _, _ = built
+    tokens = torch.randint(3, 128, (n_tokens,), generator=torch.Generator().manual_seed(3))
+    graph = attribution_graph(model, tokens, tcs, batch_size=5)
+    assert graph.adjacency[:, graph.n_features + graph.n_layers * graph.n_pos].any()
+    assert check_finite_differences(model, tcs, tokens, graph, n_features=5) == 6 * 7
+    # rows are the same in any batching
+    again = attribution_graph(model, tokens, tcs, batch_size=1000)
+    A, B = again.adjacency, graph.adjacency
+    assert (A - B).abs().max() <= 1e-6 * (1 + B.abs().max())  # fp32 products of another shape
+
+
+@pytest.mark.parametrize("zero_first", [False, True])
+def test_every_split_position_gives_the_same_rows(built, monkeypatch, zero_first):
+    """Positions before the split are carried forwards from their sources, later ones backwards from the
+    targets (the split is chosen by cost): every split gives the same adjacency as carrying every position
+    backwards, one in the middle equals finite differences, and features visited by influence get the same
+    rows."""
+    model, tcs, tokens, _ = built
+    module = importlib.import_module("analyses.circuits.attribution_graph")
+    graphs = []
+    for m in range(len(tokens)):
+        monkeypatch.setattr(module, "_first_position", lambda *a, m=m: m)
+        graphs.append(attribution_graph(model, tokens, tcs, batch_size=8, zero_first=zero_first))
+    B = graphs[0].adjacency
+    for g in graphs[1:]:
+        assert (g.adjacency - B).abs().max() <= 1e-6 * (1 + B.abs().max())
+    mid = graphs[3]
+    assert check_finite_differences(model, tcs, tokens, mid, n_features=4) == 5 * 7
+    monkeypatch.setattr(module, "_first_position", lambda *a: 3)
+    small = attribution_graph(model, tokens, tcs, batch_size=4, max_feature_nodes=60, zero_first=zero_first)
+    F, f = mid.n_features, small.n_features
+    keep = [int(torch.nonzero((mid.features == row).all(1))[0, 0]) for row in small.features]
+    assert (small.features[:, 1] < 3).any() and (small.features[:, 1] >= 3).any()  # both sides of the split
+    cols = torch.tensor(keep + list(range(F, mid.n_nodes)))
+    want = mid.adjacency[torch.tensor(keep)][:, cols]
+    assert (small.adjacency[:f] - want).abs().max() <= 1e-6 * (1 + want.abs().max())
 
 
 def test_rows_add_up_to_the_target(built):

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from analyses.circuits import Circuit, EdgeGraph, acdc, circuit_setup, edge_attribution, run_masks
 from analyses.circuits.scores import eap_ig_scores, eap_scores, exact_scores
-from analyses.circuits.selection import MIB_FRACTIONS, areas, greedy, top_n
+from analyses.circuits.selection import MIB_FRACTIONS, areas, greedy, prune_dangling, top_n
 from analyses.metrics import LogitDiff
 from hooks import HookedLlama, InputError
 from tests.helpers import tiny_hf
@@ -226,6 +226,47 @@ def test_eap_ig_in_passes_of_one_point_equals_one_pass(case, path):
     assert torch.allclose(per_point, one_pass, atol=1e-6, rtol=1e-5)
 
 
+def test_setup_keeps_the_sources_compact_and_reads_them_like_the_reference(case):
+    """The setup keeps hook_z / hook_mlp_out (not [S, B, P, M]); read by source, by slice across layers, or
+    over a window of positions, it gives the outputs of the reference forward, with or without keeping heads."""
+    hf, model, clean, corrupted = case
+    setup = circuit_setup(model, clean, corrupted, metric=METRIC)
+    graph = setup.graph
+    ref_clean, ref_patch = _sources(hf, graph, clean), _sources(hf, graph, corrupted)
+    names = [s.name for s in graph.sources]
+    dense = torch.stack([ref_clean[name] for name in names])
+    assert setup.clean_src.shape == dense.shape
+    assert torch.allclose(setup.clean_src.dense(), dense, atol=1e-5)
+    patch = torch.stack([ref_patch[name] for name in names])
+    assert torch.allclose(setup.patch_src[:], patch, atol=1e-5)
+    assert torch.allclose(setup.differences(slice(0, graph.n_sources)), patch - dense, atol=1e-5)
+    for values in (setup.clean_src, type(setup.clean_src).from_cache(model, model.run_with_cache(clean)[1])):
+        values._keep = values is setup.clean_src  # one keeps the heads it formed, one forms them anew
+        assert torch.equal(values[3:17], values.dense()[3:17])  # across layer boundaries
+        assert torch.equal(values[graph.source_index("mlp", 1)], values.dense()[graph.source_index("mlp", 1)])
+        assert torch.equal(values.positions(2, 6)[5:25], values.dense()[5:25, :, 2:6])
+    # the first position where clean and corrupted differ: where the corrupted token is
+    assert setup.start == 4
+
+
+@pytest.mark.parametrize("method", ["eap", "inputs", "edges", "edges-mean"])
+def test_products_in_blocks_of_positions_equal_one_block(case, method):
+    """Long prompts form the products a few positions at a time (bounded memory): the scores do not change."""
+    from analyses.circuits.scores import gradient_products
+
+    _, model, clean, corrupted = case
+    kw = {"ablation": "mean", "reference": corrupted} if method == "edges-mean" else {}
+    setup = circuit_setup(model, clean, None if kw else corrupted, metric=METRIC, **kw)
+    run = {"eap": {}, "inputs": {"embed": model.model.embed_tokens(torch.cat([corrupted, clean]))}}
+    args = run.get(method, {"alphas": [0.0, 0.5, 1.0]})
+    one = gradient_products(model, setup, **args)
+    top = float(one.abs().max())
+    assert top > 1e-4
+    for chunk in (1, 3):
+        blocks = gradient_products(model, setup, chunk_positions=chunk, **args)
+        assert float((blocks - one).abs().max()) <= 1e-6 * top
+
+
 @pytest.mark.parametrize("ablation", ["patching", "mean"])
 def test_eap_ig_along_the_edges_is_the_mask_gradient(case, ablation):
     """Each mask value's scores are d metric / d mask[edge] at every edge's mask = α (autograd through the
@@ -297,6 +338,45 @@ def test_selection_and_faithfulness(case):
     x = list(MIB_FRACTIONS)
     assert math.isclose(curve.cpr, sum((x[i + 1] - x[i]) * (f[i] + f[i + 1]) / 2 for i in range(9)), rel_tol=1e-9)
     assert areas([0.0, 1.0], [1.0, 1.0]) == (1.0, 0.0)
+
+
+def test_dangling_edges_are_pruned_on_a_hand_built_circuit():
+    g = EdgeGraph(3, 4, 2)  # kv group 0 feeds heads 0 and 1, group 1 heads 2 and 3
+    kept = [
+        "input->a0.h0<q>", "a0.h0->m0", "m0->logits",  # a path from the embeddings to the logits
+        "input->a1.kv0<k>", "a1.h1->logits",  # a head reached through its group's key input
+        "m0->m1", "m1->a2.kv1<v>", "a2.h3->logits",  # a longer path through a value input
+    ]  # fmt: skip
+    dangling = [
+        "a1.h3->logits",  # its source reads nothing in the circuit (group 1 of layer 1 has no edge)
+        "a0.h2->a1.h2<q>", "a1.h2->logits",  # a chain that starts from an unreached head
+        "input->m2",  # m2 writes nowhere in the circuit
+        "input->a0.h3<q>", "a0.h3->a2.h0<q>",  # a chain that ends at a head writing nowhere
+        "a0.h1->m0",  # reaches the logits, but a0.h1 is not reached
+    ]  # fmt: skip
+    keep = torch.zeros(g.n_edges, dtype=torch.bool)
+    keep[g.edge_indices(kept + dangling)] = True
+    pruned = prune_dangling(g, keep)
+    assert sorted(g.edge_names()[i] for i in torch.nonzero(pruned)[:, 0].tolist()) == sorted(kept)
+    assert torch.equal(prune_dangling(g, pruned), pruned)
+    assert not prune_dangling(g, torch.zeros(g.n_edges, dtype=torch.bool)).any()
+    with pytest.raises(InputError, match="bool edge mask") as err:
+        prune_dangling(g, keep.float())
+    assert err.value.param == "keep"
+
+
+def test_pruning_a_circuit_changes_only_its_edge_count(case):
+    """Under patching every dropped edge carried its patch value already: the circuit's metric is unchanged."""
+    _, model, clean, corrupted = case
+    scores = edge_attribution(model, clean, corrupted, METRIC, method="eap")
+    for n in (10, 40, 150):
+        circuit = scores.circuit(top_n=n)
+        pruned = scores.circuit(top_n=n, prune=True)
+        assert pruned.n_edges <= n and pruned.selection["pruned"]
+        assert torch.equal(pruned.edges, circuit.edges & pruned.edges)
+        values = run_masks(model, scores.setup, torch.stack([(~circuit.edges).float(), (~pruned.edges).float()]))
+        assert abs(float(values[0] - values[1])) < 1e-5
+    assert scores.circuit(top_n=10, prune=True).n_edges < 10  # some of the top edges dangle
 
 
 def test_circuit_runs_as_itself(case):

@@ -221,10 +221,17 @@ def test_family_round_trip_and_hooked_load(tmp_path, sp_tokenizer, variant):
 
 
 @pytest.mark.parametrize("variant", list(FAMILY_GGUF))
-def test_the_export_check_reads_the_file_module_by_module_as_transformers_loads_it(tmp_path, sp_tokenizer, variant):
+def test_the_export_check_reads_the_file_module_by_module_as_transformers_loads_it(
+    tmp_path, sp_tokenizer, variant, monkeypatch
+):
     """``GGUFWeights`` (read on lookup) holds exactly the tensors transformers' GGUF loader builds, and
-    ``gguf_logits`` (one module's weights in memory at a time) gives that loader's logits."""
+    ``gguf_logits`` (one module's weights in memory at a time, the embedding and output matrices a few rows
+    at a time) gives that loader's logits."""
     import hashlib
+
+    from surgery.export import hf as H
+
+    monkeypatch.setattr(H, "ROWS_PER_SLICE", 7)  # several slices, the last one short
 
     from _core.writer import sha256_file
     from surgery.export.gguf import GGUFWeights, gguf_logits, hash_pass
@@ -242,6 +249,10 @@ def test_the_export_check_reads_the_file_module_by_module_as_transformers_loads_
     assert set(weights) == set(state)
     for name, t in state.items():
         assert torch.equal(weights[name], t), name
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        m = weights.matrix(name)
+        assert (m.rows, m.cols) == tuple(state[name].shape)
+        assert torch.equal(m.read(3, 10), state[name][3:10]), name
     ids = [torch.tensor([sp_tokenizer(text).input_ids]) for text in SAMPLE_TEXTS[:2]]
     got = gguf_logits(path, [Probe(None, x) for x in ids])
     with torch.no_grad():

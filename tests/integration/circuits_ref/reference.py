@@ -11,7 +11,7 @@ environment, see ``_comparator_env.py``).
         DIR/model (with its tokenizer), DIR/transcoders.pt ({"hook_in", "layers": {layer: our SAE's tensors}},
         JumpReLU) and DIR/prompt.pt ([P] ids) -> DIR/tracer.pt: circuit-tracer's attribution graph
         (adjacency, active and selected features, logit targets), its seconds and CPU seconds, and the
-        peak resident memory it added (MB beyond the peak before the call).
+        peak resident memory it added (MB beyond the resident memory before the call; the peak is reset there).
 
 The TransformerLens model is built from the directory's own config and weights (no hub access), unprocessed
 (no folding or centring, so activations are the HF model's), its logits checked against transformers'.
@@ -181,15 +181,20 @@ def tracer(directory: Path, batch_size: int, threads: int) -> None:
     tokens = torch.load(directory / "prompt.pt")
     with torch.no_grad():
         max_diff = float((base(tokens[None])[0] - hf(tokens[None]).logits[0]).abs().max())
-    import resource
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def mb(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+    with open("/proc/self/clear_refs", "w") as f:  # the peak from here on, not the load's (Linux)
+        f.write("5")
+    base_rss = mb("VmRSS")
     t0, c0 = time.perf_counter(), time.process_time()
     graph = attribute(tokens, model, max_n_logits=10, desired_logit_prob=0.95, batch_size=batch_size)
     out = {
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,
-        "peak_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024,
+        "peak_rss_mb": mb("VmHWM") - base_rss,
         "max_logit_diff": max_diff,
         "adjacency": graph.adjacency_matrix,
         "active_features": graph.active_features,
