@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from analyses.circuits.attribution_graph import attribution_graph, influence
+from analyses.circuits.attribution_graph import attribution_graph
+from analyses.circuits.attribution_result import influence
 from analyses.circuits.replacement import ReplacementModel, skip_output
 from analyses.saes import SAE, SAEConfig
 from hooks import HookedLlama, InputError
